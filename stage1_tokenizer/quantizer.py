@@ -1,0 +1,262 @@
+"""Vector quantizer for code grids of any rank: (B, D, *spatial) with 1, 2 or 3 spatial dims.
+
+Nearest codes come from matmul distances (no one-hot over the codebook), gradients pass straight
+through, and the codebook learns either by exponential moving averages (default, VQ-VAE-2) or by the
+gradient codebook loss. Dead codes are restarted from recent encoder outputs. Distances and EMA
+statistics always run in fp32, even under autocast: bf16/fp16 distances pick wrong codes and fp16 EMA
+sums overflow, which silently ruins codebooks.
+
+In multi-process training every rank must keep the identical codebook: the EMA statistics are
+all-reduced, and restarts and k-means init are computed on rank 0 and broadcast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass
+class QuantizerConfig:
+    codebook_size: int = 512
+    dim: int = 64  # channels of the encoder features it quantizes
+    code_dim: int | None = None  # lookup in a lower-dimensional space (factorized codes); None = dim
+    beta: float = 0.25  # commitment loss weight
+    ema: bool = True  # EMA codebook updates; False = gradient codebook loss
+    decay: float = 0.99
+    eps: float = 1e-5  # Laplace smoothing of cluster sizes
+    cosine: bool = False  # l2-normalized features and codes
+    restart_threshold: float = 1.0  # EMA cluster size under which a code is dead; 0 = no restarts
+    kmeans_init: bool = False  # k-means on the first training batch
+    kmeans_iters: int = 10
+
+
+@dataclass
+class QuantizerOutput:
+    """z_q: (B, D, *S) straight-through quantized features; codes: (B, *S) long."""
+
+    z_q: torch.Tensor
+    codes: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    perplexity: torch.Tensor  # of this batch's code histogram
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, config: QuantizerConfig):
+        super().__init__()
+        self.config = config
+        k, d = config.codebook_size, config.code_dim or config.dim
+        self.in_proj = nn.Linear(config.dim, d) if d != config.dim else None
+        self.out_proj = nn.Linear(d, config.dim) if d != config.dim else None
+        embed = torch.randn(k, d)
+        if config.cosine:
+            embed = F.normalize(embed, dim=1)
+        if config.ema:
+            self.register_buffer("embed", embed)
+        else:
+            self.embed = nn.Parameter(embed)
+        # Cluster sizes start at one with sums equal to the codes, so the EMA is consistent from step
+        # one (zero-initialised sizes blow unused codes up by 1/eps on the first update).
+        self.register_buffer("cluster_size", torch.ones(k))
+        self.register_buffer("embed_sum", embed.clone())
+        self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    # ---- lookup -------------------------------------------------------------------------------
+    def _features(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, *S) -> (N, d) fp32 lookup-space features."""
+        flat = rearrange(z, "b d ... -> (b ...) d").float()
+        if self.in_proj is not None:
+            flat = F.linear(flat, self.in_proj.weight.float(), self.in_proj.bias.float())
+        return F.normalize(flat, dim=1) if self.config.cosine else flat
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, d) fp32 -> (N,) index of the nearest code by squared L2 distance."""
+        embed = self.embed.float()
+        # ||f||^2 is the same for every code, so argmin(||e||^2 - 2 f.e) is the nearest code.
+        dist_ = torch.addmm(embed.pow(2).sum(1)[None], flat, embed.t(), alpha=-2.0)
+        return dist_.argmin(dim=1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, *S) long -> features (B, D, *S) as the decoder sees them."""
+        self._check_codes(codes)
+        q = F.embedding(codes, self.embed)
+        if self.out_proj is not None:
+            q = self.out_proj(q)
+        return rearrange(q, "b ... d -> b d ...")
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, *S) features -> (B, *S) long codes."""
+        with torch.autocast(z.device.type, enabled=False):
+            codes = self.nearest(self._features(z))
+        return codes.view(z.shape[0], *z.shape[2:])
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(
+                f"codes must lie in [0, {self.codebook_size}), got range "
+                f"[{int(codes.min())}, {int(codes.max())}]: were they made by another tokenizer?"
+            )
+
+    # ---- training -----------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        if z.dim() < 3:
+            raise ValueError(f"expected features (B, D, *spatial), got shape {tuple(z.shape)}")
+        with torch.autocast(z.device.type, enabled=False):
+            flat = self._features(z)
+            if self.training and not bool(self.initialized):
+                self._kmeans_init(flat.detach())
+            codes = self.nearest(flat.detach())
+            counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            if self.training:
+                self._update(flat.detach(), codes, counts)
+            q = F.embedding(codes, self.embed.float())
+            codebook_loss = F.mse_loss(q, flat.detach()) if not self.config.ema else flat.new_zeros(())
+            commitment_loss = self.config.beta * F.mse_loss(flat, q.detach())
+            q = flat + (q - flat).detach()  # straight-through estimator
+            if self.out_proj is not None:
+                q = F.linear(q, self.out_proj.weight.float(), self.out_proj.bias.float())
+        z_q = q.view(z.shape[0], *z.shape[2:], -1).movedim(-1, 1).to(z.dtype)
+        return QuantizerOutput(
+            z_q=z_q,
+            codes=codes.view(z.shape[0], *z.shape[2:]),
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
+            perplexity=perplexity(counts),
+        )
+
+    @torch.no_grad()
+    def _update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
+        """EMA statistics (summed over ranks), EMA codebook and dead-code restarts."""
+        finite = torch.isfinite(flat).all().float()
+        if _all_reduce(finite, dist.ReduceOp.MIN if _distributed() else None) < 1:
+            self.skipped_updates += 1  # a NaN/inf feature would poison the codebook for good
+            return
+        counts = _all_reduce(counts.clone())
+        sums = _all_reduce(torch.zeros_like(self.embed_sum).index_add_(0, codes, flat))
+        decay = self.config.decay
+        self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+        self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+        if self.config.ema:
+            n = self.cluster_size.sum()
+            k, eps = self.codebook_size, self.config.eps
+            smoothed = (self.cluster_size + eps) / (n + k * eps) * n
+            embed = self.embed_sum / smoothed[:, None]
+            self.embed.copy_(F.normalize(embed, dim=1) if self.config.cosine else embed)
+        if self.config.restart_threshold > 0:
+            self._restart_dead(flat)
+
+    @torch.no_grad()
+    def _restart_dead(self, flat: torch.Tensor) -> None:
+        dead = self.cluster_size < self.config.restart_threshold  # identical on every rank
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return
+        new = torch.empty(num_dead, flat.shape[1], device=flat.device)
+        if _rank() == 0:
+            idx = torch.randint(flat.shape[0], (num_dead,), device=flat.device)
+            new = flat[idx]
+            if num_dead > flat.shape[0]:  # repeated picks would collide: jitter them apart
+                new = new + 1e-3 * flat.std() * torch.randn_like(new)
+        new = _broadcast(new.contiguous())
+        if self.config.cosine:
+            new = F.normalize(new, dim=1)
+        size = max(self.config.restart_threshold, 1.0)
+        self.embed.data[dead] = new.to(self.embed.dtype)
+        self.embed_sum[dead] = new * size
+        self.cluster_size[dead] = size
+        self.restarts += num_dead
+
+    @torch.no_grad()
+    def _kmeans_init(self, flat: torch.Tensor) -> None:
+        k = self.codebook_size
+        centers = torch.empty(k, flat.shape[1], device=flat.device)
+        sizes = torch.empty(k, device=flat.device)
+        if _rank() == 0:
+            centers, sizes = kmeans(flat, k, self.config.kmeans_iters)
+        centers, sizes = _broadcast(centers.contiguous()), _broadcast(sizes.contiguous())
+        if self.config.cosine:
+            centers = F.normalize(centers, dim=1)
+        sizes = sizes.clamp(min=1.0)
+        self.embed.data.copy_(centers)
+        self.cluster_size.copy_(sizes)
+        self.embed_sum.copy_(centers * sizes[:, None])
+        self.initialized.fill_(True)
+
+    def checksum(self) -> torch.Tensor:
+        """A cheap fingerprint of the codebook state (float64 scalar) to compare across ranks."""
+        weights = torch.arange(1, self.embed.numel() + 1, device=self.embed.device, dtype=torch.float64)
+        return (self.embed.double().flatten() * weights).sum() + self.cluster_size.double().sum()
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on (N, d) points; returns centers (k, d) and cluster sizes (k,)."""
+    idx = torch.randperm(x.shape[0], device=x.device)[:k]
+    if idx.numel() < k:
+        idx = torch.randint(x.shape[0], (k,), device=x.device)
+    centers = x[idx].clone()
+    sizes = torch.zeros(k, device=x.device)
+    for _ in range(iters):
+        assign = torch.addmm(centers.pow(2).sum(1)[None], x, centers.t(), alpha=-2.0).argmin(1)
+        sizes = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        empty = sizes == 0
+        centers = torch.where(empty[:, None], centers, sums / sizes.clamp(min=1)[:, None])
+    return centers, sizes
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a code histogram: the effective number of codes in use."""
+    p = counts / counts.sum().clamp(min=1)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+
+
+class CodebookStats:
+    """Code usage over a whole evaluation set: one batch misleads (it sees few codes)."""
+
+    def __init__(self, codebook_size: int):
+        self.counts = torch.zeros(codebook_size, dtype=torch.float64)
+
+    def update(self, codes: torch.Tensor) -> None:
+        self.counts += torch.bincount(codes.flatten().cpu(), minlength=self.counts.numel()).double()
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the codebook used at least once."""
+        return float((self.counts > 0).double().mean())
+
+    @property
+    def perplexity(self) -> float:
+        return float(perplexity(self.counts))

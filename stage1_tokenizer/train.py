@@ -1,0 +1,234 @@
+"""``tokgen train-tokenizer``: train a VQ-VAE with Accelerate on one CPU, one GPU or many (DDP).
+
+parse config -> build -> train_step -> main. The resolved config, checkpoints, TensorBoard logs,
+reconstruction grids and the final ``model/`` folder all go into the run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipelines import runs
+from pipelines.config import preset, resolve
+from pipelines.hub import config_to_dict
+from pipelines.media import save_comparison
+from stage1_tokenizer.vqvae import VQVAE, VQVAEConfig
+
+
+@dataclass
+class TokenizerTrainConfig:
+    model: VQVAEConfig = field(default_factory=VQVAEConfig)
+    data: str = "digits"  # built-in name, folder, or WebDataset shard pattern
+    size: int = 32  # training crop size
+    batch_size: int = 32  # per process
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    lpips_weight: float = 0.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    image_every: int = 250
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    bad_input: str = "skip"  # skip (and report) | fail
+    max_bad_steps: int = 20
+
+
+# ---- parse ------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="built-in name (digits, photos), image folder, or .tar shard pattern")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--config", help="JSON training config (see pipelines/configs)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--lpips-weight", type=float)
+    p.add_argument("--bad-input", choices=["skip", "fail"])
+    p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def default_preset(data: str | None) -> dict:
+    return preset("tokenizer-digits" if data in (None, "digits") else "tokenizer-image")
+
+
+def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
+    saved = args.out / "config.json"
+    if args.resume and saved.is_file():
+        # A resumed run keeps its own config; only the step budget may grow.
+        return resolve(TokenizerTrainConfig, runs_config(saved), None, {"max_steps": args.max_steps})
+    flags = {k: getattr(args, k) for k in ("data", "max_steps", "checkpoint_every", "batch_size", "lr", "seed",
+                                            "mixed_precision", "grad_accum", "num_workers", "lpips_weight",
+                                            "bad_input")}
+    return resolve(TokenizerTrainConfig, default_preset(args.data), args.config, flags)
+
+
+def runs_config(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+# ---- build ------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    cfg: TokenizerTrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    perceptual: torch.nn.Module | None
+    dataset: torch.utils.data.Dataset
+    preview: torch.Tensor  # (N, C, *S) fixed held-out inputs for pictures
+
+
+def build_dataset(cfg: TokenizerTrainConfig, split: str, process_index: int = 0, num_processes: int = 1):
+    from data import build_dataset as build
+
+    return build(cfg.data, modality=cfg.model.modality, split=split, size=cfg.size,
+                 channels=cfg.model.in_channels, seed=cfg.seed, process_index=process_index,
+                 num_processes=num_processes, sample_rate=cfg.model.sample_rate)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up then cosine decay to 10%."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
+    from data import collate_samples
+
+    torch.manual_seed(cfg.seed)
+    model = VQVAE(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    perceptual = None
+    if cfg.lpips_weight > 0:
+        from stage1_tokenizer.perceptual import PerceptualLoss
+
+        perceptual = PerceptualLoss().to(accelerator.device)
+    dataset = build_dataset(cfg, "train", accelerator.process_index, accelerator.num_processes)
+    preview_set = build_dataset(cfg, "eval")
+    preview = collate_samples([preview_set[i] for i in range(min(16, len(preview_set)))])["x"]
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return TrainState(cfg, model, optimizer, scheduler, perceptual, dataset, preview)
+
+
+# ---- train ------------------------------------------------------------------------------------
+def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepGuard) -> dict | None:
+    """One micro-batch: forward, loss, backward, and (at accumulation boundaries) an optimizer step.
+
+    Returns the logged values, or None when the step was skipped for a non-finite loss.
+    """
+    x = batch["x"].to(accelerator.device)
+    with accelerator.accumulate(state.model):
+        with accelerator.autocast():
+            out = state.model(x)
+            loss = out.loss
+            lpips = None
+            if state.perceptual is not None:
+                lpips = state.perceptual(out.recon, x).mean()
+                loss = loss + state.cfg.lpips_weight * lpips
+        if not guard.ok(accelerator, loss):
+            state.optimizer.zero_grad(set_to_none=True)
+            return None
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and state.cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    logs = {"loss": loss.item(), "recon_loss": out.recon_loss.item(), "commitment_loss": out.commitment_loss.item(),
+            "codebook_loss": out.codebook_loss.item(), "batch_perplexity": out.perplexity.item(),
+            "lr": state.scheduler.get_last_lr()[0]}
+    if lpips is not None:
+        logs["lpips"] = lpips.item()
+    return logs
+
+
+def active_codes(model) -> float:
+    """Fraction of codes whose EMA cluster size is above the restart threshold (recent usage)."""
+    q = model.quantizer
+    return float((q.cluster_size >= max(q.config.restart_threshold, 1e-3)).float().mean())
+
+
+@torch.no_grad()
+def save_preview(state: TrainState, accelerator, path: Path) -> None:
+    model = accelerator.unwrap_model(state.model)
+    was_training = model.training
+    model.eval()
+    x = state.preview.to(accelerator.device)
+    recon = model.decode(model.encode(x)).clamp(0, 1)
+    model.train(was_training)
+    save_comparison(x.cpu(), recon.cpu(), path, modality=state.cfg.model.modality)
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> Path:
+    if args is None:
+        parser = argparse.ArgumentParser(prog="tokgen train-tokenizer", description=__doc__)
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+    cfg = parse_config(args)
+    return train(cfg, args.out, resume=args.resume, quiet=args.quiet)
+
+
+def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
+    """Train (or resume) into ``run_dir``; returns the saved model folder."""
+    from data import collate_samples
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = runs.make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum)
+    if accelerator.is_main_process:
+        runs.write_json(run_dir / "config.json", config_to_dict(cfg))
+    accelerator.init_trackers("tokenizer")
+    state = build(cfg, accelerator)
+    guard = runs.BadStepGuard(cfg.max_bad_steps)
+    skips = runs.SkipLog(run_dir, cfg.bad_input, accelerator.is_main_process)
+    step, consumed = runs.resume_position(accelerator, run_dir, resume, guard, skips)
+    stream = runs.batch_stream(state.dataset, cfg.batch_size, cfg.seed, accelerator.process_index,
+                               accelerator.num_processes, collate_samples, cfg.num_workers, consumed)
+
+    def every_step(step: int) -> None:
+        if cfg.image_every and step % cfg.image_every == 0 and accelerator.is_main_process:
+            save_preview(state, accelerator, run_dir / "images" / f"recon_{step:08d}.png")
+
+    hooks = runs.LoopHooks(
+        step=lambda batch: train_step(state, batch, accelerator, guard),
+        extra_logs=lambda: {"usage": active_codes(accelerator.unwrap_model(state.model))},
+        every_step=every_step,
+        sync_check=lambda: runs.check_codebooks_in_sync(accelerator, state.model),
+    )
+    state.model.train()
+    runs.run_loop(accelerator, run_dir, hooks, stream, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                  checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                  log_every=cfg.log_every, start_step=step, consumed=consumed, guard=guard, skips=skips,
+                  desc="train-tokenizer", quiet=quiet)
+    model = accelerator.unwrap_model(state.model)
+    if accelerator.is_main_process:
+        model.save_pretrained(run_dir / "model")
+        save_preview(state, accelerator, run_dir / "reconstructions.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir / "model"

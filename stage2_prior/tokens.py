@@ -1,0 +1,244 @@
+"""Reading exported tokens (``tokgen export-tokens``): the data priors train and evaluate on.
+
+* :func:`read_manifest` / :func:`check_tokenizer`: what a token folder holds, and whether it was made
+  by the tokenizer a prior belongs to.
+* :class:`TokenDataset`: streams a split's shards (WebDataset), split by process then by data-loader
+  worker, shuffled deterministically per epoch (``set_epoch``).
+* :func:`load_all`: a whole (small) split in memory, in dataset-index order.
+* :func:`collate_tokens`: batches the samples of either.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+FORMAT = "tokgen-tokens"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def read_manifest(path: str | Path) -> dict:
+    """``path/manifest.json`` with clear errors for a missing folder, unfinished export or wrong file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"token folder {path} does not exist: make it with `tokgen export-tokens MODEL --data SRC --out {path}`"
+        )
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not a token folder (the --out folder of `tokgen export-tokens`)")
+    file = path / MANIFEST
+    if not file.is_file():
+        partial = any(path.glob("*.tar")) or any(path.glob("*.tar.tmp"))
+        hint = ("the export did not finish: re-run the same `tokgen export-tokens` command to resume it"
+                if partial else "it is not a token folder made by `tokgen export-tokens`")
+        raise FileNotFoundError(f"{file} not found: {hint}")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): re-run `tokgen export-tokens`") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{file} is not a tokgen token manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                         f"expected {FORMAT!r})")
+    if manifest.get("version", 0) > VERSION:
+        raise ValueError(f"{file} has format version {manifest['version']}; this tokgen reads up to {VERSION}: "
+                         "upgrade tokgen")
+    for field in ("tokenizer_fingerprint", "levels", "splits", "input_shape"):
+        if field not in manifest:
+            raise ValueError(f"{file} lacks the field {field!r}: re-run `tokgen export-tokens`")
+    return manifest
+
+
+def check_tokenizer(manifest: dict, fingerprint: str) -> None:
+    """Raise ``ValueError`` unless the tokens were made by the tokenizer with ``fingerprint``."""
+    made_by = str(manifest.get("tokenizer_fingerprint", ""))
+    if made_by != fingerprint:
+        raise ValueError(
+            f"these tokens were made by tokenizer {made_by[:12] or '<unknown>'}, but the prior is for tokenizer "
+            f"{str(fingerprint)[:12]}: re-export the tokens with this tokenizer (tokgen export-tokens)"
+        )
+
+
+def _split_info(manifest: dict, split: str, path: Path) -> dict:
+    splits = manifest["splits"]
+    if split not in splits:
+        raise ValueError(f"{path} has no {split!r} split (it has {sorted(splits)}): export it with "
+                         f"`tokgen export-tokens ... --split {split}`")
+    return splits[split]
+
+
+def _levels(manifest: dict, levels: Sequence[int] | None) -> list[int]:
+    n = len(manifest["levels"])
+    if levels is None:
+        return list(range(n))
+    chosen = [int(lv) for lv in levels]
+    bad = [lv for lv in chosen if not 0 <= lv < n]
+    if bad:
+        raise ValueError(f"levels {bad} do not exist: these tokens have {n} level(s) (0 = top)")
+    return chosen
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _decode(sample: dict, levels: list[int], num_levels: int, where: str) -> dict:
+    """Raw WebDataset sample (bytes) -> {"codes": [LongTensor], "label", "key", "index"}."""
+    names = ["codes.npy"] if num_levels == 1 else [f"codes_{lv}.npy" for lv in range(num_levels)]
+    codes = []
+    for lv in levels:
+        if names[lv] not in sample:
+            raise ValueError(f"sample {sample.get('__key__')} in {where} lacks {names[lv]}")
+        codes.append(torch.from_numpy(_npy(sample[names[lv]]).astype(np.int64)))
+    meta = json.loads(sample["meta.json"]) if "meta.json" in sample else {}
+    return {"codes": codes, "label": int(meta.get("label", -1)), "key": str(meta.get("key", sample.get("__key__"))),
+            "index": int(meta.get("index", -1))}
+
+
+class TokenDataset(IterableDataset):
+    """A split of a token folder as a stream of ``{"codes": [LongTensor (*grid)], "label", "key"}``.
+
+    Shards are split by process (``process_index`` of ``num_processes``) then by data-loader worker;
+    when there are fewer shards than processes every process reads all shards and keeps the samples
+    whose dataset index is ``process_index`` modulo ``num_processes``. With ``shuffle`` > 0 the shard
+    order and a buffer of that many samples are shuffled, seeded by ``seed + epoch`` (call
+    ``set_epoch(e)`` before each epoch); ``shuffle=0`` reads in shard order.
+    ``levels``: which code levels to yield (0 = top), default all.
+    """
+
+    def __init__(self, path: str | Path, split: str = "train", levels: Sequence[int] | None = None, *,
+                 shuffle: int = 1000, seed: int = 0, process_index: int = 0, num_processes: int = 1):
+        super().__init__()
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.split = split
+        info = _split_info(self.manifest, split, self.path)
+        self.levels = _levels(self.manifest, levels)
+        self.num_levels = len(self.manifest["levels"])
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
+        self.process_index, self.num_processes = process_index, num_processes
+        self.shuffle, self.seed, self.epoch = int(shuffle), int(seed), 0
+        shards = list(info["shards"])
+        missing = [s for s in shards if not (self.path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} shard(s) listed in {self.path / MANIFEST} are missing, "
+                                    f"e.g. {self.path / missing[0]}: re-run `tokgen export-tokens`")
+        counts = info.get("shard_samples")
+        self.by_sample = len(shards) < num_processes
+        if self.by_sample:
+            self.shards = shards
+            n = int(info["num_samples"])
+            self._len = n // num_processes + (process_index < n % num_processes)
+        else:
+            self.shards = shards[process_index::num_processes]
+            self._len = (sum(counts[process_index::num_processes]) if counts is not None
+                         else math.ceil(int(info["num_samples"]) / num_processes))
+
+    # ---- what the prior needs to know ------------------------------------------------------------
+    @property
+    def grid_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(self.manifest["levels"][lv]["grid_shape"]) for lv in self.levels]
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [int(self.manifest["levels"][lv]["codebook_size"]) for lv in self.levels]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest.get("num_classes", 0))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # ---- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        base = (self.seed + self.epoch) * 1_000_003
+        shards = list(self.shards)
+        if self.shuffle > 0:  # same permutation in every worker of a process, new every epoch
+            random.Random(base + self.process_index).shuffle(shards)
+        if not shards:
+            return
+        urls = [str(self.path / s) for s in shards]
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
+                            empty_check=False)
+        where = f"{self.path} ({self.split})"
+        ds = ds.map(lambda s: _decode(s, self.levels, self.num_levels, where))
+        if self.by_sample:
+            rank, world = self.process_index, self.num_processes
+            ds = ds.select(lambda s: s["index"] % world == rank)
+        if self.shuffle > 1:
+            rng = random.Random(base + 7919 * self.process_index + 104_729 * worker + 1)
+            ds = ds.shuffle(self.shuffle, initial=min(100, self.shuffle), rng=rng)
+        for sample in ds:
+            yield {"codes": sample["codes"], "label": sample["label"], "key": sample["key"]}
+
+
+def load_all(path: str | Path, split: str = "train", levels: Sequence[int] | None = None
+             ) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    """A whole split in memory: ([LongTensor (N, *grid) per level], labels (N,), keys), in index order.
+
+    Checks every grid against the manifest's shapes and codebook sizes and the count against its
+    ``num_samples``.
+    """
+    import webdataset as wds
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    info = _split_info(manifest, split, path)
+    chosen = _levels(manifest, levels)
+    num_levels = len(manifest["levels"])
+    shapes = [tuple(manifest["levels"][lv]["grid_shape"]) for lv in chosen]
+    sizes = [int(manifest["levels"][lv]["codebook_size"]) for lv in chosen]
+    samples = []
+    for shard in info["shards"]:
+        file = path / shard
+        if not file.is_file():
+            raise FileNotFoundError(f"shard {file} listed in {path / MANIFEST} is missing: re-run `tokgen export-tokens`")
+        for raw in wds.WebDataset(str(file), shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                  empty_check=False):
+            s = _decode(raw, chosen, num_levels, str(file))
+            for c, shape, lv in zip(s["codes"], shapes, chosen):
+                if tuple(c.shape) != shape:
+                    raise ValueError(f"sample {s['key']!r} in {file} has a level-{lv} grid of shape "
+                                     f"{tuple(c.shape)}, but the manifest says {shape}")
+            samples.append(s)
+    if len(samples) != int(info["num_samples"]):
+        raise ValueError(f"{path} ({split}) holds {len(samples)} samples but its manifest says "
+                         f"{info['num_samples']}: re-run `tokgen export-tokens`")
+    samples.sort(key=lambda s: s["index"])
+    if samples:
+        codes = [torch.stack([s["codes"][i] for s in samples]) for i in range(len(chosen))]
+    else:
+        codes = [torch.empty((0, *shape), dtype=torch.long) for shape in shapes]
+    for c, k, lv in zip(codes, sizes, chosen):
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
+            raise ValueError(f"level-{lv} codes of {path} ({split}) leave [0, {k}): the files are corrupt")
+    labels = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    return codes, labels, [s["key"] for s in samples]
+
+
+def collate_tokens(samples: list[dict]) -> dict:
+    """Batch TokenDataset samples: {"codes": [LongTensor (B, *grid)], "label": LongTensor (B,), "key": [...]}."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    num_levels = len(samples[0]["codes"])
+    return {
+        "codes": [torch.stack([s["codes"][lv] for s in samples]) for lv in range(num_levels)],
+        "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+    }

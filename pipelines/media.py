@@ -24,3 +24,20 @@ def save_comparison(original: torch.Tensor, recon: torch.Tensor, path: str | Pat
     for start in range(0, n, nrow):
         rows += [original[start : start + nrow], recon[start : start + nrow]]
     save_image_grid(torch.cat(rows), path, nrow=nrow)
+
+
+def write_samples(modality: str, samples: torch.Tensor, out_dir: str | Path, nrow: int = 10,
+                  sample_rate: int = 0) -> None:
+    """Decoded samples as files people open, plus ``samples.npy``.
+
+    image: ``samples.png`` grid, samples.npy (N, C, H, W) in [0, 1].
+    """
+    import numpy as np
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if modality == "image":
+        np.save(out / "samples.npy", samples.float().numpy(), allow_pickle=False)
+        save_image_grid(samples, out / "samples.png", nrow=nrow)
+        return
+    raise NotImplementedError(f"no sample writer for modality {modality!r} yet")

@@ -136,13 +136,15 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"expected features (B, D, *spatial), got shape {tuple(z.shape)}")
         with torch.autocast(z.device.type, enabled=False):
             flat = self._features(z)
-            if self.training and not bool(self.initialized):
-                self._kmeans_init(flat.detach())
+            if self.training and not bool(self.initialized) and self._all_finite(flat.detach()):
+                self._kmeans_init(flat.detach())  # a non-finite batch is skipped (and counted) below
             codes = self.nearest(flat.detach())
             counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            # Quantize with the codebook the codes were searched in, before this step's EMA update and
+            # restarts (a code restarted now would otherwise hand these positions another one's features).
+            q = F.embedding(codes, self.embed.float())
             if self.training:
                 self._update(flat.detach(), codes, counts)
-            q = F.embedding(codes, self.embed.float())
             codebook_loss = F.mse_loss(q, flat.detach()) if not self.config.ema else flat.new_zeros(())
             commitment_loss = self.config.beta * F.mse_loss(flat, q.detach())
             q = flat + (q - flat).detach()  # straight-through estimator
@@ -160,8 +162,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
         """EMA statistics (summed over ranks), EMA codebook and dead-code restarts."""
-        finite = torch.isfinite(flat).all().float()
-        if _all_reduce(finite, dist.ReduceOp.MIN if _distributed() else None) < 1:
+        if not self._all_finite(flat):
             self.skipped_updates += 1  # a NaN/inf feature would poison the codebook for good
             return
         counts = _all_reduce(counts.clone())
@@ -177,6 +178,12 @@ class VectorQuantizer(nn.Module):
             self.embed.copy_(F.normalize(embed, dim=1) if self.config.cosine else embed)
         if self.config.restart_threshold > 0:
             self._restart_dead(flat)
+
+    @staticmethod
+    def _all_finite(flat: torch.Tensor) -> bool:
+        """True when every rank's features are finite (the same answer on every rank)."""
+        finite = torch.isfinite(flat).all().float()
+        return bool(_all_reduce(finite, dist.ReduceOp.MIN if _distributed() else None) >= 1)
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor) -> None:
@@ -222,11 +229,8 @@ class VectorQuantizer(nn.Module):
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means on (N, d) points; returns centers (k, d) and cluster sizes (k,)."""
-    idx = torch.randperm(x.shape[0], device=x.device)[:k]
-    if idx.numel() < k:
-        idx = torch.randint(x.shape[0], (k,), device=x.device)
-    centers = x[idx].clone()
+    """Lloyd's k-means on (N, d) points, k-means++ seeded; returns centers (k, d) and cluster sizes (k,)."""
+    centers = _kmeans_pp_seeds(x, k)
     sizes = torch.zeros(k, device=x.device)
     for _ in range(iters):
         assign = torch.addmm(centers.pow(2).sum(1)[None], x, centers.t(), alpha=-2.0).argmin(1)
@@ -235,6 +239,24 @@ def kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Ten
         empty = sizes == 0
         centers = torch.where(empty[:, None], centers, sums / sizes.clamp(min=1)[:, None])
     return centers, sizes
+
+
+def _kmeans_pp_seeds(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k-means++ seeding: each next seed drawn with probability ~ squared distance to the nearest one.
+
+    Uniformly drawn seeds often land two in one cluster and none in another, which Lloyd's iterations
+    cannot undo. Points already chosen have weight zero; when all are (k > distinct points), draws are
+    uniform.
+    """
+    n = x.shape[0]
+    centers = x.new_empty(k, x.shape[1])
+    centers[0] = x[torch.randint(n, (1,), device=x.device)]
+    d2 = (x - centers[0]).pow(2).sum(1)
+    for i in range(1, k):
+        weights = torch.where(d2.sum() > 0, d2, torch.ones_like(d2))
+        centers[i] = x[torch.multinomial(weights, 1)]
+        d2 = torch.minimum(d2, (x - centers[i]).pow(2).sum(1))
+    return centers
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,31 +19,6 @@ from stage2_prior.export import export_tokens, safe_key
 from stage2_prior.tokens import TokenDataset, check_tokenizer, collate_tokens, load_all, read_manifest
 
 N = 50
-
-
-@pytest.fixture(autouse=True)
-def _working_fingerprint(monkeypatch):
-    """Work around a PretrainedMixin.fingerprint bug (0-dim buffers cannot be viewed as bytes) until
-    pipelines/hub.py is fixed; a no-op once it is."""
-    import hashlib
-
-    from pipelines.hub import PretrainedMixin, config_to_dict
-
-    try:
-        make_tokenizer().fingerprint()
-        return
-    except RuntimeError:
-        pass
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps(config_to_dict(self.config), sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
-
-    monkeypatch.setattr(PretrainedMixin, "fingerprint", fingerprint)
 
 
 def make_tokenizer(seed: int = 0) -> VQVAE:
@@ -105,13 +84,13 @@ def test_export_roundtrip(tmp_path):
 
 
 def test_interrupted_export_resumes_exactly(tmp_path):
-    tok = make_tokenizer()
+    tok, n = make_tokenizer(), 24
     ref = tmp_path / "ref"
-    export_tokens(tok, TinyImages(), ref, batch_size=4, shard_size=16, progress=False)
+    export_tokens(tok, TinyImages(n), ref, batch_size=4, shard_size=8, progress=False)
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated kill"):
-        export_tokens(tok, TinyImages(fail_after=26), out, batch_size=4, shard_size=16, progress=False)
+        export_tokens(tok, TinyImages(n, fail_after=13), out, batch_size=4, shard_size=8, progress=False)
     assert (out / "train-00-000000.tar").is_file()
     assert (out / "train-00-000001.tar.tmp").is_file()
     assert not (out / "manifest.json").exists()
@@ -119,17 +98,17 @@ def test_interrupted_export_resumes_exactly(tmp_path):
         read_manifest(out)
     first = (out / "train-00-000000.tar").stat().st_mtime_ns
 
-    resumed = TinyImages()
-    export_tokens(tok, resumed, out, batch_size=4, shard_size=16, progress=False)
-    assert resumed.calls == N - 16  # the complete shard was not encoded again
+    resumed = TinyImages(n)
+    export_tokens(tok, resumed, out, batch_size=4, shard_size=8, progress=False)
+    assert resumed.calls == n - 8  # the complete shard was not encoded again
     assert (out / "train-00-000000.tar").stat().st_mtime_ns == first
     assert not list(out.glob("*.tmp"))
     _, _, keys = load_all(out)
-    assert len(keys) == len(set(keys)) == N
+    assert len(keys) == len(set(keys)) == n
     assert as_dict(out) == as_dict(ref)
 
     with pytest.raises(ValueError, match="shard_size"):  # resuming with other settings is refused
-        export_tokens(tok, TinyImages(), out, batch_size=4, shard_size=8, progress=False)
+        export_tokens(tok, TinyImages(n), out, batch_size=4, shard_size=4, progress=False)
 
 
 def test_fingerprint_mismatch(tmp_path):
@@ -157,16 +136,16 @@ def test_reader_errors(tmp_path):
 
 def test_two_splits_and_merge(tmp_path):
     tok = make_tokenizer()
-    export_tokens(tok, {"train": TinyImages(20), "eval": TinyImages(6)}, tmp_path / "a", batch_size=4,
+    export_tokens(tok, {"train": TinyImages(12), "eval": TinyImages(6)}, tmp_path / "a", batch_size=4,
                   shard_size=8, progress=False)
     m = read_manifest(tmp_path / "a")
-    assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"eval": 6, "train": 20}
-    assert m["num_samples"] == 26 and m["splits"]["eval"]["shards"] == ["eval-00-000000.tar"]
+    assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"eval": 6, "train": 12}
+    assert m["num_samples"] == 18 and m["splits"]["eval"]["shards"] == ["eval-00-000000.tar"]
 
-    export_tokens(tok, TinyImages(20), tmp_path / "b", batch_size=4, shard_size=8, progress=False)
+    export_tokens(tok, TinyImages(12), tmp_path / "b", batch_size=4, shard_size=8, progress=False)
     export_tokens(tok, TinyImages(7), tmp_path / "b", split="eval", batch_size=4, shard_size=8, progress=False)
     m = read_manifest(tmp_path / "b")  # exporting eval later keeps train
-    assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"eval": 7, "train": 20}
+    assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"eval": 7, "train": 12}
     assert len(load_all(tmp_path / "b", "eval")[2]) == 7
     with pytest.raises(ValueError, match="dataset_size"):  # another eval set over the old one: refused
         export_tokens(tok, TinyImages(6), tmp_path / "b", split="eval", batch_size=4, shard_size=8,
@@ -215,14 +194,24 @@ def _export_worker(model_dir, out_dir):
     export_tokens(tok, TinyImages(), out_dir, batch_size=4, shard_size=8, accelerator=acc, progress=False)
 
 
-def test_multiprocess_export(tmp_path):
+def _launch(model_dir, out_dir):
     from accelerate import debug_launcher
 
+    debug_launcher(_export_worker, args=(model_dir, out_dir), num_processes=2)
+
+
+def test_multiprocess_export(tmp_path):
     tok = make_tokenizer()
     tok.save_pretrained(tmp_path / "model")
     tok = VQVAE.from_pretrained(tmp_path / "model")
     export_tokens(tok, TinyImages(), tmp_path / "one", batch_size=4, shard_size=8, progress=False)
-    debug_launcher(_export_worker, args=(str(tmp_path / "model"), str(tmp_path / "two")), num_processes=2)
+    # debug_launcher forks: a fork of this pytest process, whose OpenMP pool and other threads have
+    # run earlier tests, can deadlock, so the launcher runs from a fresh interpreter.
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_export_tokens as t; "
+            f"t._launch({str(tmp_path / 'model')!r}, {str(tmp_path / 'two')!r})")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
     m = read_manifest(tmp_path / "two")
     shards = m["splits"]["train"]["shards"]
     assert {s.split("-")[1] for s in shards} == {"00", "01"}
@@ -250,3 +239,53 @@ def test_cli_image_folder(tmp_path):
     codes, labels, keys = load_all(tmp_path / "tok")
     assert codes[0].shape == (6, 4, 4) and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert keys[0] == "cat/0.png"
+
+
+class WithSkips(TinyImages):
+    def __getitem__(self, i: int) -> dict:
+        sample = super().__getitem__(i)
+        return {**sample, "skipped": [f"bad/{i}.png"] if i in (3, 40) else []}
+
+
+def test_skipped_inputs_are_reported(tmp_path):
+    with pytest.warns(UserWarning, match="2 unreadable inputs"):
+        m = export_tokens(make_tokenizer(), WithSkips(), tmp_path, batch_size=8, shard_size=16, progress=False)
+    assert m["skipped"] == ["bad/3.png", "bad/40.png"]
+
+
+class Killed(torch.utils.data.IterableDataset):
+    def __init__(self, dataset, after: int):
+        self.dataset, self.after = dataset, after
+
+    def __iter__(self):
+        for n, sample in enumerate(self.dataset):
+            if n == self.after:
+                raise RuntimeError("simulated kill")
+            yield sample
+
+
+def test_iterable_source_resume(tmp_path):
+    import webdataset as wds
+    from PIL import Image
+
+    from data import build_dataset
+
+    for s in range(3):
+        with wds.TarWriter(str(tmp_path / f"img-{s:06d}.tar")) as w:
+            for i in range(7):
+                arr = (np.random.default_rng(s * 10 + i).random((20, 20)) * 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="png")
+                w.write({"__key__": f"s{s}_{i}", "png": buf.getvalue(), "cls": str(i % 3).encode()})
+    source = str(tmp_path / "img-{000000..000002}.tar")
+    make = lambda: build_dataset(source, split="train", size=16, channels=1, seed=5)  # noqa: E731
+    tok = make_tokenizer()
+    export_tokens(tok, make(), tmp_path / "ref", batch_size=4, shard_size=5, seed=5, progress=False)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        export_tokens(tok, Killed(make(), 12), tmp_path / "out", batch_size=4, shard_size=5, seed=5,
+                      progress=False)
+    assert (tmp_path / "out" / "train-00-000001.tar").is_file()
+    export_tokens(tok, make(), tmp_path / "out", batch_size=4, shard_size=5, seed=5, progress=False)
+    assert not list((tmp_path / "out").glob("*.tmp"))
+    assert read_manifest(tmp_path / "out")["splits"]["train"]["num_samples"] == 21
+    assert as_dict(tmp_path / "out") == as_dict(tmp_path / "ref")

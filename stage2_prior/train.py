@@ -1,0 +1,261 @@
+"""``tokgen train-prior``: train an autoregressive prior on exported tokens, with Accelerate.
+
+The code grid shape, codebook size, class count and (for a lower level) the upper level's grid come
+from the token manifest, never from the user: the model config only says how big the network is.
+Held-out NLL is logged in bits per token and bits per dimension of the original data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from pipelines import runs
+from pipelines.config import preset, resolve
+from pipelines.hub import config_from_dict, config_to_dict
+from stage1_tokenizer.train import lr_lambda
+from stage2_prior.registry import prior_classes
+from stage2_prior.tokens import load_all, read_manifest
+
+INFO_NAME = "prior.json"  # beside model/: which tokens, tokenizer and level this prior belongs to
+
+
+@dataclass
+class PriorTrainConfig:
+    tokens: str = ""  # folder written by `tokgen export-tokens`
+    level: int = 0  # 0 = top level; level k is conditioned on level k-1
+    arch: str = "transformer"  # transformer | pixelcnn | wavenet
+    model: dict = field(default_factory=dict)  # size of the network (dim, num_layers, ...)
+    class_conditional: bool = True  # use the labels when the tokens have them
+    batch_size: int = 64
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    eval_every: int = 500
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    max_bad_steps: int = 20
+
+
+class TokenTensors(Dataset):
+    """In-memory codes of one level (+ the level above as conditioning) with labels."""
+
+    def __init__(self, codes: list[torch.Tensor], labels: torch.Tensor, level: int):
+        self.codes, self.labels, self.level = codes, labels, level
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        cond = self.codes[self.level - 1][i] if self.level > 0 else None
+        return {"codes": self.codes[self.level][i], "cond": cond, "label": int(self.labels[i])}
+
+
+def collate(samples: list[dict]) -> dict:
+    cond = [s["cond"] for s in samples]
+    return {
+        "codes": torch.stack([s["codes"] for s in samples]),
+        "cond": torch.stack(cond) if cond[0] is not None else None,
+        "label": torch.tensor([s["label"] for s in samples]),
+    }
+
+
+# ---- parse ------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", help="token folder from `tokgen export-tokens`")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--config", help="JSON training config (see pipelines/configs/prior-*.json)")
+    p.add_argument("--level", type=int, help="which level to model (0 = top); lower levels see the one above")
+    p.add_argument("--arch", choices=["transformer", "pixelcnn", "wavenet"])
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def parse_config(args: argparse.Namespace) -> PriorTrainConfig:
+    saved = args.out / "config.json"
+    if args.resume and saved.is_file():
+        return resolve(PriorTrainConfig, json.loads(saved.read_text()), None, {"max_steps": args.max_steps})
+    flags = {k: getattr(args, k) for k in ("tokens", "level", "arch", "max_steps", "checkpoint_every",
+                                            "batch_size", "lr", "seed", "mixed_precision", "grad_accum")}
+    if args.unconditional:
+        flags["class_conditional"] = False
+    cfg = resolve(PriorTrainConfig, preset("prior-default"), args.config, flags)
+    if not cfg.tokens:
+        raise ValueError("--tokens is required (a folder written by `tokgen export-tokens`)")
+    return cfg
+
+
+# ---- build ------------------------------------------------------------------------------------
+def model_config(cfg: PriorTrainConfig, manifest: dict):
+    """The prior's config: network size from ``cfg.model``, shapes from the token manifest."""
+    _, config_cls = prior_classes(cfg.arch)
+    levels = manifest["levels"]
+    if not 0 <= cfg.level < len(levels):
+        raise ValueError(f"--level {cfg.level} does not exist: the tokens have {len(levels)} level(s)")
+    derived = {
+        "grid_shape": levels[cfg.level]["grid_shape"],
+        "vocab_size": levels[cfg.level]["codebook_size"],
+        "num_classes": int(manifest.get("num_classes", 0)) if cfg.class_conditional else 0,
+        "cond_grid_shape": levels[cfg.level - 1]["grid_shape"] if cfg.level > 0 else None,
+        "cond_vocab_size": levels[cfg.level - 1]["codebook_size"] if cfg.level > 0 else 0,
+    }
+    return config_from_dict(config_cls, {**cfg.model, **derived})
+
+
+def load_split(cfg: PriorTrainConfig, split: str) -> TokenTensors | None:
+    manifest = read_manifest(cfg.tokens)
+    if split not in manifest["splits"]:
+        return None
+    levels = list(range(cfg.level + 1))
+    codes, labels, _ = load_all(cfg.tokens, split, levels)
+    return TokenTensors(codes, labels, cfg.level)
+
+
+@dataclass
+class PriorState:
+    cfg: PriorTrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_set: TokenTensors
+    eval_set: TokenTensors | None
+    dims_per_sample: int  # scalar dimensions of one original input (C * H * W ...)
+
+
+def build(cfg: PriorTrainConfig, accelerator) -> PriorState:
+    manifest = read_manifest(cfg.tokens)
+    model_cls, _ = prior_classes(cfg.arch)
+    torch.manual_seed(cfg.seed)
+    model = model_cls(model_config(cfg, manifest))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    train_set = load_split(cfg, "train")
+    if train_set is None:
+        raise ValueError(f"{cfg.tokens} has no 'train' split")
+    eval_set = load_split(cfg, "eval")
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return PriorState(cfg, model, optimizer, scheduler, train_set, eval_set, math.prod(manifest["input_shape"]))
+
+
+def _inputs(batch: dict, model, device):
+    labels = batch["label"].to(device) if model.config.num_classes else None
+    cond = batch["cond"].to(device) if batch["cond"] is not None else None
+    return batch["codes"].to(device), labels, cond
+
+
+# ---- train ------------------------------------------------------------------------------------
+def train_step(state: PriorState, batch: dict, accelerator, guard: runs.BadStepGuard) -> dict | None:
+    model = accelerator.unwrap_model(state.model)
+    codes, labels, cond = _inputs(batch, model, accelerator.device)
+    with accelerator.accumulate(state.model):
+        with accelerator.autocast():
+            logits = state.model(codes, labels, cond)
+            loss = F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten())
+        if not guard.ok(accelerator, loss):
+            state.optimizer.zero_grad(set_to_none=True)
+            return None
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and state.cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), "bits_per_token": loss.item() / math.log(2), "lr": state.scheduler.get_last_lr()[0]}
+
+
+@torch.no_grad()
+def evaluate(model, dataset: TokenTensors, dims_per_sample: int, batch_size: int = 256) -> dict:
+    """Exact held-out NLL: bits per token, per sample, and per dimension of the original data."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_bits, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
+        codes, labels, cond = _inputs(batch, model, device)
+        total_bits += float(model.nll(codes, labels, cond).sum()) / math.log(2)
+        count += codes.shape[0]
+    if count == 0:
+        raise ValueError("no held-out samples to evaluate")
+    per_sample = total_bits / count
+    return {"bits_per_token": per_sample / model.num_tokens, "bits_per_sample": per_sample,
+            "bits_per_dim": per_sample / dims_per_sample, "num_samples": count}
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> Path:
+    if args is None:
+        parser = argparse.ArgumentParser(prog="tokgen train-prior", description=__doc__)
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+    return train(parse_config(args), args.out, resume=args.resume, quiet=args.quiet)
+
+
+def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
+    """Train (or resume) into ``run_dir``; returns the saved prior folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = runs.make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum)
+    if accelerator.is_main_process:
+        runs.write_json(run_dir / "config.json", config_to_dict(cfg))
+    accelerator.init_trackers("prior")
+    state = build(cfg, accelerator)
+    guard = runs.BadStepGuard(cfg.max_bad_steps)
+    skips = runs.SkipLog(run_dir, "skip", accelerator.is_main_process)
+    step, consumed = runs.resume_position(accelerator, run_dir, resume, guard, skips)
+    stream = runs.batch_stream(state.train_set, cfg.batch_size, cfg.seed, accelerator.process_index,
+                               accelerator.num_processes, collate, cfg.num_workers, consumed)
+
+    def every_step(step: int) -> None:
+        if state.eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            metrics = evaluate(accelerator.unwrap_model(state.model), state.eval_set, state.dims_per_sample)
+            state.model.train()
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            accelerator.print(f"step {step}: held-out {metrics['bits_per_token']:.4f} bits/token, "
+                              f"{metrics['bits_per_dim']:.4f} bits/dim")
+
+    hooks = runs.LoopHooks(step=lambda batch: train_step(state, batch, accelerator, guard), every_step=every_step)
+    state.model.train()
+    runs.run_loop(accelerator, run_dir, hooks, stream, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                  checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                  log_every=cfg.log_every, start_step=step, consumed=consumed, guard=guard, skips=skips,
+                  desc=f"train-prior (level {cfg.level})", quiet=quiet)
+    model = accelerator.unwrap_model(state.model)
+    if accelerator.is_main_process:
+        model.save_pretrained(run_dir / "model")
+        _write_info(cfg, state, model, run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir / "model"
+
+
+def _write_info(cfg: PriorTrainConfig, state: PriorState, model, run_dir: Path) -> None:
+    manifest = read_manifest(cfg.tokens)
+    info = {"tokenizer_fingerprint": manifest["tokenizer_fingerprint"], "level": cfg.level,
+            "tokens": str(cfg.tokens), "input_shape": manifest["input_shape"], "arch": cfg.arch}
+    if state.eval_set is not None:
+        info["eval"] = evaluate(model, state.eval_set, state.dims_per_sample)
+    runs.write_json(run_dir / INFO_NAME, info)

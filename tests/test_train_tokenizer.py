@@ -1,0 +1,255 @@
+"""End-to-end tests of ``tokgen train-tokenizer`` / ``evaluate-tokenizer`` on a tiny digits config:
+run-folder layout, checkpoint rotation, exact resume (also from a corrupt checkpoint), evaluation and
+the non-finite-loss guard. ``train.main`` runs in-process on CPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.runs import verify_checkpoint
+from stage1_tokenizer import evaluate, train
+from stage1_tokenizer.vqvae import VQVAE
+
+TINY = {
+    "model": {"modality": "image", "in_channels": 1, "channels": [8, 8], "num_res_blocks": 1, "factors": [4, 4],
+              "quantizer": {"codebook_size": 32, "dim": 8}},
+    "data": "digits",
+    "size": 16,
+    "batch_size": 8,
+    "image_every": 0,
+    "log_every": 5,
+    "checkpoint_every": 4,
+    "keep_checkpoints": 3,
+    "max_steps": 12,
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each run builds its own Accelerator; don't let one test's singleton state leak into another."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: extra intra-op threads only contend on a shared machine
+    yield
+    torch.set_num_threads(n)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def write_config(tmp_path: Path, **overrides) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    for key, value in overrides.items():
+        cfg[key] = value
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*.json')))}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def run(out: Path, *args: str) -> Path:
+    return train.main(["--out", str(out), "--quiet", *args])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        if a[key].is_floating_point():
+            assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, (a[key] - b[key]).abs().max())
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted 12-step run (checkpoints at 4, 8, 12)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    from accelerate.state import AcceleratorState, GradientState
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model_dir = run(tmp / "run", "--config", str(write_config(tmp)))
+    finally:
+        torch.set_num_threads(n)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert model_dir == tmp / "run" / "model"
+    return tmp / "run"
+
+
+# ---- run folder -------------------------------------------------------------------------------------
+def test_run_folder_layout(reference_run):
+    resolved = json.loads((reference_run / "config.json").read_text())
+    assert resolved["max_steps"] == 12 and resolved["batch_size"] == 8 and resolved["size"] == 16
+    assert resolved["model"]["channels"] == [8, 8]
+    assert resolved["model"]["quantizer"]["decay"] == 0.95  # from the digits preset: the config is resolved
+    assert resolved["lr"] == 0.002 and "max_bad_steps" in resolved
+
+    assert sorted(p.name for p in (reference_run / "model").iterdir()) == ["config.json", "model.safetensors"]
+    model = VQVAE.from_pretrained(reference_run / "model")
+    assert model.config.in_channels == 1 and model.config.quantizer.codebook_size == 32
+    assert model.encode(torch.rand(2, 1, 16, 16)).shape == (2, 4, 4)
+    assert (reference_run / "reconstructions.png").stat().st_size > 0
+    assert any((reference_run / "logs").rglob("events.out.tfevents.*"))
+
+    ckpts = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000004", "step_00000008", "step_00000012"]  # no .tmp leftovers either
+    for name in ckpts:
+        folder = reference_run / "checkpoints" / name
+        index = json.loads((folder / "index.json").read_text())
+        assert "model.safetensors" in index and "trainer.json" in index
+        assert verify_checkpoint(folder) is None
+    trainer = json.loads((reference_run / "checkpoints" / "step_00000012" / "trainer.json").read_text())
+    assert trainer == {"step": 12, "batches": 12, "bad_steps": 0, "skipped_inputs": 0}
+    # the last checkpoint holds the final model's weights
+    final = weights(reference_run / "model" / "model.safetensors")
+    assert_same_weights(weights(reference_run / "checkpoints" / "step_00000012" / "model.safetensors"), final)
+    assert {"quantizer.embed", "quantizer.cluster_size", "quantizer.embed_sum"} <= final.keys()
+
+
+def test_tensorboard_scalars(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (reference_run / "logs").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("loss", "recon_loss", "usage", "bad_steps", "lr"):
+        assert tag in tags, tags
+    assert [e.step for e in acc.Scalars("loss")] == [5, 10, 12]
+
+
+def test_keep_checkpoints(tmp_path):
+    run(tmp_path / "run", "--config", str(write_config(tmp_path, keep_checkpoints=2)), "--checkpoint-every", "2",
+        "--max-steps", "8")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000006",
+                                                                                  "step_00000008"]
+
+
+# ---- exact resume ------------------------------------------------------------------------------------
+def test_exact_resume(tmp_path, reference_run):
+    out = tmp_path / "run"
+    run(out, "--config", str(write_config(tmp_path)), "--max-steps", "8")
+    at8 = weights(out / "model" / "model.safetensors")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
+    run(out, "--resume", "--max-steps", "12")
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 12
+    resumed = weights(out / "model" / "model.safetensors")
+    expected = weights(reference_run / "model" / "model.safetensors")
+    assert_same_weights(resumed, expected)
+    # the comparison has teeth: four more steps changed the weights and the EMA codebook
+    assert not torch.allclose(at8["quantizer.embed"], resumed["quantizer.embed"])
+    assert not torch.allclose(at8["encoder.net.0.weight"], resumed["encoder.net.0.weight"])
+
+
+def test_resume_skips_corrupt_checkpoint(tmp_path, reference_run, capsys):
+    out = tmp_path / "run"
+    run(out, "--config", str(write_config(tmp_path)), "--max-steps", "8")
+    broken = out / "checkpoints" / "step_00000008" / "model.safetensors"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # truncated mid-write
+    assert "checksum" in verify_checkpoint(broken.parent)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="step_00000008 is unusable"):
+        run(out, "--resume", "--max-steps", "12")
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "step_00000004 at step 4" in printed
+    assert_same_weights(weights(out / "model" / "model.safetensors"),
+                        weights(reference_run / "model" / "model.safetensors"))
+    assert verify_checkpoint(out / "checkpoints" / "step_00000008") is None  # rewritten by the replay
+
+
+class Crash(Exception):
+    pass
+
+
+def test_exact_resume_after_crash_with_cosine_schedule(tmp_path, monkeypatch):
+    """A run killed right after its step-8 checkpoint and resumed with the same budget, while the
+    learning rate is already decaying: the schedule position must be restored too."""
+    from pipelines import runs
+
+    cfg = write_config(tmp_path, warmup_steps=2)
+    run(tmp_path / "whole", "--config", str(cfg))
+    original = runs.save_checkpoint
+
+    def save_then_crash(accelerator, run_dir, step, *args, **kwargs):
+        folder = original(accelerator, run_dir, step, *args, **kwargs)
+        if step == 8:
+            raise Crash
+        return folder
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run(tmp_path / "crashed", "--config", str(cfg))
+    monkeypatch.setattr(runs, "save_checkpoint", original)
+    assert not (tmp_path / "crashed" / "model").exists()
+    run(tmp_path / "crashed", "--resume")
+    assert_same_weights(weights(tmp_path / "crashed" / "model" / "model.safetensors"),
+                        weights(tmp_path / "whole" / "model" / "model.safetensors"))
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(out, "--config", str(write_config(tmp_path)), "--max-steps", "2", "--resume")
+    assert "no checkpoint" in capsys.readouterr().out
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+def test_evaluate_tokenizer(reference_run, tmp_path):
+    out = tmp_path / "eval"
+    metrics = evaluate.main([str(reference_run), "--data", "digits", "--out", str(out), "--max-items", "48",
+                             "--batch-size", "16", "--no-lpips"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("psnr_db", "codebook_usage", "perplexity", "ssim", "mse"):
+        assert key in saved, key
+    assert saved["num_samples"] == 48
+    assert saved["code_grid_shapes"] == [[4, 4]]  # the run's training size (16) was picked up
+    assert 0 < saved["codebook_usage"] <= 1
+    assert 1 <= saved["perplexity"] <= 32 * saved["codebook_usage"] + 1e-6
+    assert saved["psnr_db"] > 5
+    assert (out / "reconstructions.png").stat().st_size > 0
+
+
+# ---- non-finite losses -------------------------------------------------------------------------------
+def _nan_on(monkeypatch, bad_calls: set[int] | None = None, from_call: int | None = None) -> list[int]:
+    """Make VQVAE's training forward return a NaN loss on chosen calls (1-based)."""
+    calls = [0]
+    original = VQVAE.forward
+
+    def forward(self, x):
+        out = original(self, x)
+        calls[0] += 1
+        if (bad_calls and calls[0] in bad_calls) or (from_call and calls[0] >= from_call):
+            out.recon_loss = out.recon_loss * float("nan")
+        return out
+
+    monkeypatch.setattr(VQVAE, "forward", forward)
+    return calls
+
+
+def test_nonfinite_loss_steps_are_skipped(tmp_path, monkeypatch):
+    calls = _nan_on(monkeypatch, bad_calls={3, 4, 7})
+    cfg = write_config(tmp_path, max_bad_steps=2, checkpoint_every=8)
+    run(tmp_path / "run", "--config", str(cfg), "--max-steps", "8")
+    assert calls[0] == 11  # 8 optimizer steps took 11 batches
+    trainer = json.loads((tmp_path / "run" / "checkpoints" / "step_00000008" / "trainer.json").read_text())
+    assert trainer["bad_steps"] == 3 and trainer["batches"] == 11
+    final = weights(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+
+
+def test_too_many_nonfinite_losses_in_a_row(tmp_path, monkeypatch):
+    _nan_on(monkeypatch, from_call=3)
+    cfg = write_config(tmp_path, max_bad_steps=3)
+    with pytest.raises(RuntimeError, match=r"loss was not finite for 4 steps in a row"):
+        run(tmp_path / "run", "--config", str(cfg), "--max-steps", "20")

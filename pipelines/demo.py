@@ -65,7 +65,7 @@ def run_digits(args: argparse.Namespace) -> dict:
     tokenizer = VQVAE.from_pretrained(model_dir)
 
     def dataset(split):
-        return build_dataset("digits", split=split, size=tok_cfg.size, channels=tok_cfg.model.in_channels)
+        return build_dataset("digits", split=split, size=tok_cfg.size, channels=tok_cfg.model_config.in_channels)
 
     tok_metrics = stages.run("evaluate tokenizer", evaluate, tokenizer, dataset("eval"), lpips=True,
                              preview_path=out / "reconstructions.png", quiet=args.quiet)

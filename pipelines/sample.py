@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(prog="tokgen sample")
         add_arguments(parser)
         args = parser.parse_args(argv)
+    if args.num < 1 or args.batch_size < 1:
+        raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
     pipe = TokgenPipeline.from_pretrained(args.pipeline)
     labels = class_labels_for(pipe, args.num, args.class_label)
     samples, codes, seconds = generate(pipe, args.num, labels, args.seed, args.batch_size, not args.codes_only,

@@ -16,12 +16,17 @@ from pipelines import runs
 from pipelines.config import preset, resolve
 from pipelines.hub import config_to_dict
 from pipelines.media import save_comparison
+from pipelines.hub import config_from_dict
+from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
 from stage1_tokenizer.vqvae import VQVAE, VQVAEConfig
+
+TOKENIZERS = {"vqvae": (VQVAE, VQVAEConfig), "hvqvae": (HierarchicalVQVAE, HierarchicalVQVAEConfig)}
 
 
 @dataclass
 class TokenizerTrainConfig:
-    model: VQVAEConfig = field(default_factory=VQVAEConfig)
+    arch: str = "vqvae"  # vqvae | hvqvae (hierarchical)
+    model: dict = field(default_factory=dict)  # fields of VQVAEConfig / HierarchicalVQVAEConfig
     data: str = "digits"  # built-in name, folder, or WebDataset shard pattern
     size: int = 32  # training crop size
     batch_size: int = 32  # per process
@@ -42,6 +47,15 @@ class TokenizerTrainConfig:
     seed: int = 0
     bad_input: str = "skip"  # skip (and report) | fail
     max_bad_steps: int = 20
+
+    def __post_init__(self):
+        if self.arch not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer arch {self.arch!r}; choose one of {sorted(TOKENIZERS)}")
+        self.model_config  # validate the model fields now, not after the data is loaded
+
+    @property
+    def model_config(self) -> VQVAEConfig | HierarchicalVQVAEConfig:
+        return config_from_dict(TOKENIZERS[self.arch][1], self.model)
 
 
 # ---- parse ------------------------------------------------------------------------------------
@@ -99,9 +113,9 @@ class TrainState:
 def build_dataset(cfg: TokenizerTrainConfig, split: str, process_index: int = 0, num_processes: int = 1):
     from data import build_dataset as build
 
-    return build(cfg.data, modality=cfg.model.modality, split=split, size=cfg.size,
-                 channels=cfg.model.in_channels, seed=cfg.seed, process_index=process_index,
-                 num_processes=num_processes, sample_rate=cfg.model.sample_rate)
+    m = cfg.model_config
+    return build(cfg.data, modality=m.modality, split=split, size=cfg.size, channels=m.in_channels, seed=cfg.seed,
+                 process_index=process_index, num_processes=num_processes, sample_rate=m.sample_rate)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -120,7 +134,7 @@ def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
     from data import collate_samples
 
     torch.manual_seed(cfg.seed)
-    model = VQVAE(cfg.model)
+    model = TOKENIZERS[cfg.arch][0](cfg.model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
     perceptual = None
@@ -168,9 +182,13 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepG
 
 
 def active_codes(model) -> float:
-    """Fraction of codes whose EMA cluster size is above the restart threshold (recent usage)."""
-    q = model.quantizer
-    return float((q.cluster_size >= max(q.config.restart_threshold, 1e-3)).float().mean())
+    """Fraction of codes whose EMA cluster size is above the restart threshold (recent usage);
+    the lowest level's fraction for hierarchical tokenizers."""
+    from stage1_tokenizer.quantizer import VectorQuantizer
+
+    fractions = [float((q.cluster_size >= max(q.config.restart_threshold, 1e-3)).float().mean())
+                 for q in model.modules() if isinstance(q, VectorQuantizer)]
+    return min(fractions)
 
 
 @torch.no_grad()
@@ -181,7 +199,7 @@ def save_preview(state: TrainState, accelerator, path: Path) -> None:
     x = state.preview.to(accelerator.device)
     recon = model.decode(model.encode(x)).clamp(0, 1)
     model.train(was_training)
-    save_comparison(x.cpu(), recon.cpu(), path, modality=state.cfg.model.modality)
+    save_comparison(x.cpu(), recon.cpu(), path, modality=state.cfg.model_config.modality)
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> Path:

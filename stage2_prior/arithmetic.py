@@ -36,6 +36,7 @@ import torch
 __all__ = [
     "PRECISION",
     "MAX_PRECISION",
+    "precision_for",
     "quantize_cdf",
     "ArithmeticEncoder",
     "ArithmeticDecoder",
@@ -56,6 +57,24 @@ _LOW_MASK = _BOT - 1               # low bits kept when the top byte leaves
 _CODE_MASK = _TOP - 1
 _FF_THRESHOLD = 0xFF << _SHIFT
 _STATE_BYTES = _STATE_BITS // 8    # bytes the decoder primes its code with
+
+
+def precision_for(codebook_size: int) -> int:
+    """The CDF precision tokgen codes a codebook of this size with.
+
+    16 bits up to 1024 codes (the 1-count floor then takes at most 1/64 of the mass: <= 0.023 bits
+    per token even for a certain symbol); above that ``ceil(log2 K) + 10`` bits (floor mass <= 1/1024),
+    capped at ``MAX_PRECISION``.
+    """
+    k = int(codebook_size)
+    if k < 1:
+        raise ValueError(f"codebook_size must be >= 1, got {k}")
+    if k <= 1024:
+        return PRECISION
+    precision = (k - 1).bit_length() + 10
+    if precision > MAX_PRECISION:
+        raise ValueError(f"codebook of {k} codes is too large for the coder (at most 2**{MAX_PRECISION - 10})")
+    return precision
 
 
 def _check_precision(precision: int) -> int:
@@ -221,6 +240,19 @@ class ArithmeticEncoder:
     def encode_batch(self, symbols, cdf_rows) -> None:
         """Encode many symbols; ``cdf_rows`` is an ``(N, V+1)`` tensor/array or a list of rows."""
         los, his = _gather_intervals(symbols, cdf_rows, self.total)
+        self._encode_intervals(los, his)
+
+    def encode_intervals(self, los, his) -> None:
+        """Encode many pre-gathered intervals ``[lo, hi)`` (sequences of ints, e.g. from
+        cdf rows at the coded symbols); validated here, then coded in the fast loop."""
+        los = [int(v) for v in los]
+        his = [int(v) for v in his]
+        if len(los) != len(his):
+            raise ValueError(f"got {len(los)} interval starts but {len(his)} ends")
+        total = self.total
+        for lo, hi in zip(los, his):
+            if not 0 <= lo < hi <= total:
+                raise ValueError(f"invalid interval [{lo}, {hi}) for total {total}")
         self._encode_intervals(los, his)
 
     def _encode_intervals(self, los: List[int], his: List[int]) -> None:

@@ -1,44 +1,61 @@
-"""A small self-describing container for tokgen compressed files.
+"""The compact, self-describing container of ``tokgen compress`` files.
 
-Layout (all integers unsigned; varints are LEB128, little-endian base-128)::
+Layout (varints are LEB128: little-endian base-128, 7 bits a byte)::
 
-    magic      4 bytes  b"TKGN"
-    version    1 byte   (1)
-    fingerprint 8 bytes  truncated hash of the pipeline that wrote the file
-    num_levels 1 byte
-    per level: ndim (1 byte) + ndim dims as varints   (code grid shape, top level first)
-    extra_len  varint   (0 when `extra` is empty) + extra_len bytes of compact UTF-8 JSON
-    crc32      4 bytes  little-endian CRC32 of every byte before it + the payload
-    payload    the rest of the file
+    magic        2 bytes  b"TK"
+    version+flags 1 byte  high nibble: version (2); low nibble: bits 0-1 the number of spatial
+                          dims of the input (1 audio, 2 image, 3 video), bit 2 a class label
+                          follows, bit 3 reserved (0)
+    tag          2 bytes  the first 2 bytes of the pipeline fingerprint (SHA-256)
+    input shape  varints  one per spatial dim (the channels and the code grids follow from the
+                          tokenizer)
+    class label  varint   only when flagged (class-conditional pipelines)
+    check        4 bytes  little-endian CRC32 of: the full 32-byte pipeline fingerprint, every header
+                          byte before the check, the payload and ``content`` (bytes the writer and the
+                          reader both know but the file does not store: tokgen passes the codes)
+    payload      the rest (the arithmetic-coded codes)
 
-A 1-level 2-D header with dims < 128 and empty extra is 22 bytes.
+A 32x32 image: 2 + 1 + 2 + 2 + 4 = 11 bytes of header (12 with a class label < 128).
+
+Because the check covers the full fingerprint, a file made by another pipeline never verifies; the
+2-byte tag only lets the reader say so clearly ("compressed with another pipeline") before doing any
+work. Because it covers the decoded codes too, a decoder that went out of step (corrupt payload,
+different numerics) is caught after decoding and nothing is output.
 """
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
-from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 __all__ = [
     "MAGIC",
     "VERSION",
+    "TAG_BYTES",
     "FINGERPRINT_BYTES",
     "BitstreamError",
     "Header",
+    "Container",
+    "fingerprint_bytes",
     "pack",
+    "read",
     "unpack",
     "peek_header",
-    "check_fingerprint",
+    "check_pipeline",
     "header_size",
 ]
 
-MAGIC = b"TKGN"
-VERSION = 1
-FINGERPRINT_BYTES = 8
+MAGIC = b"TK"
+VERSION = 2
+TAG_BYTES = 2
+FINGERPRINT_BYTES = 32
+MAX_DIMS = 3
+_FLAG_CLASS = 0x4
+_FLAG_RESERVED = 0x8
 _MAX_VARINT_BYTES = 10
+_CHECK = struct.Struct("<I")
 
 
 class BitstreamError(ValueError):
@@ -47,15 +64,32 @@ class BitstreamError(ValueError):
 
 @dataclass
 class Header:
-    fingerprint: bytes
-    shapes: List[Tuple[int, ...]] = field(default_factory=list)
-    extra: Dict = field(default_factory=dict)
+    """tag: 2 bytes of the writer's fingerprint; input_shape: spatial input size (no channels);
+    class_label: None for unconditional pipelines."""
+
+    tag: bytes
+    input_shape: Tuple[int, ...]
+    class_label: Optional[int] = None
+
+
+def fingerprint_bytes(fingerprint) -> bytes:
+    """A pipeline fingerprint (hex string as ``TokgenPipeline.fingerprint()`` gives, or bytes) as 32 bytes."""
+    if isinstance(fingerprint, str):
+        try:
+            fingerprint = bytes.fromhex(fingerprint)
+        except ValueError:
+            raise ValueError(f"fingerprint must be a hex string, got {fingerprint!r}") from None
+    fingerprint = bytes(fingerprint)
+    if len(fingerprint) != FINGERPRINT_BYTES:
+        raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes (SHA-256), got {len(fingerprint)}")
+    return fingerprint
 
 
 # --------------------------------------------------------------------------- #
 # varints
 # --------------------------------------------------------------------------- #
 def _write_varint(out: bytearray, value: int) -> None:
+    value = int(value)
     if value < 0:
         raise ValueError(f"varint must be >= 0, got {value}")
     while True:
@@ -90,129 +124,127 @@ class _Reader:
             b = self.byte()
             value |= (b & 0x7F) << (7 * i)
             if not b & 0x80:
+                if i and b == 0:
+                    raise BitstreamError("corrupt header: non-canonical varint")
                 return value
         raise BitstreamError("corrupt header: varint too long")
 
 
 # --------------------------------------------------------------------------- #
-# pack / unpack
+# writing
 # --------------------------------------------------------------------------- #
-def _encode_header(header: Header) -> bytearray:
-    fp = bytes(header.fingerprint)
-    if len(fp) != FINGERPRINT_BYTES:
-        raise ValueError(f"fingerprint must be exactly {FINGERPRINT_BYTES} bytes, got {len(fp)}")
-    shapes = list(header.shapes)
-    if len(shapes) > 255:
-        raise ValueError(f"at most 255 levels are supported, got {len(shapes)}")
-    extra = header.extra if header.extra is not None else {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
-
+def _encode_header(fingerprint: bytes, input_shape, class_label) -> bytearray:
+    dims = [int(d) for d in input_shape]
+    if not 1 <= len(dims) <= MAX_DIMS:
+        raise ValueError(f"input_shape must have 1 to {MAX_DIMS} spatial dims, got {tuple(dims)}")
+    if any(d < 1 for d in dims):
+        raise ValueError(f"input_shape dims must be >= 1, got {tuple(dims)}")
+    flags = len(dims)
+    if class_label is not None:
+        if int(class_label) < 0:
+            raise ValueError(f"class_label must be >= 0, got {class_label}")
+        flags |= _FLAG_CLASS
     out = bytearray(MAGIC)
-    out.append(VERSION)
-    out += fp
-    out.append(len(shapes))
-    for shape in shapes:
-        dims = [int(d) for d in shape]
-        if len(dims) > 255:
-            raise ValueError(f"at most 255 dims per level are supported, got {len(dims)}")
-        out.append(len(dims))
-        for d in dims:
-            if d < 0:
-                raise ValueError(f"shape dims must be >= 0, got {tuple(dims)}")
-            _write_varint(out, d)
-    if extra:
-        blob = json.dumps(extra, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode("utf-8")
-        _write_varint(out, len(blob))
-        out += blob
-    else:
-        _write_varint(out, 0)
+    out.append((VERSION << 4) | flags)
+    out += fingerprint[:TAG_BYTES]
+    for d in dims:
+        _write_varint(out, d)
+    if class_label is not None:
+        _write_varint(out, int(class_label))
     return out
 
 
-def pack(header: Header, payload: bytes) -> bytes:
-    """Serialise ``header`` + ``payload`` into a tokgen file."""
-    head = _encode_header(header)
+def _check_value(fingerprint: bytes, head: bytes, payload: bytes, content: bytes) -> int:
+    crc = zlib.crc32(fingerprint)
+    crc = zlib.crc32(head, crc)
+    crc = zlib.crc32(payload, crc)
+    return zlib.crc32(content, crc) & 0xFFFFFFFF
+
+
+def pack(fingerprint, input_shape, payload: bytes, class_label: Optional[int] = None,
+         content: bytes = b"") -> bytes:
+    """Header + check + payload. ``content`` is covered by the check but not stored."""
+    fp = fingerprint_bytes(fingerprint)
+    head = bytes(_encode_header(fp, input_shape, class_label))
     payload = bytes(payload)
-    crc = zlib.crc32(payload, zlib.crc32(head)) & 0xFFFFFFFF
-    return bytes(head) + struct.pack("<I", crc) + payload
+    return head + _CHECK.pack(_check_value(fp, head, payload, bytes(content))) + payload
 
 
-def header_size(header: Header) -> int:
-    """Bytes the container adds around the payload (header + CRC)."""
-    return len(_encode_header(header)) + 4
+def header_size(input_shape, class_label: Optional[int] = None) -> int:
+    """Bytes the container adds to the payload (header + check)."""
+    return len(_encode_header(b"\0" * FINGERPRINT_BYTES, input_shape, class_label)) + _CHECK.size
 
 
-def _parse_header(data) -> Tuple[Header, int, int]:
-    """Parse the header; returns (header with extra not yet decoded, extra start, crc position)."""
+# --------------------------------------------------------------------------- #
+# reading
+# --------------------------------------------------------------------------- #
+@dataclass
+class Container:
+    """A parsed (not yet verified) file."""
+
+    header: Header
+    payload: bytes
+    head: bytes  # the header bytes before the check
+    check: int
+
+    @property
+    def header_bytes(self) -> int:
+        return len(self.head) + _CHECK.size
+
+    def verify(self, fingerprint, content: bytes = b"") -> None:
+        """Raise :class:`BitstreamError` unless the check matches (same pipeline, intact file, same content)."""
+        fp = fingerprint_bytes(fingerprint)
+        if _check_value(fp, self.head, self.payload, bytes(content)) != self.check:
+            raise BitstreamError("checksum mismatch: the file is corrupt or was modified")
+
+
+def read(data) -> Container:
+    """Parse a file: magic, version, header fields. Raises :class:`BitstreamError`; verifies nothing."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
     if len(data) < len(MAGIC):
-        if MAGIC.startswith(data) and data:
+        if data and MAGIC.startswith(data):
             raise BitstreamError("truncated header")
-        raise BitstreamError("not a tokgen file (bad magic)")
-    if data[:4] != MAGIC:
-        raise BitstreamError("not a tokgen file (bad magic)")
-    r = _Reader(data, 4)
-    version = r.byte()
+        raise BitstreamError("not a tokgen compressed file (bad magic)")
+    if data[: len(MAGIC)] != MAGIC:
+        raise BitstreamError("not a tokgen compressed file (bad magic)")
+    r = _Reader(data, len(MAGIC))
+    vf = r.byte()
+    version, flags = vf >> 4, vf & 0xF
     if version != VERSION:
         raise BitstreamError(f"unsupported version {version} (this build reads version {VERSION})")
-    fingerprint = r.take(FINGERPRINT_BYTES)
-    num_levels = r.byte()
-    shapes = []
-    for _ in range(num_levels):
-        ndim = r.byte()
-        shapes.append(tuple(r.varint() for _ in range(ndim)))
-    extra_len = r.varint()
-    extra_start = r.pos
-    r.take(extra_len)
-    crc_pos = r.pos
-    r.take(4)
-    return Header(fingerprint=fingerprint, shapes=shapes, extra={}), extra_start, crc_pos
+    ndim = flags & 0x3
+    if flags & _FLAG_RESERVED or ndim == 0:
+        raise BitstreamError("corrupt header: bad flags")
+    tag = r.take(TAG_BYTES)
+    dims = tuple(r.varint() for _ in range(ndim))
+    if any(d == 0 for d in dims):
+        raise BitstreamError("corrupt header: zero-size input")
+    class_label = r.varint() if flags & _FLAG_CLASS else None
+    head = data[: r.pos]
+    (check,) = _CHECK.unpack(r.take(_CHECK.size))
+    return Container(Header(tag, dims, class_label), data[r.pos:], head, check)
 
 
-def _decode_extra(data: bytes, start: int, end: int) -> Dict:
-    if end == start:
-        return {}
-    try:
-        extra = json.loads(data[start:end].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BitstreamError(f"corrupt header: extra metadata is not valid JSON ({exc})") from None
-    if not isinstance(extra, dict):
-        raise BitstreamError("corrupt header: extra metadata is not a JSON object")
-    return extra
+def peek_header(data) -> Header:
+    """The header fields, unverified."""
+    return read(data).header
 
 
-def unpack(data: bytes) -> Tuple[Header, bytes]:
-    """Parse and verify a tokgen file; returns ``(header, payload)``.
-
-    Raises :class:`BitstreamError` on bad magic, unsupported version, truncation
-    or checksum mismatch.
-    """
-    header, extra_start, crc_pos = _parse_header(data)
-    data = bytes(data)
-    (stored,) = struct.unpack_from("<I", data, crc_pos)
-    payload = data[crc_pos + 4:]
-    crc = zlib.crc32(payload, zlib.crc32(data[:crc_pos])) & 0xFFFFFFFF
-    if crc != stored:
-        raise BitstreamError("checksum mismatch: file is corrupt or was modified")
-    header.extra = _decode_extra(data, extra_start, crc_pos)
-    return header, payload
-
-
-def peek_header(data: bytes) -> Header:
-    """Parse the header only (no checksum verification; the payload may be absent)."""
-    header, extra_start, crc_pos = _parse_header(data)
-    header.extra = _decode_extra(bytes(data), extra_start, crc_pos)
-    return header
-
-
-def check_fingerprint(header: Header, expected: bytes) -> None:
-    """Raise :class:`BitstreamError` unless ``header.fingerprint == expected``."""
-    expected = bytes(expected)
-    if bytes(header.fingerprint) != expected:
+def check_pipeline(header: Header, fingerprint) -> None:
+    """Raise :class:`BitstreamError` if the file's tag says another pipeline wrote it."""
+    fp = fingerprint_bytes(fingerprint)
+    if bytes(header.tag) != fp[:TAG_BYTES]:
         raise BitstreamError(
             "this file was compressed with another pipeline "
-            f"(fingerprint {bytes(header.fingerprint).hex()}, this pipeline {expected.hex()})"
+            f"(its tag {bytes(header.tag).hex()}, this pipeline's fingerprint {fp.hex()[:12]}...)"
         )
+
+
+def unpack(data, fingerprint, content: bytes = b"") -> Tuple[Header, bytes]:
+    """Parse and verify in one go when ``content`` is known beforehand; returns ``(header, payload)``."""
+    container = read(data)
+    check_pipeline(container.header, fingerprint)
+    container.verify(fingerprint, content)
+    return container.header, container.payload

@@ -5,22 +5,27 @@ import pytest
 import torch
 
 from stage2_prior.arithmetic import (
+    MAX_PRECISION,
     PRECISION,
     ArithmeticDecoder,
     ArithmeticEncoder,
     decode_sequence,
     encode_sequence,
     ideal_bits,
+    precision_for,
     quantize_cdf,
 )
 from stage2_prior.bitstream import (
     MAGIC,
+    VERSION,
     BitstreamError,
     Header,
-    check_fingerprint,
+    check_pipeline,
+    fingerprint_bytes,
     header_size,
     pack,
     peek_header,
+    read,
     unpack,
 )
 
@@ -291,87 +296,117 @@ def test_ideal_bits_value():
 # --------------------------------------------------------------------------- #
 # bitstream container
 # --------------------------------------------------------------------------- #
-FP = bytes(range(1, 9))
+FP = bytes(range(1, 33))  # a 32-byte (SHA-256) pipeline fingerprint
+OTHER = bytes(range(101, 133))  # another pipeline: another tag
+SAME_TAG = FP[:2] + bytes(30)  # another pipeline whose fingerprint starts like FP's
 
 
 @pytest.mark.parametrize(
-    "shapes,extra",
-    [
-        ([(8, 8)], {}),
-        ([(1000,)], {"modality": "audio", "input_shape": [1, 16000]}),
-        ([(4, 4), (8, 8), (16, 16)], {"modality": "image", "input_shape": [3, 32, 32]}),
-        ([(2, 8, 8), (300,), (4, 200, 3)], {"note": "ünïcode"}),
-        ([], {}),
-    ],
+    "shape,label",
+    [((32, 32), None), ((32, 32), 7), ((16000,), None), ((16, 64, 64), 999), ((1, 1), 0), ((2**40, 3), None)],
 )
-def test_pack_unpack_roundtrip(shapes, extra):
+def test_pack_unpack_roundtrip(shape, label):
     payload = bytes(np.random.default_rng(0).integers(0, 256, 77, dtype=np.uint8))
-    header = Header(fingerprint=FP, shapes=shapes, extra=extra)
-    blob = pack(header, payload)
-    assert blob[:4] == MAGIC
-    h2, p2 = unpack(blob)
+    content = b"codes"
+    blob = pack(FP, shape, payload, label, content=content)
+    assert blob[:2] == MAGIC
+    header, p2 = unpack(blob, FP, content)
     assert p2 == payload
-    assert h2.fingerprint == FP
-    assert h2.shapes == [tuple(s) for s in shapes]
-    assert h2.extra == extra
-    assert peek_header(blob) == h2
-    assert len(blob) == header_size(header) + len(payload)
-    # empty payload is fine too
-    assert unpack(pack(header, b""))[1] == b""
+    assert header == Header(FP[:2], tuple(shape), label)
+    assert peek_header(blob) == header
+    assert len(blob) == header_size(shape, label) + len(payload)
+    assert read(blob).header_bytes == header_size(shape, label)
+    # empty payload is fine too; the hex form of the fingerprint works the same
+    assert unpack(pack(FP.hex(), shape, b"", label), FP)[1] == b""
 
 
 def test_header_is_small():
-    header = Header(fingerprint=FP, shapes=[(16, 16)], extra={})
-    size = len(pack(header, b""))
-    assert size <= 24
-    assert size == header_size(header) == 22
+    # 2 magic + 1 version/flags + 2 tag + 2 dims + 4 check
+    assert len(pack(FP, (32, 32), b"")) == header_size((32, 32)) == 11
+    assert header_size((32, 32), class_label=9) == 12  # + 1 byte class label
+    assert header_size((256, 256)) == 13  # dims >= 128 take two varint bytes
+    assert header_size((16000,)) == 11  # 16000 < 2**14: two varint bytes
+    assert header_size((16, 64, 64)) == 12
 
 
 def test_corruption_detected_everywhere():
-    header = Header(fingerprint=FP, shapes=[(4, 4), (8, 8)], extra={"modality": "image"})
-    payload = bytes(range(40))
-    blob = pack(header, payload)
+    content = bytes(range(64))
+    blob = pack(FP, (32, 32), bytes(range(40)), 3, content=content)
     for pos in range(len(blob)):
         for flip in (0x01, 0x80, 0xFF):
             bad = bytearray(blob)
             bad[pos] ^= flip
             with pytest.raises(BitstreamError):
-                unpack(bytes(bad))
+                unpack(bytes(bad), FP, content)
+    # appended bytes, and other decoded content, are caught too
+    with pytest.raises(BitstreamError, match="corrupt or was modified"):
+        unpack(blob + b"\x00", FP, content)
+    with pytest.raises(BitstreamError, match="corrupt or was modified"):
+        unpack(blob, FP, content[:-1] + b"\x00")
 
 
 def test_truncation_detected():
-    blob = pack(Header(fingerprint=FP, shapes=[(8, 8)], extra={"a": 1}), b"payload bytes")
+    blob = pack(FP, (32, 32), b"payload bytes", 1)
     for cut in range(len(blob)):
         with pytest.raises(BitstreamError):
-            unpack(blob[:cut])
+            unpack(blob[:cut], FP)
     with pytest.raises(BitstreamError, match="truncated header"):
-        unpack(blob[:10])
+        unpack(blob[:7], FP)
 
 
 def test_error_messages():
-    blob = pack(Header(fingerprint=FP, shapes=[(8, 8)]), b"xyz")
-    with pytest.raises(BitstreamError, match=r"not a tokgen file \(bad magic\)"):
-        unpack(b"PNG\x89" + blob[4:])
+    blob = pack(FP, (8, 8), b"xyz")
+    with pytest.raises(BitstreamError, match=r"not a tokgen compressed file \(bad magic\)"):
+        unpack(b"\x89P" + blob[2:], FP)
     with pytest.raises(BitstreamError, match="bad magic"):
-        unpack(b"")
+        unpack(b"", FP)
     with pytest.raises(BitstreamError, match="unsupported version 7"):
-        unpack(blob[:4] + b"\x07" + blob[5:])
+        unpack(blob[:2] + bytes([(7 << 4) | (blob[2] & 0xF)]) + blob[3:], FP)
+    with pytest.raises(BitstreamError, match="corrupt header"):
+        unpack(blob[:2] + bytes([blob[2] | 0x8]) + blob[3:], FP)  # reserved flag
+    with pytest.raises(BitstreamError, match="corrupt header"):
+        unpack(blob[:2] + bytes([blob[2] & 0xF4 | (VERSION << 4)]) + blob[3:], FP)  # zero dims
     bad = bytearray(blob)
     bad[-1] ^= 1
-    with pytest.raises(BitstreamError, match="checksum mismatch: file is corrupt or was modified"):
-        unpack(bytes(bad))
+    with pytest.raises(BitstreamError, match="checksum mismatch: the file is corrupt or was modified"):
+        unpack(bytes(bad), FP)
     assert issubclass(BitstreamError, ValueError)
-
-
-def test_fingerprint_check():
-    header, _ = unpack(pack(Header(fingerprint=FP, shapes=[(8, 8)]), b""))
-    check_fingerprint(header, FP)
-    other = b"\xaa" * 8
-    with pytest.raises(BitstreamError, match="compressed with another pipeline") as info:
-        check_fingerprint(header, other)
-    assert FP.hex() in str(info.value) and other.hex() in str(info.value)
     with pytest.raises(ValueError):
-        pack(Header(fingerprint=b"short", shapes=[(8, 8)]), b"")
+        pack(b"short", (8, 8), b"")
+    with pytest.raises(ValueError):
+        pack(FP, (8, 8, 8, 8), b"")
+    with pytest.raises(ValueError):
+        pack(FP, (0, 8), b"")
+
+
+def test_another_pipeline_refused():
+    blob = pack(FP, (8, 8), b"payload")
+    header = read(blob).header
+    check_pipeline(header, FP)
+    with pytest.raises(BitstreamError, match="compressed with another pipeline") as info:
+        unpack(blob, OTHER)
+    assert FP[:2].hex() in str(info.value) and OTHER.hex()[:12] in str(info.value)
+    # a fingerprint with the same 2-byte tag still fails: the check covers all 32 bytes
+    check_pipeline(header, SAME_TAG)
+    with pytest.raises(BitstreamError, match="corrupt or was modified"):
+        unpack(blob, SAME_TAG)
+    assert fingerprint_bytes(FP.hex()) == FP
+    with pytest.raises(ValueError):
+        fingerprint_bytes("not hex")
+
+
+def test_precision_for():
+    assert precision_for(2) == PRECISION == 16
+    assert precision_for(1024) == 16
+    assert precision_for(1025) == 21
+    assert precision_for(4096) == 22
+    assert precision_for(65536) == 26
+    assert precision_for(2**22) == MAX_PRECISION
+    with pytest.raises(ValueError):
+        precision_for(2**22 + 1)
+    for k in (2, 1000, 1025, 16384):
+        # the 1-count floor keeps at most 1/64 of the mass
+        assert k / 2 ** precision_for(k) <= 1 / 64
 
 
 def test_end_to_end_container_with_coder():
@@ -379,13 +414,26 @@ def test_end_to_end_container_with_coder():
     n, vocab = 256, 512
     p, cdf = _dirichlet_cdfs(rng, n, vocab, 0.05)
     symbols = [int(rng.choice(vocab, p=row / row.sum())) for row in p]
-    header = Header(fingerprint=FP, shapes=[(16, 16)], extra={})
-    blob = pack(header, encode_sequence(symbols, cdf))
-    h, payload = unpack(blob)
-    assert h.shapes == [(16, 16)]
+    blob = pack(FP, (64, 64), encode_sequence(symbols, cdf))
+    h, payload = unpack(blob, FP)
+    assert h.input_shape == (64, 64)
     rows = cdf.numpy()
     assert decode_sequence(payload, n, lambda i, prefix: rows[i]) == symbols
     nll_bits = float(-np.log2(p[np.arange(n), symbols]).sum())
-    assert len(blob) == header_size(header) + len(payload) == 22 + len(payload)
+    assert len(blob) == header_size((64, 64)) + len(payload) == 11 + len(payload)
     # coder + 16-bit quantisation stay within 1% + 2 bytes of the float model's NLL
     assert len(payload) <= nll_bits / 8 * 1.01 + 2
+
+
+def test_encode_intervals_matches_encode():
+    rng = np.random.default_rng(4)
+    _, cdf = _dirichlet_cdfs(rng, 300, 40, 0.1)
+    symbols = rng.integers(0, 40, 300)
+    rows = cdf.numpy()
+    enc = ArithmeticEncoder()
+    enc.encode_intervals(rows[np.arange(300), symbols], rows[np.arange(300), symbols + 1])
+    assert enc.finish() == encode_sequence(symbols, cdf)
+    with pytest.raises(ValueError):
+        ArithmeticEncoder().encode_intervals([5], [5])
+    with pytest.raises(ValueError):
+        ArithmeticEncoder().encode_intervals([0, 1], [2])

@@ -1,0 +1,145 @@
+"""Causal convolutions with an incremental (one position at a time) mode, for the PixelCNN and WaveNet priors.
+
+Each convolution has two ways to run with the same weights:
+
+* ``forward``: the whole sequence / grid at once (training, likelihoods), causality by padding and
+  shifting, never by masking weights, so outputs never depend on later inputs, not even by zero gradients.
+* an incremental mode that keeps only the past inputs the kernel can still reach:
+
+  - ``CausalConv1d`` (WaveNet): a per-layer queue of the last ``(k - 1) * dilation + 1`` inputs; one new
+    sample costs one kernel application (k taps) per layer, whatever the receptive field
+    (Fast WaveNet, Paine et al. 2016).
+  - ``VerticalConv`` (PixelCNN vertical stack): the last ``kh`` rows of its input; ``row`` computes a whole
+    output row from them (O(W) once per row, O(1) amortized per token).
+  - ``HorizontalConv`` (PixelCNN horizontal stack): the current row of its input; ``at`` computes the single
+    output position (i, j) from the ``kw`` inputs to its left (Ramachandran et al. 2017).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gate(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Gated activation unit: tanh(a) * sigmoid(b), with a and b the two halves of ``x`` along ``dim``."""
+    a, b = x.chunk(2, dim)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+def shift_down(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> the same moved down by one row (row 0 zeros): row i then holds row i - 1."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+
+
+def linear_step(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 (or any k taps flattened into ``x``) convolution applied to one position: (B, Cin*k) -> (B, Cout)."""
+    return F.linear(x, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+
+
+# ---- 1-D --------------------------------------------------------------------------------------
+class ConvQueue:
+    """The past inputs one ``CausalConv1d`` can still reach, as a ring buffer stored twice over
+    (slot p and p + size) so that the k taps are always one strided slice, never a gather."""
+
+    def __init__(self, batch: int, channels: int, size: int, like: torch.Tensor):
+        self.size, self.t = size, 0
+        self.buf = like.new_zeros(batch, channels, 2 * size)  # zeros = the left padding
+
+    def push(self, x: torch.Tensor) -> None:
+        p = self.t % self.size
+        self.buf[:, :, p] = x
+        self.buf[:, :, p + self.size] = x
+        self.t += 1
+
+    def window(self, dilation: int) -> torch.Tensor:
+        """(B, C, k): inputs at t - (k-1) d, ..., t - d, t for the input t just pushed."""
+        p = (self.t - 1) % self.size
+        return self.buf[:, :, p + 1 : p + self.size + 1 : dilation]
+
+
+class CausalConv1d(nn.Conv1d):
+    """Dilated convolution whose output t sees inputs t - (k-1) d ... t (left padding)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, dilation=dilation)
+
+    @property
+    def context(self) -> int:
+        return (self.kernel_size[0] - 1) * self.dilation[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.context, 0)))
+
+    def start_queue(self, batch: int) -> ConvQueue:
+        return ConvQueue(batch, self.in_channels, self.context + 1, self.weight)
+
+    def step(self, x: torch.Tensor, queue: ConvQueue) -> torch.Tensor:
+        """x (B, Cin) is the input at the next position; returns the output there, (B, Cout)."""
+        queue.push(x)
+        return linear_step(self, queue.window(self.dilation[0]).reshape(x.shape[0], -1))
+
+
+# ---- 2-D --------------------------------------------------------------------------------------
+class VerticalConv(nn.Conv2d):
+    """(kh, k) kernel, kh = k // 2 + 1: output row i sees input rows i - kh + 1 ... i, columns j ± k // 2.
+
+    The PixelCNN feeds it inputs already shifted down a row, so row i of every vertical layer depends only on
+    rows < i of the image.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__(in_channels, out_channels, (kernel_size // 2 + 1, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, k = self.kernel_size
+        return super().forward(F.pad(x, (k // 2, k // 2, kh - 1, 0)))
+
+    def start_rows(self, batch: int, width: int) -> torch.Tensor:
+        """Cache of the last kh input rows (zeros = rows above the grid), padded left and right."""
+        kh, k = self.kernel_size
+        return self.weight.new_zeros(batch, self.in_channels, kh, width + 2 * (k // 2))
+
+    def push_row(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Append input row x (B, Cin, W), dropping the oldest."""
+        p = self.kernel_size[1] // 2
+        return torch.cat([rows[:, :, 1:], F.pad(x, (p, p))[:, :, None]], dim=2)
+
+    def row(self, rows: torch.Tensor) -> torch.Tensor:
+        """Output row (B, Cout, 1, W) for the newest input row in ``rows``."""
+        return super().forward(rows)
+
+
+class HorizontalConv(nn.Conv2d):
+    """(1, kw) kernel, kw = k // 2 + 1, along the row: output (i, j) sees input (i, j - kw ... j - 1) with mask
+    'A' (the first layer, whose input at (i, j) is the code being predicted) or (i, j - kw + 1 ... j) with
+    mask 'B' (later layers, whose input at (i, j) already depends on earlier codes only)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask: str):
+        if mask not in ("A", "B"):
+            raise ValueError(f"mask must be 'A' or 'B', got {mask!r}")
+        super().__init__(in_channels, out_channels, (1, kernel_size // 2 + 1))
+        self.mask = mask
+
+    @property
+    def width(self) -> int:
+        return self.kernel_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kw = self.width
+        if self.mask == "A":
+            return super().forward(F.pad(x, (kw, 0)))[..., :-1]
+        return super().forward(F.pad(x, (kw - 1, 0)))
+
+    def start_row(self, batch: int, width: int) -> torch.Tensor:
+        """Cache of the current input row, with kw zero columns on the left."""
+        return self.weight.new_zeros(batch, self.in_channels, width + self.width)
+
+    def write(self, row: torch.Tensor, j: int, x: torch.Tensor) -> None:
+        """Store the input at column j, x (B, Cin)."""
+        row[:, :, self.width + j] = x
+
+    def at(self, row: torch.Tensor, j: int) -> torch.Tensor:
+        """Output at column j, (B, Cout), from the cached inputs to its left."""
+        start = j + (0 if self.mask == "A" else 1)
+        return linear_step(self, row[:, :, start : start + self.width].reshape(row.shape[0], -1))

@@ -1,0 +1,242 @@
+"""Gated PixelCNN prior over 2-D code grids (van den Oord et al. 2016, "Conditional Image Generation with
+PixelCNN Decoders"), with optional PixelSNAIL-style causal self-attention and fast cached generation
+(Ramachandran et al. 2017, "Fast Generation for Convolutional Autoregressive Models").
+
+Architecture (no blind spot), C = ``channels``, k = ``kernel_size``:
+
+* vertical stack: (k//2+1) x k convs over an input shifted down a row, so row i sees rows < i only;
+* horizontal stack: 1 x (k//2+1) convs along the row, (i, j) sees (i, < j) in the first layer (mask 'A')
+  and (i, <= j) in later ones (mask 'B'); it gets the vertical stack's pre-activations through a 1x1 conv;
+* gated units tanh * sigmoid; a residual connection on the horizontal stack (not in the first layer, whose
+  input at (i, j) is the code being predicted); a 1x1 skip from every layer, summed, to the head
+  ReLU -> 1x1 -> ReLU -> 1x1 -> V logits;
+* conditioning, in every gated layer of both stacks: a class embedding (a per-class bias) and upper-level
+  codes (embedded, upsampled nearest to this grid, through a non-causal 3x3 conv: they are fully known);
+* every ``attn_every`` layers, causal multi-head self-attention over raster order on the horizontal stream.
+  After the first layer the horizontal feature at t depends on codes < t only, so attending to positions
+  <= t is causal.
+
+Cached generation (``start_state``/``step``) keeps, per layer:
+
+* the last kh = k//2+1 input rows of the vertical conv; when a row starts, every layer's vertical output
+  for the whole row (and its link to the horizontal stack, plus conditioning) is computed once from them;
+* the horizontal conv's inputs for the current row; a step computes only position (i, j) of each layer;
+* keys and values of every attention layer (like a transformer's KV cache).
+
+Cost per token (multiply-adds, L layers, kw = k//2+1): L * (kw * C * 2C + C * 2C) for the horizontal
+stack + the head, plus, amortized over the W tokens of a row, L * ((k//2+1) * k * C * 2C + 2C * 2C [+ C*4C
+conditioning]) for the vertical stack, plus 4 C^2 + 2 t C per attention layer. A full forward costs all of
+this for all H * W positions, so recomputing it per token is H * W times slower.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from pipelines.hub import PretrainedMixin
+from stage2_prior.base import PriorMixin
+from stage2_prior.causal_conv import HorizontalConv, VerticalConv, gate, linear_step, shift_down
+
+
+@dataclass
+class GatedPixelCNNConfig:
+    grid_shape: tuple[int, ...] = (8, 8)  # (H, W): 2-D grids only
+    vocab_size: int = 512
+    num_classes: int = 0  # 0 = unconditional
+    cond_grid_shape: tuple[int, ...] | None = None  # upper-level code grid (hierarchies)
+    cond_vocab_size: int = 0  # 0 = no upper-level conditioning
+    channels: int = 128
+    num_layers: int = 15
+    kernel_size: int = 5  # odd: vertical convs are (k//2+1) x k, horizontal 1 x (k//2+1)
+    head_channels: int = 256  # hidden width of the output head
+    attn_every: int = 0  # > 0: a causal self-attention block after every attn_every-th layer (0 = none)
+    attn_heads: int = 4
+
+    def __post_init__(self):
+        self.grid_shape = tuple(self.grid_shape)
+        if len(self.grid_shape) != 2:
+            raise ValueError(f"the PixelCNN prior models 2-D code grids (H, W), got grid_shape {self.grid_shape}: "
+                             "use the wavenet prior for 1-D sequences or the transformer for any rank")
+        if self.cond_grid_shape is not None:
+            self.cond_grid_shape = tuple(self.cond_grid_shape)
+        if self.cond_vocab_size and (self.cond_grid_shape is None or len(self.cond_grid_shape) != 2):
+            raise ValueError(f"cond_grid_shape must be a 2-D grid for a PixelCNN prior, got {self.cond_grid_shape}")
+        if self.kernel_size < 3 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 3, got {self.kernel_size}")
+        if self.attn_every and self.channels % self.attn_heads:
+            raise ValueError(f"channels {self.channels} must be divisible by attn_heads {self.attn_heads}")
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.num_classes or self.cond_vocab_size)
+
+
+class GatedLayer(nn.Module):
+    def __init__(self, cfg: GatedPixelCNNConfig, first: bool):
+        super().__init__()
+        c, k = cfg.channels, cfg.kernel_size
+        self.first = first
+        self.v_conv = VerticalConv(c, 2 * c, k)
+        self.h_conv = HorizontalConv(c, 2 * c, k, "A" if first else "B")
+        self.link = nn.Conv2d(2 * c, 2 * c, 1)  # vertical pre-activations -> horizontal stack
+        self.out = nn.Conv2d(c, 2 * c, 1)  # gated horizontal -> residual | skip
+        self.ctx = nn.Conv2d(c, 4 * c, 1) if cfg.conditional else None  # conditioning -> vertical | horizontal
+
+    def vertical(self, v_pre: torch.Tensor, ctx: torch.Tensor | None):
+        """Vertical pre-activations (B, 2C, h, W) [+ conditioning] -> (vertical output, horizontal bias)."""
+        if ctx is None:
+            return gate(v_pre), self.link(v_pre)
+        cv, ch = self.ctx(ctx).chunk(2, 1)
+        v_pre = v_pre + cv
+        return gate(v_pre), self.link(v_pre) + ch
+
+    def forward(self, v, h, ctx):
+        v_out, h_bias = self.vertical(self.v_conv(v), ctx)
+        res, skip = self.out(gate(self.h_conv(h) + h_bias)).chunk(2, 1)
+        return v_out, (res if self.first else h + res), skip
+
+
+class CausalSelfAttention(nn.Module):
+    """Pre-norm multi-head attention over raster positions <= t, with a residual connection."""
+
+    def __init__(self, cfg: GatedPixelCNNConfig):
+        super().__init__()
+        self.heads = cfg.attn_heads
+        self.norm = nn.LayerNorm(cfg.channels)
+        self.qkv = nn.Linear(cfg.channels, 3 * cfg.channels)
+        self.proj = nn.Linear(cfg.channels, cfg.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> the same, every position attending to positions <= itself."""
+        b, c, hh, ww = x.shape
+        seq = rearrange(x, "b c h w -> b (h w) c")
+        q, k, v = rearrange(self.qkv(self.norm(seq)), "b l (three n d) -> three b n l d", three=3, n=self.heads)
+        out = self.proj(rearrange(F.scaled_dot_product_attention(q, k, v, is_causal=True), "b n l d -> b l (n d)"))
+        return x + rearrange(out, "b (h w) c -> b c h w", h=hh, w=ww)
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:
+        """x (B, C) at position t; keys and values of positions < t come from the cache."""
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three n d) -> three b n 1 d", three=3, n=self.heads)
+        cache["k"][:, :, t : t + 1], cache["v"][:, :, t : t + 1] = k, v
+        out = F.scaled_dot_product_attention(q, cache["k"][:, :, : t + 1], cache["v"][:, :, : t + 1])
+        return x + self.proj(rearrange(out, "b n 1 d -> b (n d)"))
+
+
+@dataclass
+class PixelCNNState:
+    """Sampling state; see the module docstring. ``pos`` is the next raster position to predict."""
+
+    ctx: torch.Tensor | None  # (B, C, H, W) conditioning map (class + upper-level codes)
+    v_rows: list[torch.Tensor]  # per layer: last kh input rows of the vertical conv
+    h_rows: list[torch.Tensor]  # per layer: the horizontal conv's inputs on the current row
+    h_bias: list[torch.Tensor] = field(default_factory=list)  # per layer: (B, 2C, W) link + conditioning, this row
+    attn: dict[int, dict] = field(default_factory=dict)  # layer index -> {"k", "v"} caches
+    pos: int = 0
+
+
+class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
+    config_class = GatedPixelCNNConfig
+    model_type = "pixelcnn_prior"
+
+    def __init__(self, config: GatedPixelCNNConfig):
+        super().__init__()
+        self.config = config
+        c, n = config.channels, config.num_layers
+        self.tok_emb = nn.Embedding(config.vocab_size, c)
+        self.class_emb = nn.Embedding(config.num_classes, c) if config.num_classes else None
+        if config.cond_vocab_size:
+            self.cond_emb = nn.Embedding(config.cond_vocab_size, c)
+            self.cond_conv = nn.Conv2d(c, c, 3, padding=1)  # non-causal: the upper level is fully known
+        else:
+            self.cond_emb = self.cond_conv = None
+        self.layers = nn.ModuleList(GatedLayer(config, first=i == 0) for i in range(n))
+        # Attention after layer i (never after the last: its output would reach nothing).
+        self.attn = nn.ModuleDict({str(i): CausalSelfAttention(config) for i in range(n - 1)
+                                   if config.attn_every and (i + 1) % config.attn_every == 0})
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c, config.head_channels, 1), nn.ReLU(),
+                                  nn.Conv2d(config.head_channels, config.vocab_size, 1))
+
+    def context(self, batch: int, class_labels=None, cond=None) -> torch.Tensor | None:
+        """(B, C, H, W): class embedding + processed upper-level codes, or None when unconditional."""
+        if not self.config.conditional:
+            return None
+        w = self.tok_emb.weight
+        ctx = w.new_zeros(batch, self.config.channels, *self.config.grid_shape)
+        if self.class_emb is not None:
+            ctx = ctx + self.class_emb(class_labels)[:, :, None, None]
+        if self.cond_emb is not None:
+            up = F.interpolate(self.cond_emb(cond).permute(0, 3, 1, 2), size=self.config.grid_shape, mode="nearest")
+            ctx = ctx + self.cond_conv(up)
+        return ctx
+
+    def forward(self, codes: torch.Tensor, class_labels=None, cond=None) -> torch.Tensor:
+        """codes (B, H, W) -> logits (B, H, W, V); position (i, j) sees codes before it in raster order only."""
+        self.check_inputs(codes, class_labels, cond)
+        ctx = self.context(codes.shape[0], class_labels, cond)
+        h = self.tok_emb(codes).permute(0, 3, 1, 2)  # (B, C, H, W)
+        v, skip = shift_down(h), 0
+        for i, layer in enumerate(self.layers):
+            v, h, s = layer(v, h, ctx)
+            skip = skip + s
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h)
+        return self.head(skip).permute(0, 2, 3, 1)
+
+    # ---- incremental (cached) computation -----------------------------------------------------
+    def start_state(self, batch: int, class_labels=None, cond=None) -> PixelCNNState:
+        self.check_inputs(None, class_labels, cond, batch=batch)
+        cfg, w = self.config, self.config.grid_shape[1]
+        head_dim = cfg.channels // cfg.attn_heads
+        p = self.tok_emb.weight
+        return PixelCNNState(
+            ctx=self.context(batch, class_labels, cond),
+            v_rows=[layer.v_conv.start_rows(batch, w) for layer in self.layers],
+            h_rows=[layer.h_conv.start_row(batch, w) for layer in self.layers],
+            attn={int(i): {"k": p.new_zeros(batch, cfg.attn_heads, self.num_tokens, head_dim),
+                           "v": p.new_zeros(batch, cfg.attn_heads, self.num_tokens, head_dim)} for i in self.attn},
+        )
+
+    def _start_row(self, state: PixelCNNState, i: int) -> None:
+        """Every layer's vertical output for row i (rows < i are known) and its bias on the horizontal stack."""
+        first = self.layers[0].h_conv
+        if i == 0:
+            v = state.h_rows[0].new_zeros(state.h_rows[0].shape[0], self.config.channels, self.config.grid_shape[1])
+        else:  # the first layer's inputs on the row just finished = the codes of row i - 1, embedded
+            v = state.h_rows[0][:, :, first.width :].clone()
+        ctx = None if state.ctx is None else state.ctx[:, :, i : i + 1]
+        state.h_bias = []
+        for n, layer in enumerate(self.layers):
+            state.v_rows[n] = layer.v_conv.push_row(state.v_rows[n], v)
+            v_out, h_bias = layer.vertical(layer.v_conv.row(state.v_rows[n]), ctx)
+            v = v_out[:, :, 0]
+            state.h_bias.append(h_bias[:, :, 0])
+
+    def step(self, state: PixelCNNState, prev: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, V) for position ``state.pos``; ``prev`` (B,) is the code at pos - 1 (None at 0)."""
+        t, width = state.pos, self.config.grid_shape[1]
+        if t >= self.num_tokens:
+            raise IndexError(f"all {self.num_tokens} positions are done")
+        i, j = divmod(t, width)
+        if t > 0:
+            if prev is None:
+                raise ValueError(f"prev (the code at position {t - 1}) is required after position 0")
+            self.layers[0].h_conv.write(state.h_rows[0], (t - 1) % width, self.tok_emb(prev))
+        if j == 0:
+            self._start_row(state, i)
+        skip, h = 0, None
+        for n, layer in enumerate(self.layers):
+            pre = layer.h_conv.at(state.h_rows[n], j) + state.h_bias[n][:, :, j]
+            res, s = linear_step(layer.out, gate(pre)).chunk(2, 1)
+            h = res if layer.first else h + res
+            skip = skip + s
+            if n in state.attn:
+                h = self.attn[str(n)].step(h, state.attn[n], t)
+            if n + 1 < len(self.layers):
+                self.layers[n + 1].h_conv.write(state.h_rows[n + 1], j, h)
+        state.pos = t + 1
+        _, conv1, _, conv2 = self.head
+        return linear_step(conv2, F.relu(linear_step(conv1, F.relu(skip))))

@@ -1,0 +1,277 @@
+"""The stage-2 commands through ``pipelines.cli.main`` in-process: sample, encode/decode, train-prior
+(with exact resume) and a tiny demo. The pipeline is a tiny random one (no training needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+
+from pipelines.cli import main
+from pipelines.pipeline import TokgenPipeline
+from stage1_tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
+from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
+
+INPUT = (1, 16, 16)
+TINY_PRIOR = {"arch": "transformer", "model": {"dim": 16, "num_layers": 1, "num_heads": 2}, "batch_size": 8,
+              "max_steps": 6, "checkpoint_every": 3, "eval_every": 3, "warmup_steps": 1}
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_fresh(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("TQDM_MININTERVAL", "20")  # cli.main would set it for the rest of the session
+    monkeypatch.delenv("TOKGEN_DEBUG", raising=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    _reset_accelerate()
+
+
+def make_tokenizer() -> VQVAE:
+    torch.manual_seed(0)
+    return VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
+                             quantizer=QuantizerConfig(codebook_size=32, dim=8))).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    prior = TransformerPrior(TransformerPriorConfig(grid_shape=(4, 4), vocab_size=32, num_classes=3, dim=16,
+                                                    num_layers=1, num_heads=2))
+    path = tmp_path_factory.mktemp("pipe") / "pipe"
+    TokgenPipeline(make_tokenizer(), [prior], INPUT, class_names=["a", "b", "c"]).save_pretrained(path)
+    return path
+
+
+def tokgen(*args) -> int:
+    return main([str(a) for a in args])
+
+
+# ---- tokgen sample ---------------------------------------------------------------------------------
+def test_sample(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 1, "--out", out) == 0
+    assert {"samples.png", "samples.npy", "codes.npy", "labels.npy", "sampling.json"} <= {p.name for p in out.iterdir()}
+    samples = np.load(out / "samples.npy")
+    assert samples.shape == (6, *INPUT) and samples.dtype == np.float32
+    assert samples.min() >= 0 and samples.max() <= 1
+    codes = np.load(out / "codes.npy")
+    assert codes.shape == (6, 4, 4) and codes.dtype == np.uint8 and codes.max() < 32
+    assert np.load(out / "labels.npy").tolist() == [0, 1, 2, 0, 1, 2]
+    with Image.open(out / "samples.png") as img:
+        img.load()
+    report = json.loads((out / "sampling.json").read_text())
+    assert report["num"] == 6 and report["cache"] is True and report["tokens_per_s"] > 0
+    # the samples are the decoded codes
+    pipe = TokgenPipeline.from_pretrained(pipe_dir)
+    decoded = pipe.decode([torch.from_numpy(codes.astype(np.int64))])
+    assert np.allclose(decoded.numpy(), samples, atol=1e-6)
+
+    again, no_cache = tmp_path / "again", tmp_path / "nocache"
+    assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 1, "--out", again) == 0
+    assert np.array_equal(np.load(again / "codes.npy"), codes)  # same seed, same codes
+    assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 1, "--out", no_cache, "--no-cache") == 0
+    assert np.array_equal(np.load(no_cache / "codes.npy"), codes)
+    assert json.loads((no_cache / "sampling.json").read_text())["cache"] is False
+    other = tmp_path / "other"
+    assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 2, "--out", other, "--codes-only") == 0
+    assert not np.array_equal(np.load(other / "codes.npy"), codes)
+    assert not (other / "samples.npy").exists()
+
+
+def test_sample_class(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "c2"
+    assert tokgen("sample", pipe_dir, "--num", 4, "--class", 2, "--out", out) == 0
+    assert np.load(out / "labels.npy").tolist() == [2, 2, 2, 2]
+    capsys.readouterr()
+    assert tokgen("sample", pipe_dir, "--num", 4, "--class", 7, "--out", tmp_path / "c7") == 2
+    err = capsys.readouterr().err
+    assert "tokgen sample: error:" in err and "[0, 3)" in err
+    assert tokgen("sample", tmp_path / "nowhere", "--num", 2, "--out", tmp_path / "x") == 2
+    assert "pipeline.json" in capsys.readouterr().err
+    assert tokgen("sample", pipe_dir, "--num", 0, "--out", tmp_path / "zero") == 2
+    assert "--num" in capsys.readouterr().err
+
+
+# ---- tokgen encode / decode ---------------------------------------------------------------------------
+def test_encode_decode(pipe_dir, tmp_path, capsys):
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(pixels, mode="L").save(tmp_path / "img.png")
+    assert tokgen("encode", pipe_dir, tmp_path / "img.png", "--out", tmp_path / "c.npy") == 0
+    codes = np.load(tmp_path / "c.npy")
+    tokenizer = TokgenPipeline.from_pretrained(pipe_dir).tokenizer
+    x = torch.from_numpy(pixels).float().div(255)[None, None]
+    with torch.no_grad():
+        expected = tokenizer.encode(x)[0]
+    assert codes.shape == (4, 4) and codes.dtype == np.uint8
+    assert np.array_equal(codes, expected.numpy())
+
+    assert tokgen("decode", pipe_dir, tmp_path / "c.npy", "--out", tmp_path / "r.png") == 0
+    with Image.open(tmp_path / "r.png") as img:
+        assert img.size == (16, 16)
+        decoded = np.asarray(img.convert("L"), dtype=np.float32) / 255
+    with torch.no_grad():
+        reference = tokenizer.decode(expected[None]).clamp(0, 1)[0, 0].numpy()
+    assert np.abs(decoded - reference).max() <= 1 / 255 + 1e-6
+
+    capsys.readouterr()
+    np.save(tmp_path / "bad.npy", np.full((4, 4), 40, dtype=np.uint8))
+    assert tokgen("decode", pipe_dir, tmp_path / "bad.npy", "--out", tmp_path / "bad.png") == 2
+    assert "[0, 32)" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
+    np.save(tmp_path / "float.npy", np.full((4, 4), 3.7))
+    assert tokgen("decode", pipe_dir, tmp_path / "float.npy", "--out", tmp_path / "float.png") == 2
+    assert "not integer codes" in capsys.readouterr().err
+    assert tokgen("encode", pipe_dir, tmp_path / "missing.png", "--out", tmp_path / "m.npy") == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert tokgen("decode", pipe_dir, tmp_path / "missing.npy", "--out", tmp_path / "m.png") == 2
+    assert "missing.npy" in capsys.readouterr().err
+
+
+def test_encode_crops_and_matches_channels(pipe_dir, tmp_path):
+    """An RGB 18x19 image is made gray and center-cropped to a multiple of the downsampling (16x16)."""
+    rgb = np.random.default_rng(1).integers(0, 256, (18, 19, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    assert tokgen("encode", pipe_dir, tmp_path / "rgb.png", "--out", tmp_path / "c.npy") == 0
+    assert np.load(tmp_path / "c.npy").shape == (4, 4)
+
+
+def test_decode_sampled_codes(pipe_dir, tmp_path, capsys):
+    """`tokgen sample --num 1` codes (a batch of one) decode with `tokgen decode`; a batch of 3 is refused."""
+    assert tokgen("sample", pipe_dir, "--num", 1, "--out", tmp_path / "s", "--codes-only") == 0
+    assert tokgen("decode", pipe_dir, tmp_path / "s" / "codes.npy", "--out", tmp_path / "one.png") == 0
+    with Image.open(tmp_path / "one.png") as img:
+        assert img.size == (16, 16)
+    assert tokgen("sample", pipe_dir, "--num", 3, "--out", tmp_path / "s3", "--codes-only") == 0
+    capsys.readouterr()
+    assert tokgen("decode", pipe_dir, tmp_path / "s3" / "codes.npy", "--out", tmp_path / "three.png") == 2
+    assert "batch of 3" in capsys.readouterr().err
+
+
+# ---- tokgen train-prior -------------------------------------------------------------------------------
+class TinyImages(Dataset):
+    def __init__(self, n: int, seed: int):
+        self.images = torch.rand(n, *INPUT, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.images[i], "label": i % 3, "key": f"img{i:03d}", "skipped": []}
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory) -> Path:
+    from stage2_prior.export import export_tokens
+
+    path = tmp_path_factory.mktemp("tokens") / "tokens"
+    export_tokens(make_tokenizer(), {"train": TinyImages(64, 0), "eval": TinyImages(16, 1)}, path,
+                  batch_size=32, shard_size=64, progress=False)
+    return path
+
+
+def train_prior(tokens: Path, out: Path, config: Path, *extra) -> int:
+    code = tokgen("train-prior", "--tokens", tokens, "--out", out, "--config", config, "--quiet", *extra)
+    _reset_accelerate()
+    return code
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_train_prior_and_resume(tokens_dir, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "prior.json"
+    config.write_text(json.dumps(TINY_PRIOR))
+    whole = tmp_path / "whole"
+    assert train_prior(tokens_dir, whole, config) == 0
+    saved = json.loads((whole / "config.json").read_text())
+    assert saved["max_steps"] == 6 and saved["model"]["dim"] == 16 and saved["tokens"] == str(tokens_dir)
+    info = json.loads((whole / "prior.json").read_text())
+    assert info["tokenizer_fingerprint"] == make_tokenizer().fingerprint()
+    assert info["input_shape"] == list(INPUT) and info["level"] == 0
+    ev = info["eval"]
+    assert ev["num_samples"] == 16 and 0 < ev["bits_per_token"] < 10
+    assert ev["bits_per_dim"] == pytest.approx(ev["bits_per_token"] * 16 / 256)
+    prior = TransformerPrior.from_pretrained(whole / "model")
+    assert prior.config.grid_shape == (4, 4) and prior.config.vocab_size == 32 and prior.config.num_classes == 3
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    # the run assembles into a pipeline with the tokenizer it was trained for
+    tok_dir = tmp_path / "tok"
+    make_tokenizer().save_pretrained(tok_dir)
+    pipe = TokgenPipeline.from_runs(tok_dir, [whole])
+    assert pipe.input_shape == INPUT and pipe.num_classes == 3
+
+    # killed right after the step-3 checkpoint, then resumed: same weights as the straight run
+    from pipelines import runs
+
+    original = runs.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(accelerator, run_dir, step, *args, **kwargs):
+        folder = original(accelerator, run_dir, step, *args, **kwargs)
+        if step == 3:
+            raise Crash
+        return folder
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        train_prior(tokens_dir, resumed, config)
+    _reset_accelerate()
+    monkeypatch.setattr(runs, "save_checkpoint", original)
+    assert not (resumed / "model").exists()
+    capsys.readouterr()
+    assert train_prior(tokens_dir, resumed, config, "--resume", "--max-steps", 6) == 0
+    assert "step_00000003 at step 3" in capsys.readouterr().out  # really resumed, not restarted
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    assert json.loads((resumed / "prior.json").read_text())["eval"] == pytest.approx(ev)
+    # and the comparison has teeth: the step-3 weights differ from the final ones
+    at3 = load_file(str(whole / "checkpoints" / "step_00000003" / "model.safetensors"))
+    assert any(not torch.allclose(at3[k], a[k]) for k in a)
+
+
+def test_train_prior_errors(tokens_dir, tmp_path, capsys):
+    config = tmp_path / "prior.json"
+    config.write_text(json.dumps(TINY_PRIOR))
+    assert train_prior(tmp_path / "no_tokens", tmp_path / "r1", config) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert train_prior(tokens_dir, tmp_path / "r2", config, "--level", 1) == 2
+    assert "--level 1" in capsys.readouterr().err
+
+
+# ---- tokgen demo ---------------------------------------------------------------------------------------
+def test_demo_smoke(tmp_path):
+    out = tmp_path / "demo"
+    assert tokgen("demo", "--out", out, "--tokenizer-steps", 5, "--prior-steps", 5, "--samples-per-class", 1,
+                  "--quiet") == 0
+    for name in ("samples.png", "reconstructions.png"):
+        assert (out / name).stat().st_size > 0, name
+    samples = np.load(out / "samples.npy")
+    assert samples.shape == (10, 1, 32, 32) and samples.min() >= 0 and samples.max() <= 1
+    assert np.load(out / "labels.npy").tolist() == list(range(10))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for section, key in [("tokenizer", "psnr_db"), ("tokenizer", "codebook_usage"), ("prior", "bits_per_token"),
+                         ("prior", "bits_per_dim"), ("sampling", "tokens_per_s"), ("timing", "total_s")]:
+        assert isinstance(metrics[section][key], (int, float)), (section, key)
+    pipe = TokgenPipeline.from_pretrained(out / "pipeline")
+    assert pipe.num_classes == 10 and pipe.input_shape == (1, 32, 32)

@@ -1,0 +1,208 @@
+"""Tests for pipelines.pipeline.TokgenPipeline with a tiny random VQ-VAE and a tiny TransformerPrior:
+shape checks, save/load with fingerprints, sampling, likelihood, completion, class labels, from_runs."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipelines.pipeline import TokgenPipeline
+from stage1_tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
+from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
+
+INPUT = (1, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_tokenizer(seed: int = 0) -> VQVAE:
+    torch.manual_seed(seed)
+    return VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
+                             quantizer=QuantizerConfig(codebook_size=32, dim=8))).eval()
+
+
+def make_prior(seed: int = 0, grid=(4, 4), vocab=32, num_classes=3) -> TransformerPrior:
+    torch.manual_seed(seed)
+    return TransformerPrior(TransformerPriorConfig(grid_shape=grid, vocab_size=vocab, num_classes=num_classes,
+                                                   dim=16, num_layers=1, num_heads=2)).eval()
+
+
+def make_pipe(num_classes=3) -> TokgenPipeline:
+    return TokgenPipeline(make_tokenizer(), [make_prior(num_classes=num_classes)], INPUT,
+                          class_names=["a", "b", "c"] if num_classes else None)
+
+
+def images(n=3, seed=5) -> torch.Tensor:
+    return torch.rand(n, *INPUT, generator=torch.Generator().manual_seed(seed))
+
+
+def gen(seed=0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def pipe() -> TokgenPipeline:
+    return make_pipe()
+
+
+# ---- construction ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, what", [({"grid": (4, 5)}, r"\(4, 5\)"), ({"grid": (8, 8)}, r"\(8, 8\)"),
+                                          ({"vocab": 64}, "64 codes")])
+def test_rejects_mismatched_prior(kwargs, what):
+    with pytest.raises(ValueError, match=f"do not belong together") as err:
+        TokgenPipeline(make_tokenizer(), [make_prior(**kwargs)], INPUT)
+    assert err.match(what)
+
+
+def test_rejects_wrong_prior_count_and_input_shape():
+    with pytest.raises(ValueError, match="level"):
+        TokgenPipeline(make_tokenizer(), [make_prior(), make_prior()], INPUT)
+    with pytest.raises(ValueError):
+        TokgenPipeline(make_tokenizer(), [make_prior()], (3, 16, 16))  # the tokenizer takes 1 channel
+
+
+# ---- save / load -----------------------------------------------------------------------------------
+def test_save_load_roundtrip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["pipeline.json", "prior_0", "tokenizer"]
+    meta = json.loads((tmp_path / "pipe" / "pipeline.json").read_text())
+    assert meta["fingerprint"] == pipe.fingerprint()
+    assert meta["tokenizer_fingerprint"] == pipe.tokenizer.fingerprint()
+    assert meta["input_shape"] == list(INPUT) and meta["class_names"] == ["a", "b", "c"]
+    loaded = TokgenPipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.fingerprint() == pipe.fingerprint()
+    assert loaded.input_shape == INPUT and loaded.class_names == ["a", "b", "c"] and loaded.num_classes == 3
+    a = pipe(batch_size=4, class_labels=[0, 1, 2, 0], generator=gen(3))
+    b = loaded(batch_size=4, class_labels=[0, 1, 2, 0], generator=gen(3))
+    assert torch.equal(a.codes[0], b.codes[0])
+    assert torch.equal(a.samples, b.samples)
+    # saving again over the same folder replaces it
+    loaded.save_pretrained(tmp_path / "pipe")
+    assert TokgenPipeline.from_pretrained(tmp_path / "pipe").fingerprint() == pipe.fingerprint()
+
+
+@pytest.mark.parametrize("part", ["prior_0", "tokenizer"])
+def test_tampered_weights_are_refused(pipe, tmp_path, part):
+    pipe.save_pretrained(tmp_path / "pipe")
+    file = tmp_path / "pipe" / part / "model.safetensors"
+    state = load_file(str(file))
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += 0.5
+    save_file(state, str(file), metadata={"model_type": "transformer_prior" if part == "prior_0" else "vqvae"})
+    with pytest.raises(ValueError, match="fingerprint"):
+        TokgenPipeline.from_pretrained(tmp_path / "pipe")
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pipeline.json"):
+        TokgenPipeline.from_pretrained(tmp_path)
+    (tmp_path / "pipeline.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a tokgen pipeline"):
+        TokgenPipeline.from_pretrained(tmp_path)
+
+
+# ---- generation ------------------------------------------------------------------------------------
+def test_codes_only_and_decoded(pipe):
+    codes_out = pipe(batch_size=4, class_labels=[0, 1, 2, 0], generator=gen(1), output_type="codes")
+    assert codes_out.samples is None
+    (codes,) = codes_out.codes
+    assert codes.shape == (4, 4, 4) and codes.dtype == torch.long
+    assert int(codes.min()) >= 0 and int(codes.max()) < 32
+    out = pipe(batch_size=4, class_labels=[0, 1, 2, 0], generator=gen(1))
+    assert torch.equal(out.codes[0], codes)  # decoding does not change what is drawn
+    assert out.samples.shape == (4, *INPUT) and out.samples.dtype == torch.float32
+    assert float(out.samples.min()) >= 0 and float(out.samples.max()) <= 1
+    assert torch.allclose(out.samples, pipe.tokenizer.decode(codes).clamp(0, 1))
+    cache_free = pipe(batch_size=4, class_labels=[0, 1, 2, 0], generator=gen(1), use_cache=False,
+                      output_type="codes")
+    assert torch.equal(cache_free.codes[0], codes)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(batch_size=1, class_labels=[0], output_type="pil")
+
+
+def test_one_label_is_broadcast(pipe):
+    a = pipe(batch_size=3, class_labels=2, generator=gen(2), output_type="codes")
+    b = pipe(batch_size=3, class_labels=[2, 2, 2], generator=gen(2), output_type="codes")
+    assert torch.equal(a.codes[0], b.codes[0])
+
+
+def test_class_label_errors(pipe):
+    with pytest.raises(ValueError, match="class-conditional"):
+        pipe(batch_size=2)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        pipe(batch_size=2, class_labels=[0, 3])
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        pipe(batch_size=2, class_labels=[-1, 0])
+    with pytest.raises(ValueError, match="3 class labels for a batch of 2"):
+        pipe(batch_size=2, class_labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="class-conditional"):
+        pipe.likelihood(images(2))
+    unconditional = make_pipe(num_classes=0)
+    assert unconditional(batch_size=2, generator=gen(0)).samples.shape == (2, *INPUT)
+    with pytest.raises(ValueError, match="unconditional"):
+        unconditional(batch_size=2, class_labels=[0, 1])
+
+
+# ---- likelihood and completion ----------------------------------------------------------------------
+def test_likelihood_is_prior_nll_in_bits_per_dim(pipe):
+    x, labels = images(3), torch.tensor([0, 2, 1])
+    bpd = pipe.likelihood(x, class_labels=labels)
+    codes = pipe.tokenizer.encode(x)
+    expected = pipe.priors[0].nll(codes, labels) / math.log(2) / math.prod(INPUT)
+    assert bpd.shape == (3,)
+    assert torch.allclose(bpd, expected, atol=1e-6)
+    # another class gives another likelihood: the labels are used
+    assert not torch.allclose(pipe.likelihood(x, class_labels=[1, 0, 2]), bpd)
+
+
+def test_complete_keeps_known_rows(pipe):
+    x = images(2)
+    known = pipe.encode(x)[0]
+    out = pipe.complete(x, 0.5, class_labels=[1, 2], generator=gen(4))
+    assert out.samples.shape == (2, *INPUT)
+    assert float(out.samples.min()) >= 0 and float(out.samples.max()) <= 1
+    (codes,) = out.codes
+    assert torch.equal(codes[:, :2], known[:, :2])
+    again = pipe.complete(x, 0.5, class_labels=[1, 2], generator=gen(4))
+    assert torch.equal(again.codes[0], codes)
+    assert torch.equal(pipe.complete(x, 1.0, class_labels=[1, 2]).codes[0], known)
+    with pytest.raises(ValueError, match="known_fraction"):
+        pipe.complete(x, 1.5, class_labels=[1, 2])
+
+
+# ---- from_runs ---------------------------------------------------------------------------------------
+def write_runs(tmp_path, fingerprint: str):
+    tokenizer, prior = make_tokenizer(), make_prior()
+    tokenizer.save_pretrained(tmp_path / "tok_run" / "model")
+    prior.save_pretrained(tmp_path / "prior_run" / "model")
+    info = {"tokenizer_fingerprint": fingerprint, "level": 0, "tokens": "x", "input_shape": list(INPUT),
+            "arch": "transformer"}
+    (tmp_path / "prior_run" / "prior.json").write_text(json.dumps(info))
+    return tokenizer, prior
+
+
+def test_from_runs(tmp_path):
+    tokenizer, prior = make_tokenizer(), make_prior()
+    write_runs(tmp_path, tokenizer.fingerprint())
+    pipe = TokgenPipeline.from_runs(tmp_path / "tok_run", [tmp_path / "prior_run"], class_names=["a", "b", "c"])
+    assert pipe.input_shape == INPUT
+    assert pipe.fingerprint() == TokgenPipeline(tokenizer, [prior], INPUT).fingerprint()
+    # the model folder itself works too (prior.json beside it)
+    pipe = TokgenPipeline.from_runs(tmp_path / "tok_run", [tmp_path / "prior_run" / "model"])
+    assert pipe.input_shape == INPUT
+
+
+def test_from_runs_rejects_other_tokenizer(tmp_path):
+    write_runs(tmp_path, "0" * 64)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        TokgenPipeline.from_runs(tmp_path / "tok_run", [tmp_path / "prior_run"])

@@ -1,0 +1,285 @@
+"""Tests for stage2_prior.transformer (TransformerPrior) and stage2_prior.sampling: causality on 1-D, 2-D
+and 3-D grids, KV cache == full forward, seeded sampling, logit filters, input checks, save/load, nll."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stage2_prior.registry import load_prior
+from stage2_prior.sampling import filter_logits, sample
+from stage2_prior.transformer import Attention, TransformerPrior, TransformerPriorConfig
+
+V = 11  # vocabulary
+CLASSES = 3
+COND_V = 5
+GRIDS = {  # grid -> upper-level grid it is conditioned on
+    (16,): (8,),
+    (4, 5): (2, 3),
+    (2, 3, 4): (1, 2, 2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_prior(grid=(4, 5), num_classes=CLASSES, cond=True, seed=0, **kw) -> TransformerPrior:
+    torch.manual_seed(seed)
+    cfg = TransformerPriorConfig(grid_shape=grid, vocab_size=V, num_classes=num_classes,
+                                 cond_grid_shape=GRIDS[grid] if cond else None, cond_vocab_size=COND_V if cond else 0,
+                                 dim=32, num_layers=2, num_heads=4, **kw)
+    prior = TransformerPrior(cfg).eval()
+    # Larger weights than the 0.02 init, so that every input visibly moves the logits.
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return prior
+
+
+def inputs(prior, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg = prior.config
+    codes = torch.randint(0, cfg.vocab_size, (batch, *cfg.grid_shape), generator=g)
+    labels = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
+    cond = (torch.randint(0, cfg.cond_vocab_size, (batch, *cfg.cond_grid_shape), generator=g)
+            if cfg.cond_vocab_size else None)
+    return codes, labels, cond
+
+
+# ---- causality ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_causality(grid):
+    prior = make_prior(grid)
+    codes, labels, cond = inputs(prior)
+    n = prior.num_tokens
+    with torch.no_grad():
+        base = prior(codes, labels, cond).flatten(1, -2)  # (B, N, V)
+        assert base.shape == (2, n, V)
+        for t in (0, n // 2, n - 2):
+            changed = codes.flatten(1).clone()
+            changed[:, t] = (changed[:, t] + 1) % V
+            out = prior(changed.view_as(codes), labels, cond).flatten(1, -2)
+            # positions <= t predict codes <= t from codes < t: untouched
+            assert torch.allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0), t
+            # position t + 1 sees code t, so something later changes
+            assert (out[:, t + 1 :] - base[:, t + 1 :]).abs().max() > 1e-4, t
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_conditioning_reaches_every_position(grid):
+    prior = make_prior(grid)
+    codes, labels, cond = inputs(prior)
+    with torch.no_grad():
+        base = prior(codes, labels, cond).flatten(1, -2)
+        other_class = prior(codes, (labels + 1) % CLASSES, cond).flatten(1, -2)
+        other_cond = prior(codes, labels, (cond + 1) % COND_V).flatten(1, -2)
+    # class and upper-level codes are known up front: even position 0 depends on them
+    assert (other_class[:, 0] - base[:, 0]).abs().max() > 1e-4
+    assert (other_cond[:, 0] - base[:, 0]).abs().max() > 1e-4
+
+
+# ---- KV cache ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_cached_steps_match_forward(grid):
+    prior = make_prior(grid)
+    codes, labels, cond = inputs(prior, batch=3)
+    with torch.no_grad():
+        full = prior(codes, labels, cond).flatten(1, -2)
+        state = prior.start_state(3, labels, cond)
+        flat = codes.flatten(1)
+        steps = [prior.step(state, flat[:, t - 1] if t else None) for t in range(prior.num_tokens)]
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5, rtol=0)
+    with pytest.raises(IndexError):
+        prior.step(state, flat[:, -1])
+
+
+def test_cached_steps_unconditional():
+    prior = make_prior((4, 5), num_classes=0, cond=False)
+    codes, labels, cond = inputs(prior)
+    assert labels is None and cond is None
+    with torch.no_grad():
+        full = prior(codes).flatten(1, -2)
+        state = prior.start_state(2)
+        steps = [prior.step(state, codes.flatten(1)[:, t - 1] if t else None) for t in range(20)]
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def test_attention_chunked_cache_matches_full():
+    """The cache path also takes chunks of several positions (with a causal mask)."""
+    torch.manual_seed(0)
+    cfg = TransformerPriorConfig(dim=16, num_heads=2)
+    attn = Attention(cfg).eval()
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        full = attn(x)
+        cache = {"k": torch.zeros(2, 2, 9, 8), "v": torch.zeros(2, 2, 9, 8), "pos": 0}
+        parts = []
+        for start, end in ((0, 4), (4, 5), (5, 9)):
+            cache["pos"] = start
+            parts.append(attn(x[:, start:end], cache))
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("grid", [(16,), (2, 3, 4)])
+def test_sampling_seeded_and_cache_free_agree(grid):
+    prior = make_prior(grid)
+    _, labels, cond = inputs(prior, batch=3)
+    a = sample(prior, 3, labels, cond, generator=gen(7))
+    b = sample(prior, 3, labels, cond, generator=gen(7))
+    c = sample(prior, 3, labels, cond, generator=gen(7), use_cache=False)
+    d = sample(prior, 3, labels, cond, generator=gen(8))
+    assert a.shape == (3, *grid) and a.dtype == torch.long
+    assert int(a.min()) >= 0 and int(a.max()) < V
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+    assert not torch.equal(a, d)
+
+
+def test_sampling_with_filters_and_progress():
+    prior = make_prior((4, 5))
+    _, labels, cond = inputs(prior)
+    calls = []
+    a = sample(prior, 2, labels, cond, temperature=0.7, top_k=3, top_p=0.9, generator=gen(1), progress=calls.append)
+    b = sample(prior, 2, labels, cond, temperature=0.7, top_k=3, top_p=0.9, generator=gen(1), use_cache=False)
+    assert torch.equal(a, b)
+    assert sum(calls) == 20
+    # top_k=1 is greedy: every code is the argmax of its logits
+    greedy = sample(prior, 2, labels, cond, top_k=1, generator=gen(2))
+    with torch.no_grad():
+        logits = prior(greedy, labels, cond)
+    assert torch.equal(logits.argmax(-1), greedy)
+
+
+def test_sample_completion_keeps_prefix():
+    prior = make_prior((4, 5))
+    codes, labels, cond = inputs(prior, batch=2)
+    prefix = codes.flatten(1)[:, :7]
+    for use_cache in (True, False):
+        out = sample(prior, 2, labels, cond, generator=gen(3), prefix=prefix, use_cache=use_cache)
+        assert torch.equal(out.flatten(1)[:, :7], prefix)
+    a = sample(prior, 2, labels, cond, generator=gen(3), prefix=prefix)
+    b = sample(prior, 2, labels, cond, generator=gen(3), prefix=prefix, use_cache=False)
+    assert torch.equal(a, b)
+    full = sample(prior, 2, labels, cond, generator=gen(3), prefix=codes.flatten(1))
+    assert torch.equal(full, codes)
+    with pytest.raises(ValueError, match="prefix"):
+        sample(prior, 3, None, None, prefix=prefix)
+
+
+# ---- filter_logits -------------------------------------------------------------------------------
+def test_filter_top_k():
+    logits = torch.randn(4, 50, generator=gen(0))
+    out = filter_logits(logits, top_k=5)
+    kept = torch.isfinite(out)
+    assert (kept.sum(-1) == 5).all()
+    assert torch.equal(kept, torch.zeros_like(kept).scatter(-1, logits.topk(5).indices, True))
+    assert torch.allclose(out[kept], logits[kept])
+    assert torch.isfinite(filter_logits(logits, top_k=50)).all()  # k >= V keeps everything
+
+
+def test_filter_top_p_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.05, 0.05, 0.85, 0.05]])
+    logits = probs.log()
+    kept = torch.isfinite(filter_logits(logits, top_p=0.75))
+    # 0.5 + 0.3 = 0.8 >= 0.75 is the smallest set; a single 0.85 is already enough
+    assert kept.tolist() == [[True, False, True, False], [False, False, True, False]]
+    kept = torch.isfinite(filter_logits(logits, top_p=0.8001))
+    assert kept.tolist()[0] == [True, False, True, True]
+    # top_p >= 1 keeps everything; the top token always survives
+    assert torch.isfinite(filter_logits(logits, top_p=1.0)).all()
+    assert torch.isfinite(filter_logits(logits, top_p=1e-6)).sum(-1).tolist() == [1, 1]
+
+
+def test_filter_temperature():
+    logits = torch.randn(2, 7, generator=gen(1))
+    assert torch.allclose(filter_logits(logits, temperature=0.5), logits * 2)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            filter_logits(logits, temperature=bad)
+
+
+# ---- input checks ------------------------------------------------------------------------------
+def test_check_inputs_errors():
+    prior = make_prior((4, 5))
+    codes, labels, cond = inputs(prior)
+    with pytest.raises(ValueError, match=r"\(4, 5\)"):
+        prior(codes.view(2, 5, 4), labels, cond)
+    with pytest.raises(ValueError, match="another codebook"):
+        prior(codes + V, labels, cond)
+    with pytest.raises(ValueError, match="another codebook"):
+        prior(codes - V, labels, cond)
+    with pytest.raises(ValueError, match="class_labels"):
+        prior(codes, None, cond)
+    with pytest.raises(ValueError, match="class_labels"):
+        prior(codes, torch.tensor([0, CLASSES]), cond)
+    with pytest.raises(ValueError, match="class_labels"):
+        prior(codes, torch.tensor([0, 1, 2]), cond)
+    with pytest.raises(ValueError, match="pass cond"):
+        prior(codes, labels, None)
+    with pytest.raises(ValueError, match="cond must be"):
+        prior(codes, labels, cond[:, :1])
+    with pytest.raises(ValueError, match="class_labels"):
+        prior.start_state(2, None, cond)
+    with pytest.raises(ValueError, match="pass cond"):
+        prior.start_state(2, labels, None)
+    with pytest.raises(ValueError, match="class_labels"):
+        sample(prior, 2, None, cond)
+
+
+def test_config_rejects_bad_heads():
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerPriorConfig(dim=30, num_heads=4)
+
+
+# ---- save / load -------------------------------------------------------------------------------
+def test_save_load_roundtrip(tmp_path):
+    prior = make_prior((2, 3, 4))
+    codes, labels, cond = inputs(prior)
+    prior.save_pretrained(tmp_path / "prior")
+    assert sorted(p.name for p in (tmp_path / "prior").iterdir()) == ["config.json", "model.safetensors"]
+    for loaded in (TransformerPrior.from_pretrained(tmp_path / "prior"), load_prior(tmp_path / "prior")):
+        assert isinstance(loaded, TransformerPrior) and not loaded.training
+        assert loaded.config == prior.config
+        assert loaded.config.grid_shape == (2, 3, 4) and loaded.config.cond_grid_shape == (1, 2, 2)
+        assert loaded.fingerprint() == prior.fingerprint()
+        for key, value in prior.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+        with torch.no_grad():
+            assert torch.equal(loaded(codes, labels, cond), prior(codes, labels, cond))
+        assert torch.equal(sample(loaded, 2, labels, cond, generator=gen(4)),
+                           sample(prior, 2, labels, cond, generator=gen(4)))
+
+
+def test_load_prior_rejects_other_models(tmp_path):
+    from stage1_tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
+
+    VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1,
+                      quantizer=QuantizerConfig(codebook_size=8, dim=4))).save_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match="not a prior"):
+        load_prior(tmp_path / "tok")
+
+
+# ---- likelihood ----------------------------------------------------------------------------------
+def test_nll_is_sum_of_token_log_probs():
+    prior = make_prior((4, 5))
+    codes, labels, cond = inputs(prior, batch=3)
+    with torch.no_grad():
+        nll = prior.nll(codes, labels, cond)
+        logp = F.log_softmax(prior(codes, labels, cond).double(), -1)
+    expected = -logp.gather(-1, codes[..., None]).squeeze(-1).flatten(1).sum(1)
+    assert nll.shape == (3,)
+    assert torch.allclose(nll.double(), expected, atol=1e-4, rtol=1e-6)
+    # an untrained prior is near uniform over V codes, but not exactly
+    assert abs(float(nll.mean()) / 20 - math.log(V)) < math.log(V)

@@ -1,14 +1,15 @@
-"""``tokgen demo``: the whole two-stage workflow on built-in data, end to end.
+"""``tokgen demo``: the whole two-stage workflow on built-in data, end to end, in one command.
 
-digits: train the tokenizer, evaluate it, export tokens to shards, train a class-conditional prior,
-save the pipeline, sample 10 images of every digit (row i = digit i), and write pictures and metrics.
+Train the tokenizer, evaluate it, export tokens to shards, train a prior per level (top first, each
+lower one conditioned on the level above), save the pipeline, sample, and write pictures and metrics.
+A dataset is a ``DemoSpec``: presets from ``pipelines/configs`` plus how to sample; the flow is shared.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,28 @@ import torch
 from pipelines.config import preset
 from pipelines.hub import config_from_dict
 
-DATASETS = ("digits",)
+
+@dataclass(frozen=True)
+class DemoSpec:
+    tokenizer: str  # preset name of the tokenizer training config
+    priors: tuple[str, ...]  # preset name of each level's prior config, top first
+    samples_per_class: int = 10  # class-conditional datasets: a row per class
+    num_samples: int = 8  # unconditional datasets
+    export_size: int | None = None  # input size for the token export; None = the training size
+
+
+DEMOS = {
+    "digits": DemoSpec("tokenizer-digits", ("prior-digits",)),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", choices=DATASETS)
+    p.add_argument("--dataset", default="digits", choices=sorted(DEMOS))
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--tokenizer-steps", type=int, help="override the tokenizer's training steps")
-    p.add_argument("--prior-steps", type=int, help="override the prior's training steps")
-    p.add_argument("--samples-per-class", type=int, default=10)
+    p.add_argument("--prior-steps", type=int, help="override every prior's training steps")
+    p.add_argument("--samples-per-class", type=int, help="class-conditional datasets: samples of each class")
+    p.add_argument("--num-samples", type=int, help="unconditional datasets: number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
@@ -42,65 +56,111 @@ class Stages:
             print(f"\n== {name} ==", flush=True)
         started = time.perf_counter()
         result = fn(*args, **kwargs)
-        self.times[name] = round(time.perf_counter() - started, 2)
+        self.times[name.replace(" ", "_") + "_s"] = round(time.perf_counter() - started, 2)
         return result
 
 
-def run_digits(args: argparse.Namespace) -> dict:
-    from data import build_dataset
-    from pipelines.pipeline import TokgenPipeline
-    from pipelines.sample import generate
-    from pipelines.media import save_comparison, save_image_grid
-    from stage1_tokenizer import VQVAE
+def _tokenizer_stage(args, spec: DemoSpec, stages: Stages):
     from stage1_tokenizer import train as tok_train
-    from stage1_tokenizer.evaluate import evaluate
-    from stage2_prior import train as prior_train
+    from stage1_tokenizer.evaluate import evaluate, load_tokenizer
+
+    cfg = config_from_dict(tok_train.TokenizerTrainConfig, preset(spec.tokenizer))
+    cfg = replace(cfg, seed=args.seed, max_steps=args.tokenizer_steps or cfg.max_steps)
+    model_dir = stages.run("train tokenizer", tok_train.train, cfg, args.out / "tokenizer_run", quiet=args.quiet)
+    tokenizer = load_tokenizer(model_dir)
+    metrics = stages.run("evaluate tokenizer", evaluate, tokenizer, tok_train.build_dataset(cfg, "eval"),
+                         lpips=tokenizer.config.modality == "image",
+                         preview_path=args.out / "reconstructions.png", quiet=args.quiet)
+    return cfg, model_dir, tokenizer, metrics
+
+
+def _export_stage(args, spec: DemoSpec, cfg, tokenizer, stages: Stages) -> Path:
+    from stage1_tokenizer.train import build_dataset
     from stage2_prior.export import export_tokens
 
+    sized = replace(cfg, size=spec.export_size or cfg.size)
+    datasets = {split: build_dataset(sized, split) for split in ("train", "eval")}
+    stages.run("export tokens", export_tokens, tokenizer, datasets, args.out / "tokens", batch_size=64,
+               shard_size=1000, progress=not args.quiet, seed=args.seed, source=cfg.data)
+    return args.out / "tokens"
+
+
+def _prior_stage(args, spec: DemoSpec, tokens: Path, stages: Stages) -> list[Path]:
+    from stage2_prior import train as prior_train
+
+    runs = []
+    for level, name in enumerate(spec.priors):
+        cfg = config_from_dict(prior_train.PriorTrainConfig, {**preset(name), "tokens": str(tokens), "level": level})
+        cfg = replace(cfg, seed=args.seed, max_steps=args.prior_steps or cfg.max_steps)
+        run = args.out / (f"prior_run_level{level}" if len(spec.priors) > 1 else "prior_run")
+        stages.run(f"train prior level {level}" if len(spec.priors) > 1 else "train prior", prior_train.train,
+                   cfg, run, quiet=args.quiet)
+        runs.append(run)
+    return runs
+
+
+def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages):
+    from pipelines.sample import generate
+
+    if pipe.num_classes:
+        per_class = args.samples_per_class or spec.samples_per_class
+        labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
+        nrow = per_class
+    else:
+        labels, nrow = None, min(8, args.num_samples or spec.num_samples)
+    num = len(labels) if labels is not None else (args.num_samples or spec.num_samples)
+    samples, codes, seconds = stages.run("sample", generate, pipe, num, labels, args.seed, 100, quiet=args.quiet)
+    return samples, codes, labels, seconds, nrow
+
+
+def run(args: argparse.Namespace) -> dict:
+    from pipelines.media import write_samples
+    from pipelines.pipeline import TokgenPipeline
+    from pipelines.sample import save_codes
+
+    spec = DEMOS[args.dataset]
     out, stages, started = args.out, Stages(args.quiet), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    tok_cfg = config_from_dict(tok_train.TokenizerTrainConfig, preset("tokenizer-digits"))
-    tok_cfg = replace(tok_cfg, seed=args.seed, max_steps=args.tokenizer_steps or tok_cfg.max_steps)
-    model_dir = stages.run("train tokenizer", tok_train.train, tok_cfg, out / "tokenizer_run", quiet=args.quiet)
-    tokenizer = VQVAE.from_pretrained(model_dir)
-
-    def dataset(split):
-        return build_dataset("digits", split=split, size=tok_cfg.size, channels=tok_cfg.model_config.in_channels)
-
-    tok_metrics = stages.run("evaluate tokenizer", evaluate, tokenizer, dataset("eval"), lpips=True,
-                             preview_path=out / "reconstructions.png", quiet=args.quiet)
-    stages.run("export tokens", export_tokens, tokenizer, {"train": dataset("train"), "eval": dataset("eval")},
-               out / "tokens", batch_size=128, shard_size=1000, progress=not args.quiet, seed=args.seed,
-               source="digits")
-    prior_cfg = config_from_dict(prior_train.PriorTrainConfig, {**preset("prior-digits"), "tokens": str(out / "tokens")})
-    prior_cfg = replace(prior_cfg, seed=args.seed, max_steps=args.prior_steps or prior_cfg.max_steps)
-    stages.run("train prior", prior_train.train, prior_cfg, out / "prior_run", quiet=args.quiet)
-    pipe = TokgenPipeline.from_runs(model_dir, [out / "prior_run"], class_names=[str(d) for d in range(10)])
+    cfg, model_dir, tokenizer, tok_metrics = _tokenizer_stage(args, spec, stages)
+    tokens = _export_stage(args, spec, cfg, tokenizer, stages)
+    prior_runs = _prior_stage(args, spec, tokens, stages)
+    num_classes = json.loads((tokens / "manifest.json").read_text()).get("num_classes", 0)
+    pipe = TokgenPipeline.from_runs(model_dir, prior_runs,
+                                    class_names=[str(c) for c in range(num_classes)] if num_classes else None)
     pipe.save_pretrained(out / "pipeline")
-    per_class = args.samples_per_class
-    labels = torch.arange(10).repeat_interleave(per_class)
-    samples, codes, seconds = stages.run("sample", generate, pipe, len(labels), labels, args.seed, 100,
-                                         quiet=args.quiet)
-    np.save(out / "samples.npy", samples.numpy(), allow_pickle=False)
-    np.save(out / "labels.npy", labels.numpy(), allow_pickle=False)
-    np.save(out / "codes.npy", codes[0].numpy().astype(np.uint8 if tokenizer.codebook_sizes[0] <= 256 else np.int32),
-            allow_pickle=False)
-    save_image_grid(samples, out / "samples.png", nrow=per_class)
-    prior_info = json.loads((out / "prior_run" / "prior.json").read_text())["eval"]
+    samples, codes, labels, seconds, nrow = _sample_stage(args, spec, pipe, stages)
+    write_samples(pipe.modality, samples, out, nrow=nrow, sample_rate=getattr(tokenizer.config, "sample_rate", 0))
+    save_codes(codes, out, tokenizer.codebook_sizes)
+    if labels is not None:
+        np.save(out / "labels.npy", labels.numpy(), allow_pickle=False)
     metrics = {
-        "dataset": "digits",
-        "tokenizer": {k: tok_metrics[k] for k in ("psnr_db", "ssim", "codebook_usage", "perplexity",
-                                                   "codes_per_input", "compression_ratio") if k in tok_metrics}
-        | ({"lpips": tok_metrics["lpips"]} if "lpips" in tok_metrics else {}),
-        "prior": {"bits_per_token": prior_info["bits_per_token"], "bits_per_dim": prior_info["bits_per_dim"],
-                  "bits_per_sample": prior_info["bits_per_sample"]},
-        "sampling": {"num_samples": len(labels), "seconds": seconds,
-                     "tokens_per_s": len(labels) * pipe.priors[0].num_tokens / seconds},
-        "timing": {**{f"{k.replace(' ', '_')}_s": v for k, v in stages.times.items()},
-                   "total_s": round(time.perf_counter() - started, 2)},
+        "dataset": args.dataset,
+        "tokenizer": _tokenizer_summary(tok_metrics),
+        "prior": _prior_summary(prior_runs),
+        "sampling": {"num_samples": samples.shape[0], "seconds": seconds,
+                     "tokens_per_s": samples.shape[0] * sum(p.num_tokens for p in pipe.priors) / seconds},
+        "timing": {**stages.times, "total_s": round(time.perf_counter() - started, 2)},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _tokenizer_summary(m: dict) -> dict:
+    keys = ("psnr_db", "ssim", "lpips", "codebook_usage", "codebook_usage_per_level", "perplexity",
+            "codes_per_input", "compression_ratio")
+    return {k: m[k] for k in keys if k in m}
+
+
+def _prior_summary(prior_runs: list[Path]) -> dict:
+    """Held-out bits per level, summed into totals (bits per dim add up across levels)."""
+    infos = [json.loads((run / "prior.json").read_text())["eval"] for run in prior_runs]
+    total_bits = sum(i["bits_per_sample"] for i in infos)
+    tokens = sum(i["bits_per_sample"] / i["bits_per_token"] for i in infos)
+    out = {"bits_per_token": total_bits / tokens, "bits_per_dim": sum(i["bits_per_dim"] for i in infos),
+           "bits_per_sample": total_bits}
+    if len(infos) > 1:
+        out["per_level"] = infos
+    return out
 
 
 def summary(metrics: dict, out: Path) -> str:
@@ -111,8 +171,8 @@ def summary(metrics: dict, out: Path) -> str:
         f"  tokenizer: {t['psnr_db']:.2f} dB PSNR held-out, codebook usage {t['codebook_usage']:.2f}",
         f"  prior:     {p['bits_per_token']:.3f} bits/token, {p['bits_per_dim']:.4f} bits/dim held-out",
         f"  sampling:  {s['tokens_per_s']:.0f} tokens/s",
-        f"  look at:   {out / 'samples.png'} (row i = digit i), {out / 'reconstructions.png'}",
-        f"  pipeline:  {out / 'pipeline'}  (try: tokgen sample {out / 'pipeline'} --num 16 --class 3 --out samples3)",
+        f"  look at:   {out}/samples.png, {out}/reconstructions.png, {out}/metrics.json",
+        f"  pipeline:  {out / 'pipeline'}  (try: tokgen sample {out / 'pipeline'} --num 16 --out more_samples)",
     ])
 
 
@@ -121,6 +181,6 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(prog="tokgen demo")
         add_arguments(parser)
         args = parser.parse_args(argv)
-    metrics = run_digits(args)
+    metrics = run(args)
     print(summary(metrics, args.out))
     return metrics

@@ -1,0 +1,281 @@
+"""tokgen compress / decompress / evaluate-prior with tiny random pipelines."""
+
+import argparse
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import compress as C
+from pipelines.cli import main as cli_main
+from pipelines.codec import encode_main, load_codes_file
+from pipelines.pipeline import TokgenPipeline
+from stage1_tokenizer.quantizer import QuantizerConfig
+from stage1_tokenizer.vqvae import VQVAE, VQVAEConfig
+from stage2_prior import bitstream
+from stage2_prior.bitstream import BitstreamError
+from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
+
+SIZE = 32  # inputs (1, 32, 32) -> code grids (8, 8) of 32 codes
+HEADER = 11  # bytes for a 32x32 image (12 with a class label)
+
+
+def make_pipeline(seed: int, num_classes: int = 0, size: int = SIZE) -> TokgenPipeline:
+    torch.manual_seed(seed)
+    tok = VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
+                            quantizer=QuantizerConfig(codebook_size=32, dim=8)))
+    grid = (size // 4, size // 4)
+    prior = TransformerPrior(TransformerPriorConfig(grid_shape=grid, vocab_size=32, num_classes=num_classes,
+                                                    dim=32, num_layers=2, num_heads=2))
+    return TokgenPipeline(tok, [prior], (1, size, size), [str(i) for i in range(num_classes)] or None)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    out = {}
+    for name, seed, classes in [("uncond", 0, 0), ("cond", 1, 3), ("other", 2, 0)]:
+        make_pipeline(seed, classes).save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def images(n: int, seed: int, size: int = SIZE) -> torch.Tensor:
+    """Random images with some structure (smooth blobs + noise), quantized to uint8 like files."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 1, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x + 0.3 * torch.rand(n, 1, size, size, generator=g)).clamp(0, 1)
+    return torch.round(x * 255) / 255
+
+
+def write_png(x: torch.Tensor, path: Path) -> Path:
+    Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def ns(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**kw)
+
+
+def compress_args(pipe, inp, out, report=None, class_label=None, size=None):
+    return ns(pipeline=pipe, input=inp, out=out, report=report, class_label=class_label, size=size)
+
+
+def decompress_args(pipe, file, out, codes_out=None):
+    return ns(pipeline=pipe, file=file, out=out, codes_out=codes_out)
+
+
+def test_cli_round_trip_matches_encode(pipes, tmp_path):
+    """compress -> decompress gives exactly `tokgen encode`'s codes; size within the bound."""
+    xs = images(6, seed=0)
+    for i, x in enumerate(xs):
+        png = write_png(x, tmp_path / f"in{i}.png")
+        enc_codes = encode_main(args=ns(model=pipes["uncond"], input=png, out=tmp_path / f"enc{i}.npy", size=None))
+        report = C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / f"f{i}.tkg",
+                                                    tmp_path / f"r{i}.json"))
+        blob = (tmp_path / f"f{i}.tkg").read_bytes()
+        assert json.loads((tmp_path / f"r{i}.json").read_text()) == report
+        for key in ("nll_bits", "nll_bits_quantized", "bits", "bytes", "header_bytes", "bits_per_dim", "psnr_db"):
+            assert key in report
+        assert report["bytes"] == len(blob) and report["bits"] == 8 * len(blob)
+        assert report["header_bytes"] == HEADER
+        assert report["bits_per_dim"] == pytest.approx(8 * len(blob) / SIZE**2)
+        assert math.isfinite(report["psnr_db"])
+        # the issue's bound: compressed size <= model NLL x 1.01 + 16 bytes, header included
+        assert len(blob) <= report["nll_bits"] / 8 * 1.01 + 16
+        codes = C.decompress_main(args=decompress_args(pipes["uncond"], tmp_path / f"f{i}.tkg",
+                                                       tmp_path / f"out{i}.png", tmp_path / f"dec{i}.npy"))
+        assert torch.equal(codes[0], enc_codes[0])
+        saved = load_codes_file(tmp_path / f"dec{i}.npy")
+        np.testing.assert_array_equal(saved[0], np.load(tmp_path / f"enc{i}.npy"))
+        assert saved[0].dtype == np.load(tmp_path / f"enc{i}.npy").dtype
+        assert Image.open(tmp_path / f"out{i}.png").size == (SIZE, SIZE)
+
+
+def test_library_batch_round_trips_and_sizes(pipes):
+    pipe = TokgenPipeline.from_pretrained(pipes["uncond"])
+    x = images(24, seed=1)
+    blobs = C.compress_batch(pipe, x)
+    assert len(blobs) == 24
+    codes = pipe.encode(x)
+    nll = C.model_nll_bits(pipe, codes).sum(1)
+    # the float model's NLL agrees with the pipeline's own likelihood
+    np.testing.assert_allclose(nll, pipe.likelihood(x).double().numpy() * SIZE**2, rtol=1e-4)
+    out = C.decompress_batch(pipe, blobs)
+    for i, (blob, dec) in enumerate(zip(blobs, out)):
+        assert torch.equal(dec.codes[0], codes[0][i])
+        assert dec.input_shape == (1, SIZE, SIZE) and dec.class_label is None
+        assert len(blob) <= nll[i] / 8 * 1.01 + 16
+    # the same codes given as codes, and one at a time, give the same files
+    assert C.compress_batch(pipe, codes) == blobs
+    # a stream coded in a batch of 4 also decodes alone here (float64 logits; the CRC would catch a miss)
+    four = C.compress_batch(pipe, x[:4])
+    for i in range(4):
+        assert torch.equal(C.decompress(pipe, four[i]).codes[0], codes[0][i])
+    single = C.compress(pipe, x[5])
+    assert torch.equal(C.decompress(pipe, single).codes[0], codes[0][5])
+
+
+def test_class_conditional_round_trip(pipes, tmp_path):
+    png = write_png(images(1, seed=3)[0], tmp_path / "in.png")
+    reports = []
+    for label in range(3):
+        report = C.compress_main(args=compress_args(pipes["cond"], png, tmp_path / f"c{label}.tkg",
+                                                    class_label=label))
+        assert report["header_bytes"] == HEADER + 1 and report["class_label"] == label
+        assert bitstream.peek_header((tmp_path / f"c{label}.tkg").read_bytes()).class_label == label
+        codes = C.decompress_main(args=decompress_args(pipes["cond"], tmp_path / f"c{label}.tkg",
+                                                       tmp_path / f"o{label}.png"))
+        assert torch.equal(codes[0], encode_main(args=ns(model=pipes["cond"], input=png,
+                                                         out=tmp_path / "e.npy", size=None))[0])
+        assert report["bytes"] <= report["nll_bits"] / 8 * 1.01 + 16
+        reports.append(report)
+    assert len({r["nll_bits"] for r in reports}) == 3  # the label conditions the prior
+    with pytest.raises(ValueError, match="class-conditional"):
+        C.compress_main(args=compress_args(pipes["cond"], png, tmp_path / "x.tkg"))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        C.compress_main(args=compress_args(pipes["cond"], png, tmp_path / "x.tkg", class_label=3))
+    with pytest.raises(ValueError, match="unconditional"):
+        C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / "x.tkg", class_label=1))
+
+
+def test_tampered_file_is_refused(pipes, tmp_path):
+    png = write_png(images(1, seed=4)[0], tmp_path / "in.png")
+    C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / "f.tkg"))
+    blob = (tmp_path / "f.tkg").read_bytes()
+    pipe = TokgenPipeline.from_pretrained(pipes["uncond"])
+    variants = [blob[:-1], blob + b"\x00", blob[:5], b""]
+    for pos in range(len(blob)):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x01 if pos % 2 else 0x80
+        variants.append(bytes(bad))
+    for bad in variants:
+        with pytest.raises(BitstreamError):
+            C.decompress(pipe, bad)
+    # through the CLI: a clear message, exit status 2, and no output file
+    for pos in (len(blob) - 1, HEADER - 1, 3):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x10
+        (tmp_path / "bad.tkg").write_bytes(bytes(bad))
+        with pytest.raises(BitstreamError, match="corrupt|another pipeline"):
+            C.decompress_main(args=decompress_args(pipes["uncond"], tmp_path / "bad.tkg", tmp_path / "no.png"))
+        assert not (tmp_path / "no.png").exists()
+    bad = bytearray(blob)
+    bad[-1] ^= 0x01
+    (tmp_path / "bad.tkg").write_bytes(bytes(bad))
+    with pytest.raises(BitstreamError, match="corrupt or was modified"):
+        C.decompress_main(args=decompress_args(pipes["uncond"], tmp_path / "bad.tkg", tmp_path / "no.png"))
+    (tmp_path / "png.tkg").write_bytes(png.read_bytes())
+    with pytest.raises(BitstreamError, match="not a tokgen compressed file"):
+        C.decompress_main(args=decompress_args(pipes["uncond"], tmp_path / "png.tkg", tmp_path / "no.png"))
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_another_pipeline_is_refused(pipes, tmp_path, capsys):
+    png = write_png(images(1, seed=5)[0], tmp_path / "in.png")
+    C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / "f.tkg"))
+    for other in ("other", "cond"):
+        with pytest.raises(BitstreamError, match="compressed with another pipeline"):
+            C.decompress_main(args=decompress_args(pipes[other], tmp_path / "f.tkg", tmp_path / "no.png"))
+    assert not (tmp_path / "no.png").exists()
+    rc = cli_main(["decompress", str(pipes["other"]), str(tmp_path / "f.tkg"), "--out", str(tmp_path / "no.png")])
+    assert rc == 2
+    assert "compressed with another pipeline" in capsys.readouterr().err
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_input_of_another_size_is_refused(pipes, tmp_path):
+    png = write_png(images(1, seed=6, size=48)[0], tmp_path / "big.png")
+    with pytest.raises(ValueError, match="--size"):
+        C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / "x.tkg"))
+    report = C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / "x.tkg", size=SIZE))
+    assert report["input_shape"] == [1, SIZE, SIZE]
+
+
+class _TwoLevelTokenizer:
+    """Just what the coder asks of a hierarchical tokenizer: grids (4, 4) over (8, 8)."""
+
+    codebook_sizes = [16, 32]
+    num_levels = 2
+    dims = 2
+    config = SimpleNamespace(in_channels=1, factors=((4, 4), (2, 2)))
+
+    def code_shapes(self, input_shape):
+        if tuple(input_shape) != (1, 32, 32):
+            raise ValueError("bad shape")
+        return [(4, 4), (8, 8)]
+
+
+def test_hierarchical_coding_top_first():
+    torch.manual_seed(0)
+    top = TransformerPrior(TransformerPriorConfig(grid_shape=(4, 4), vocab_size=16, num_classes=2, dim=32,
+                                                  num_layers=1, num_heads=2)).eval()
+    low = TransformerPrior(TransformerPriorConfig(grid_shape=(8, 8), vocab_size=32, num_classes=2, dim=32,
+                                                  num_layers=1, num_heads=2, cond_grid_shape=(4, 4),
+                                                  cond_vocab_size=16)).eval()
+    with torch.no_grad():
+        low.cond_emb.weight.mul_(100)  # make the lower level depend strongly on the upper one
+    pipe = SimpleNamespace(tokenizer=_TwoLevelTokenizer(), priors=[top, low], num_classes=2,
+                           input_shape=(1, 32, 32), fingerprint=lambda: "ab" * 32, device=torch.device("cpu"))
+    coder = C.PriorCoder(pipe)
+    g = torch.Generator().manual_seed(1)
+    codes = [torch.randint(0, 16, (5, 4, 4), generator=g), torch.randint(0, 32, (5, 8, 8), generator=g)]
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    enc = coder.encode(codes, (1, 32, 32), labels)
+    dec = coder.decode([e.blob for e in enc])
+    nll = C.model_nll_bits(pipe, codes, labels)
+    for i, d in enumerate(dec):
+        assert torch.equal(d.codes[0], codes[0][i]) and torch.equal(d.codes[1], codes[1][i])
+        assert d.class_label == int(labels[i])
+        assert len(enc[i].blob) <= nll[i].sum() / 8 * 1.01 + 16
+        np.testing.assert_allclose(enc[i].quantized_bits, nll[i], rtol=0.02)
+    # the lower level's probabilities depend on the upper codes
+    shifted = [(codes[0] + 1) % 16, codes[1]]
+    assert not np.allclose(C.model_nll_bits(pipe, shifted, labels)[:, 1], nll[:, 1])
+
+
+def test_evaluate_prior_writes_metrics(pipes, tmp_path):
+    from stage2_prior.evaluate import main as evaluate_main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, x in enumerate(images(7, seed=7)):
+        write_png(x, data / f"{i}.png")
+    out = tmp_path / "eval"
+    metrics = evaluate_main(["--data", str(data), "--out", str(out), "--batch-size", "3", "--device", "cpu",
+                             "--compress", "4", str(pipes["uncond"])])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("bits_per_token", "bits_per_token_per_level", "bits_per_dim", "bits_per_sample", "num_samples",
+                "levels"):
+        assert key in saved
+    assert saved["num_samples"] == 7
+    assert saved["bits_per_sample"] == pytest.approx(saved["bits_per_token"] * 64)
+    assert saved["bits_per_dim"] == pytest.approx(saved["bits_per_sample"] / SIZE**2)
+    assert saved["levels"][0]["bits_per_token"] == pytest.approx(saved["bits_per_token_per_level"][0])
+    assert 3 < saved["bits_per_token"] < 7  # a random prior: about log2(32) = 5
+    comp = saved["compression"]
+    assert comp["num_samples"] == 4 and comp["round_trips_exact"] and comp["within_bound"]
+    # class-conditional pipeline on unlabelled data: a clear error
+    with pytest.raises(ValueError, match="unlabelled"):
+        evaluate_main(["--data", str(data), "--out", str(out), "--device", "cpu", str(pipes["cond"])])
+
+
+@pytest.mark.slow
+def test_many_round_trips_slow(pipes):
+    """200 held-out-like images, coded one at a time as the CLI does."""
+    pipe = TokgenPipeline.from_pretrained(pipes["cond"])
+    x = images(200, seed=8)
+    codes = pipe.encode(x)
+    labels = torch.arange(200) % 3
+    nll = C.model_nll_bits(pipe, codes, labels).sum(1)
+    for i in range(200):
+        blob = C.compress(pipe, x[i], class_label=int(labels[i]))
+        assert torch.equal(C.decompress(pipe, blob).codes[0], codes[0][i])
+        assert len(blob) <= nll[i] / 8 * 1.01 + 16

@@ -42,6 +42,9 @@ def make_accelerator(run_dir: Path, mixed_precision: str, grad_accum: int, log: 
         log_with="tensorboard" if log else None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         kwargs_handlers=[ddp],
+        # Our schedules count optimizer steps: Accelerate's default would advance them once per process
+        # per step, so a 2-process run would decay its learning rate twice as fast as a 1-process one.
+        step_scheduler_with_optimizer=False,
     )
 
 

@@ -171,7 +171,8 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepG
         if accelerator.sync_gradients and state.cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
         state.optimizer.step()
-        state.scheduler.step()
+        if accelerator.sync_gradients:
+            state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
     logs = {"loss": loss.item(), "recon_loss": out.recon_loss.item(), "commitment_loss": out.commitment_loss.item(),
             "codebook_loss": out.codebook_loss.item(), "batch_perplexity": out.perplexity.item(),

@@ -45,12 +45,21 @@ def _labels(pipe, batch: dict) -> torch.Tensor | None:
     return labels
 
 
+def iterate(dataset):
+    """Samples of a map-style (by index) or iterable dataset."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        return iter(dataset)
+    return (dataset[i] for i in range(len(dataset)))
+
+
 def batches(dataset, batch_size: int, limit: int | None):
     """Collated batches from a map-style or iterable dataset, at most ``limit`` samples in all."""
     from data.common import collate_samples
 
     buf, seen = [], 0
-    for sample in dataset:
+    for sample in iterate(dataset):
         if limit is not None and seen >= limit:
             break
         buf.append(sample)

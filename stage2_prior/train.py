@@ -183,7 +183,8 @@ def train_step(state: PriorState, batch: dict, accelerator, guard: runs.BadStepG
         if accelerator.sync_gradients and state.cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
         state.optimizer.step()
-        state.scheduler.step()
+        if accelerator.sync_gradients:
+            state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
     return {"loss": loss.item(), "bits_per_token": loss.item() / math.log(2), "lr": state.scheduler.get_last_lr()[0]}
 

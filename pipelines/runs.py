@@ -31,6 +31,9 @@ def make_accelerator(run_dir: Path, mixed_precision: str, grad_accum: int, log: 
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+    # torch deprecates broadcast_buffers for forward_sync_buffers, which still syncs at init and is
+    # not in older torch; the behaviour we need (no per-forward broadcast) is the same.
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
     # Buffers (EMA codebooks) must not be broadcast from rank 0 on every forward: that would hide a
     # desynchronised codebook instead of letting the checkpoint check catch it.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
@@ -326,7 +329,9 @@ def run_loop(accelerator, run_dir: Path, hooks: LoopHooks, stream: Iterator[dict
         hooks.every_step(step)
         if checkpoint_every and (step % checkpoint_every == 0 or step == max_steps):
             if hooks.sync_check is not None:
-                accelerator.print(f"step {step}: {hooks.sync_check()}")
+                message = f"step {step}: {hooks.sync_check()}"
+                if accelerator.is_main_process:
+                    bar.write(message)
             state = {"batches": consumed, "bad_steps": guard.total, "skipped_inputs": skips.count}
             save_checkpoint(accelerator, run_dir, step, state, keep=keep_checkpoints)
     bar.close()

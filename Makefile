@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PACKAGES)
 	$(PY) -m pip install -q -e ".[dev]"
+	@# System tools for audio/video data (espeak-ng: spoken-digits; ffmpeg: torchcodec). Never fails the build.
+	@command -v espeak-ng >/dev/null && command -v ffmpeg >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng ffmpeg >/dev/null; } || \
+	  echo "warning: espeak-ng/ffmpeg missing (e.g. sudo apt-get install espeak-ng ffmpeg): the spoken-digits dataset needs espeak-ng; video/mp3 decoding falls back to PyAV/soundfile without ffmpeg"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,8 +25,8 @@ def build_dataset(source: str, *, modality: str = "image", split: str = "train",
     image: x (channels, size, size) in [0, 1]; sources digits | photos | folder | .tar shards.
     audio: x (1, size) in [-1, 1] at ``sample_rate`` (16000 when 0); sources spoken-digits | folder | shards.
     video: x (channels, frames, size, size) in [0, 1]; sources moving-digits | folder | shards;
-    options ``frames`` (default 16), ``frame_stride`` (folder: hop between clip starts, default
-    ``frames``), ``frame_step`` (take every n-th frame, default 1).
+    options ``frames`` (default 16), ``frame_stride`` (folder: hop between clip starts in source
+    frames, default: non-overlapping clips), ``frame_step`` (take every n-th frame, default 1).
     Other ``options`` go to the reader (e.g. webdataset ``shuffle_buffer``).
     """
     common = dict(split=split, size=size, seed=seed, process_index=process_index, num_processes=num_processes)

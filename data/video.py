@@ -139,8 +139,9 @@ class VideoFolderDataset(SkippingDataset):
 
     Item = (file, clip start), enumerated at construction from each file's frame count: clips of
     ``frames`` frames (every ``frame_step``-th source frame), starting every ``frame_stride``
-    frames (default ``frames``: non-overlapping). Files that cannot be opened at construction are
-    warned about, listed in ``self.unindexed`` and reported with the sample at index 0; clips
+    source frames (default: the clip's span, so clips do not overlap). Files that cannot be
+    opened at construction are warned about, listed in ``self.unindexed`` and reported with the
+    sample at index 0; clips
     that fail to decode later are skipped for the next index and reported. Files shorter than
     one clip give no items (warned). Labels: immediate subfolder, like images.
     """
@@ -154,7 +155,7 @@ class VideoFolderDataset(SkippingDataset):
                              f"{frame_stride}, {frame_step}")
         self.root, self.train, self.size, self.channels = root, split == "train", size, channels
         self.frames, self.frame_step = frames, frame_step
-        self.frame_stride = frame_stride or frames
+        self.frame_stride = frame_stride or clip_span(frames, frame_step)
         self.files = list_media_files(root, VIDEO_EXTENSIONS)
         if not self.files:
             raise ValueError(f"no videos found under {root!r} (extensions: {' '.join(VIDEO_EXTENSIONS)})")

@@ -26,10 +26,18 @@ class DemoSpec:
     samples_per_class: int = 10  # class-conditional datasets: a row per class
     num_samples: int = 8  # unconditional datasets
     export_size: int | None = None  # input size for the token export; None = the training size
+    sample_size: int | None = None  # spatial size to sample at (conv priors take any grid); None = export size
+    full_photo: bool = False  # also reconstruct a held-out photo at its full size
 
 
 DEMOS = {
     "digits": DemoSpec("tokenizer-digits", ("prior-digits",)),
+    # Trained on small crops on CPU; the tokenizer and the PixelCNN priors are convolutional, so the
+    # pipeline samples 256x256 images and reconstructs whole photos.
+    "photos": DemoSpec("tokenizer-photos", ("prior-photos-top", "prior-photos-bottom"), num_samples=8,
+                       export_size=64, sample_size=256, full_photo=True),
+    "spoken-digits": DemoSpec("tokenizer-spoken-digits", ("prior-spoken-digits",), samples_per_class=4),
+    "moving-digits": DemoSpec("tokenizer-moving-digits", ("prior-moving-digits",), samples_per_class=2),
 }
 
 
@@ -127,7 +135,11 @@ def run(args: argparse.Namespace) -> dict:
     num_classes = json.loads((tokens / "manifest.json").read_text()).get("num_classes", 0)
     pipe = TokgenPipeline.from_runs(model_dir, prior_runs,
                                     class_names=[str(c) for c in range(num_classes)] if num_classes else None)
+    if spec.sample_size:
+        pipe = pipe.with_input_shape((pipe.input_shape[0],) + (spec.sample_size,) * (len(pipe.input_shape) - 1))
     pipe.save_pretrained(out / "pipeline")
+    if spec.full_photo:
+        tok_metrics.update(stages.run("reconstruct a whole held-out photo", _full_photo, tokenizer, out))
     samples, codes, labels, seconds, nrow = _sample_stage(args, spec, pipe, stages)
     write_samples(pipe.modality, samples, out, nrow=nrow, sample_rate=getattr(tokenizer.config, "sample_rate", 0))
     save_codes(codes, out, tokenizer.codebook_sizes)
@@ -135,6 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         np.save(out / "labels.npy", labels.numpy(), allow_pickle=False)
     metrics = {
         "dataset": args.dataset,
+        "modality": pipe.modality,
         "tokenizer": _tokenizer_summary(tok_metrics),
         "prior": _prior_summary(prior_runs),
         "sampling": {"num_samples": samples.shape[0], "seconds": seconds,
@@ -145,9 +158,25 @@ def run(args: argparse.Namespace) -> dict:
     return metrics
 
 
+@torch.no_grad()
+def _full_photo(tokenizer, out: Path) -> dict:
+    """Encode and decode a held-out photo at its full size; save it beside its reconstruction."""
+    from data import PHOTOS_EVAL, load_photo
+    from pipelines.codec import downsampling
+    from pipelines.media import center_crop_to_multiple, save_image_grid
+    from stage1_tokenizer.evaluate import psnr
+
+    name = PHOTOS_EVAL[0]
+    x = center_crop_to_multiple(load_photo(name), downsampling(tokenizer))[None]
+    recon = tokenizer.decode_levels(tokenizer.encode_levels(x)).clamp(0, 1)
+    save_image_grid(torch.cat([x, recon]), out / "reconstruction_full.png", nrow=2)
+    return {"full_photo": {"name": name, "shape": list(x.shape[1:]), "psnr_db": float(psnr(recon, x)[0]),
+                           "codes": [list(c.shape[1:]) for c in tokenizer.encode_levels(x)]}}
+
+
 def _tokenizer_summary(m: dict) -> dict:
-    keys = ("psnr_db", "ssim", "lpips", "codebook_usage", "codebook_usage_per_level", "perplexity",
-            "codes_per_input", "compression_ratio")
+    keys = ("psnr_db", "ssim", "lpips", "snr_db", "mel_distance", "sample_rate", "codebook_usage", "codebook_usage_per_level", "perplexity",
+            "codes_per_input", "compression_ratio", "full_photo")
     return {k: m[k] for k in keys if k in m}
 
 
@@ -163,15 +192,24 @@ def _prior_summary(prior_runs: list[Path]) -> dict:
     return out
 
 
+LOOK_AT = {"image": ("samples.png", "reconstructions.png"), "audio": ("sample_*.wav", "spectrograms.png"),
+           "video": ("sample_*.mp4", "frames.png", "reconstructions.png")}
+
+
 def summary(metrics: dict, out: Path) -> str:
     t, p, s = metrics["tokenizer"], metrics["prior"], metrics["sampling"]
+    photo = t.get("full_photo")
+    extra = [f"  whole held-out photo {photo['name']} {photo['shape']}: {photo['psnr_db']:.2f} dB"] if photo else []
+    quality = (f"{t['snr_db']:.2f} dB SNR, mel distance {t['mel_distance']:.2f} dB" if "snr_db" in t
+               else f"{t['psnr_db']:.2f} dB PSNR")
     return "\n".join([
         "",
         f"tokgen demo ({metrics['dataset']}) finished in {metrics['timing']['total_s']:.0f} s",
-        f"  tokenizer: {t['psnr_db']:.2f} dB PSNR held-out, codebook usage {t['codebook_usage']:.2f}",
+        f"  tokenizer: {quality} held-out, codebook usage {t['codebook_usage']:.2f}",
         f"  prior:     {p['bits_per_token']:.3f} bits/token, {p['bits_per_dim']:.4f} bits/dim held-out",
         f"  sampling:  {s['tokens_per_s']:.0f} tokens/s",
-        f"  look at:   {out}/samples.png, {out}/reconstructions.png, {out}/metrics.json",
+        *extra,
+        f"  look at:   {', '.join(str(out / f) for f in LOOK_AT[metrics['modality']])}, {out}/metrics.json",
         f"  pipeline:  {out / 'pipeline'}  (try: tokgen sample {out / 'pipeline'} --num 16 --out more_samples)",
     ])
 

@@ -262,14 +262,17 @@ def read_input(modality: str, path: str | Path, channels: int, multiple: tuple[i
             raise ValueError(f"cannot read video {path}: {err}") from err
         x = frames_to_clip(frames, None, channels, train=False)
         if size is not None:
+            from data.common import resize_shorter
+
             c, t, h, w = x.shape
-            x = resize_shorter(x.reshape(c * t, h, w), size).reshape(c, t, *resize_shorter_hw(h, w, size))
+            x = resize_shorter(x.reshape(c * t, h, w), size)
+            x = x.reshape(c, t, *x.shape[-2:])
         return center_crop_to_multiple(x, multiple)
     if modality != "image":
         raise ValueError(f"unknown modality {modality!r}; choose image, audio or video")
     from PIL import Image, UnidentifiedImageError
 
-    from data.common import match_channels, pil_to_tensor
+    from data.common import match_channels, pil_to_tensor, resize_shorter
 
     try:
         with Image.open(path) as img:
@@ -280,20 +283,6 @@ def read_input(modality: str, path: str | Path, channels: int, multiple: tuple[i
         x = resize_shorter(x, size)
     x = match_channels(x, channels)
     return center_crop_to_multiple(x, multiple)
-
-
-def resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
-    from data.common import resize_shorter as resize
-
-    return resize(x, size)
-
-
-def resize_shorter_hw(h: int, w: int, size: int) -> tuple[int, int]:
-    """The (H, W) that ``data.common.resize_shorter`` produces."""
-    if min(h, w) == size:
-        return h, w
-    scale = size / min(h, w)
-    return max(size, round(h * scale)), max(size, round(w * scale))
 
 
 def center_crop_to_multiple(x: torch.Tensor, multiple: tuple[int, ...]) -> torch.Tensor:

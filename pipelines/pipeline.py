@@ -50,6 +50,17 @@ class TokgenPipeline:
                     f"codes, but the tokenizer makes {tuple(shape)} grids of {k} codes: they do not belong together"
                 )
 
+    def with_input_shape(self, input_shape: tuple[int, ...]) -> "TokgenPipeline":
+        """This pipeline for inputs of another size (C, *S): the tokenizer is fully convolutional, and
+        convolutional priors take any grid; a transformer prior refuses (its positions are learned)."""
+        input_shape = tuple(input_shape)
+        if input_shape == self.input_shape:
+            return self
+        shapes = self.tokenizer.code_shapes(input_shape)
+        priors = [p.with_grid(shape, shapes[level - 1] if level > 0 else None)
+                  for level, (p, shape) in enumerate(zip(self.priors, shapes))]
+        return TokgenPipeline(self.tokenizer, priors, input_shape, self.class_names)
+
     @property
     def modality(self) -> str:
         return self.tokenizer.config.modality
@@ -176,6 +187,36 @@ class TokgenPipeline:
         codes = self.sample_codes(batch_size, class_labels, temperature, top_k, top_p, generator, use_cache,
                                   progress=progress)
         return PipelineOutput(self.decode(codes) if output_type == "decoded" else None, codes)
+
+    @torch.no_grad()
+    def sample_long(self, length: int, batch_size: int = 1, class_labels=None, temperature: float = 1.0,
+                    top_k=None, top_p=None, generator=None, overlap: float = 0.5, progress=None) -> PipelineOutput:
+        """Samples longer than the training inputs along the first axis (video frames, audio samples).
+
+        Convolutional priors take the longer grid directly; a transformer, whose positions are learned
+        for the training length, slides a window over time: each new window keeps the last ``overlap``
+        of the previous one as its prefix and samples the rest (VideoGPT-style).
+        """
+        shape = (self.input_shape[0], length, *self.input_shape[2:])
+        if all(p.shape_agnostic for p in self.priors):
+            return self.with_input_shape(shape)(batch_size, class_labels, temperature, top_k, top_p, generator,
+                                                progress=progress)
+        if len(self.priors) != 1:
+            raise ValueError("sliding-window sampling needs a single-level pipeline (or convolutional priors)")
+        total = self.tokenizer.code_shapes(shape)[0][0]
+        prior, labels = self.priors[0], self._labels(batch_size, class_labels)
+        window = prior.config.grid_shape[0]
+        keep = int(window * overlap)
+        if not 0 < keep < window:
+            raise ValueError(f"overlap {overlap} leaves no context or no new steps in a window of {window}")
+        codes = sample(prior, batch_size, labels, None, temperature, top_k, top_p, generator, progress=progress)
+        while codes.shape[1] < total:
+            prefix = codes[:, -keep:].flatten(1)
+            new = sample(prior, batch_size, labels, None, temperature, top_k, top_p, generator, prefix=prefix,
+                         progress=progress)
+            codes = torch.cat([codes, new[:, keep:]], dim=1)
+        codes = [codes[:, :total]]
+        return PipelineOutput(self.decode(codes), codes)
 
     @torch.no_grad()
     def likelihood(self, x: torch.Tensor, class_labels=None) -> torch.Tensor:

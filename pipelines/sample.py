@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-cache", action="store_true", help="full recompute per token (to verify/benchmark the cache)")
     p.add_argument("--codes-only", action="store_true", help="write codes, do not decode")
+    p.add_argument("--size", type=int, help="images: sample at this side length (convolutional priors)")
+    p.add_argument("--length", type=int,
+                   help="video frames / audio samples to generate; longer than training slides a window")
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -40,8 +43,14 @@ def class_labels_for(pipe: TokgenPipeline, num: int, class_label: int | None) ->
 
 
 def generate(pipe: TokgenPipeline, num: int, labels, seed: int, batch_size: int, decode: bool = True,
-             quiet: bool = False, **kwargs) -> tuple[torch.Tensor | None, list[torch.Tensor], float]:
-    """Samples in batches with one seeded generator; returns (samples, codes per level, seconds)."""
+             quiet: bool = False, length: int | None = None,
+             **kwargs) -> tuple[torch.Tensor | None, list[torch.Tensor], float]:
+    """Samples in batches with one seeded generator; returns (samples, codes per level, seconds).
+
+    length: generate this many frames/samples along the first axis (``TokgenPipeline.sample_long``).
+    """
+    if length is not None and length != pipe.input_shape[1]:
+        return _generate_long(pipe, num, labels, seed, batch_size, quiet, length, **kwargs)
     generator = torch.Generator().manual_seed(seed)
     total = num * sum(p.num_tokens for p in pipe.priors)
     bar = tqdm(total=total, desc="sample (tokens)", disable=quiet, unit="tok")
@@ -57,6 +66,21 @@ def generate(pipe: TokgenPipeline, num: int, labels, seed: int, batch_size: int,
     seconds = time.perf_counter() - started
     levels = [torch.cat([c[level] for c in codes]).cpu() for level in range(len(pipe.priors))]
     return (torch.cat(chunks) if decode else None), levels, seconds
+
+
+def _generate_long(pipe, num, labels, seed, batch_size, quiet, length, use_cache=True, **kwargs):
+    if not use_cache:
+        raise ValueError("--length beyond the training length samples with the cache only")
+    generator = torch.Generator().manual_seed(seed)
+    samples, codes, started = [], [], time.perf_counter()
+    for start in tqdm(range(0, num, batch_size), desc="sample (batches)", disable=quiet):
+        n = min(batch_size, num - start)
+        lab = labels[start : start + n] if labels is not None else None
+        out = pipe.sample_long(length, n, lab, generator=generator, **kwargs)
+        samples.append(out.samples.cpu())
+        codes.append(out.codes)
+    levels = [torch.cat([c[level] for c in codes]).cpu() for level in range(len(codes[0]))]
+    return torch.cat(samples), levels, time.perf_counter() - started
 
 
 def save_codes(codes: list[torch.Tensor], out: Path, sizes: list[int]) -> None:
@@ -75,17 +99,21 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     if args.num < 1 or args.batch_size < 1:
         raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
     pipe = TokgenPipeline.from_pretrained(args.pipeline)
+    if args.size:
+        if pipe.modality != "image":
+            raise ValueError("--size is for images; use --length for audio and video")
+        pipe = pipe.with_input_shape((pipe.input_shape[0], args.size, args.size))
     labels = class_labels_for(pipe, args.num, args.class_label)
     samples, codes, seconds = generate(pipe, args.num, labels, args.seed, args.batch_size, not args.codes_only,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       use_cache=not args.no_cache)
+                                       use_cache=not args.no_cache, length=args.length)
     args.out.mkdir(parents=True, exist_ok=True)
     save_codes(codes, args.out, pipe.tokenizer.codebook_sizes)
     if labels is not None:
         np.save(args.out / "labels.npy", labels.numpy(), allow_pickle=False)
     if samples is not None:
         write_samples(pipe.modality, samples, args.out, sample_rate=getattr(pipe.tokenizer.config, "sample_rate", 0))
-    tokens = args.num * sum(p.num_tokens for p in pipe.priors)
+    tokens = sum(c.numel() for c in codes)
     report = {"num": args.num, "seconds": seconds, "tokens_per_s": tokens / seconds, "cache": not args.no_cache}
     (args.out / "sampling.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))

@@ -71,17 +71,49 @@ def _try_lpips():
         return None
 
 
+def snr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-clip signal-to-noise ratio in dB of a reconstruction y of x, (B,)."""
+    signal = x.pow(2).flatten(1).sum(1)
+    noise = (x - y).pow(2).flatten(1).sum(1).clamp(min=1e-10)
+    return 10 * torch.log10(signal.clamp(min=1e-10) / noise)
+
+
+def batch_metrics(x: torch.Tensor, recon: torch.Tensor, modality: str, sample_rate: int, perceptual) -> dict:
+    """Per-item metric sums of one batch: what a modality's users compare tokenizers by."""
+    out = {"mse": (recon - x).pow(2).flatten(1).mean(1)}
+    if modality == "audio":
+        from stage1_tokenizer.audio_loss import mel_distance
+
+        out["snr_db"] = snr(x, recon)
+        out["mel_distance"] = mel_distance(recon, x, sample_rate)
+    elif modality == "video":
+        frames = lambda t: t.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B, C, T, H, W) -> (B*T, C, H, W)
+        out["psnr_db"] = psnr(frames(recon), frames(x)).view(x.shape[0], -1).mean(1)  # per-frame PSNR
+        out["ssim"] = ssim(frames(recon), frames(x)).view(x.shape[0], -1).mean(1)
+    else:
+        out["psnr_db"] = psnr(recon, x)
+        out["ssim"] = ssim(recon, x)
+        if perceptual is not None:
+            out["lpips"] = perceptual(recon, x)
+    return {k: float(v.sum()) for k, v in out.items()}
+
+
 @torch.no_grad()
 def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = None, lpips: bool = True,
              preview_path: Path | None = None, quiet: bool = False) -> dict:
-    """Metrics over a whole held-out dataset (codebook usage needs all of it)."""
+    """Metrics over a whole held-out dataset (codebook usage needs all of it).
+
+    image: psnr_db, ssim, lpips (when the backbone is available); video: per-frame psnr_db and ssim;
+    audio: snr_db and mel_distance (dB); all: mse, codebook usage and perplexity (per level).
+    """
     from data import collate_samples
 
     tokenizer.eval()
-    modality = tokenizer.config.modality if hasattr(tokenizer.config, "modality") else "image"
+    modality = tokenizer.config.modality
+    sample_rate = getattr(tokenizer.config, "sample_rate", 0) or 16000
     stats = [CodebookStats(k) for k in tokenizer.codebook_sizes]
     perceptual = _try_lpips() if lpips and modality == "image" else None
-    sums = {"psnr_db": 0.0, "ssim": 0.0, "lpips": 0.0, "mse": 0.0}
+    sums: dict[str, float] = {}
     count, preview, input_shape = 0, None, None
     n = len(dataset) if max_items is None else min(max_items, len(dataset))
     for start in tqdm(range(0, n, batch_size), desc="evaluate", disable=quiet):
@@ -89,27 +121,22 @@ def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = N
         x = batch["x"]
         input_shape = tuple(x.shape[1:])
         codes = tokenizer.encode_levels(x)
-        recon = tokenizer.decode_levels(codes).clamp(0 if modality != "audio" else -1, 1)
+        recon = tokenizer.decode_levels(codes).clamp(-1 if modality == "audio" else 0, 1)
         for s, c in zip(stats, codes):
             s.update(c)
-        peak = 2.0 if modality == "audio" else 1.0
-        sums["psnr_db"] += float(psnr(recon, x, peak).sum())
-        sums["mse"] += float((recon - x).pow(2).flatten(1).mean(1).sum())
-        if modality == "image":
-            sums["ssim"] += float(ssim(recon, x).sum())
-        if perceptual is not None:
-            sums["lpips"] += float(perceptual(recon, x).sum())
+        for key, value in batch_metrics(x, recon, modality, sample_rate, perceptual).items():
+            sums[key] = sums.get(key, 0.0) + value
         if preview is None:
             preview = (x[:16], recon[:16])
         count += x.shape[0]
     if count == 0:
         raise ValueError("the evaluation dataset is empty")
-    metrics = {k: v / count for k, v in sums.items() if k != "lpips" or perceptual is not None}
-    if modality != "image":
-        metrics.pop("ssim", None)
+    metrics = {k: v / count for k, v in sums.items()}
+    if modality == "audio":
+        metrics["sample_rate"] = sample_rate
     metrics.update(_code_metrics(tokenizer, stats, input_shape), num_samples=count)
     if preview_path is not None and preview is not None:
-        save_comparison(*preview, preview_path, modality=modality)
+        save_comparison(*preview, preview_path, modality=modality, sample_rate=sample_rate)
     return metrics
 
 
@@ -149,9 +176,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
     tokenizer = load_tokenizer(args.model)
     cfg = tokenizer.config
-    size = args.size or _training_size(args.model) or 32
-    dataset = build_dataset(args.data, modality=cfg.modality, split="eval", size=size,
-                            channels=cfg.in_channels, sample_rate=getattr(cfg, "sample_rate", 0))
+    dataset = build_dataset(args.data, modality=cfg.modality, split="eval", channels=cfg.in_channels,
+                            sample_rate=getattr(cfg, "sample_rate", 0), **training_data(args.model, args.size))
     args.out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate(tokenizer, dataset, args.batch_size, args.max_items, not args.no_lpips,
                        args.out / "reconstructions.png")
@@ -160,10 +186,15 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     return metrics
 
 
-def _training_size(path: Path) -> int | None:
-    for candidate in (path / "config.json", path.parent / "config.json"):
+def training_data(path: Path, size: int | None = None) -> dict:
+    """Input size (and video clip length) the tokenizer was trained at, from its run's config.json:
+    what evaluation and export should feed it unless told otherwise."""
+    for candidate in (Path(path) / "config.json", Path(path).parent / "config.json"):
         if candidate.is_file():
-            value = json.loads(candidate.read_text()).get("size")
-            if isinstance(value, int):
-                return value
-    return None
+            cfg = json.loads(candidate.read_text())
+            if isinstance(cfg.get("size"), int):
+                out = {"size": size or cfg["size"]}
+                if cfg.get("model", {}).get("modality") == "video":
+                    out["frames"] = cfg.get("frames", 16)
+                return out
+    return {"size": size or 32}

@@ -28,7 +28,8 @@ class TokenizerTrainConfig:
     arch: str = "vqvae"  # vqvae | hvqvae (hierarchical)
     model: dict = field(default_factory=dict)  # fields of VQVAEConfig / HierarchicalVQVAEConfig
     data: str = "digits"  # built-in name, folder, or WebDataset shard pattern
-    size: int = 32  # training crop size
+    size: int = 32  # crop size (images), clip length in samples (audio), frame side (video)
+    frames: int = 16  # video: frames per clip
     batch_size: int = 32  # per process
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -38,7 +39,8 @@ class TokenizerTrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
-    lpips_weight: float = 0.0
+    lpips_weight: float = 0.0  # images: LPIPS perceptual term
+    stft_weight: float = 0.0  # audio: multi-resolution STFT term
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     image_every: int = 250
@@ -71,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--num-workers", type=int)
-    p.add_argument("--lpips-weight", type=float)
+    p.add_argument("--lpips-weight", type=float, help="images: weight of the LPIPS perceptual loss")
+    p.add_argument("--stft-weight", type=float, help="audio: weight of the multi-resolution STFT loss")
     p.add_argument("--bad-input", choices=["skip", "fail"])
     p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -87,7 +90,7 @@ def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
         # A resumed run keeps its own config; only the step budget may grow.
         return resolve(TokenizerTrainConfig, runs_config(saved), None, {"max_steps": args.max_steps})
     flags = {k: getattr(args, k) for k in ("data", "max_steps", "checkpoint_every", "batch_size", "lr", "seed",
-                                            "mixed_precision", "grad_accum", "num_workers", "lpips_weight",
+                                            "mixed_precision", "grad_accum", "num_workers", "lpips_weight", "stft_weight",
                                             "bad_input")}
     return resolve(TokenizerTrainConfig, default_preset(args.data), args.config, flags)
 
@@ -105,7 +108,7 @@ class TrainState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    perceptual: torch.nn.Module | None
+    perceptual: torch.nn.Module | None  # LPIPS (images) or multi-resolution STFT (audio)
     dataset: torch.utils.data.Dataset
     preview: torch.Tensor  # (N, C, *S) fixed held-out inputs for pictures
 
@@ -114,8 +117,9 @@ def build_dataset(cfg: TokenizerTrainConfig, split: str, process_index: int = 0,
     from data import build_dataset as build
 
     m = cfg.model_config
+    options = {"frames": cfg.frames} if m.modality == "video" else {}
     return build(cfg.data, modality=m.modality, split=split, size=cfg.size, channels=m.in_channels, seed=cfg.seed,
-                 process_index=process_index, num_processes=num_processes, sample_rate=m.sample_rate)
+                 process_index=process_index, num_processes=num_processes, sample_rate=m.sample_rate, **options)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -130,6 +134,22 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def _perceptual(cfg: TokenizerTrainConfig, device) -> torch.nn.Module | None:
+    """The modality's perceptual loss, when its weight is set: LPIPS for images, STFT for audio."""
+    modality = cfg.model_config.modality
+    if cfg.lpips_weight > 0 and modality == "image":
+        from stage1_tokenizer.perceptual import PerceptualLoss
+
+        return PerceptualLoss().to(device)
+    if cfg.stft_weight > 0 and modality == "audio":
+        from stage1_tokenizer.audio_loss import MultiResolutionSTFTLoss
+
+        return MultiResolutionSTFTLoss().to(device)
+    if (cfg.lpips_weight > 0 and modality != "image") or (cfg.stft_weight > 0 and modality != "audio"):
+        raise ValueError(f"lpips_weight applies to images and stft_weight to audio, not to {modality}")
+    return None
+
+
 def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
     from data import collate_samples
 
@@ -137,11 +157,7 @@ def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
     model = TOKENIZERS[cfg.arch][0](cfg.model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
-    perceptual = None
-    if cfg.lpips_weight > 0:
-        from stage1_tokenizer.perceptual import PerceptualLoss
-
-        perceptual = PerceptualLoss().to(accelerator.device)
+    perceptual = _perceptual(cfg, accelerator.device)
     dataset = build_dataset(cfg, "train", accelerator.process_index, accelerator.num_processes)
     preview_set = build_dataset(cfg, "eval")
     preview = collate_samples([preview_set[i] for i in range(min(16, len(preview_set)))])["x"]
@@ -160,10 +176,10 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepG
         with accelerator.autocast():
             out = state.model(x)
             loss = out.loss
-            lpips = None
+            perceptual = None
             if state.perceptual is not None:
-                lpips = state.perceptual(out.recon, x).mean()
-                loss = loss + state.cfg.lpips_weight * lpips
+                perceptual = state.perceptual(out.recon, x).mean()
+                loss = loss + (state.cfg.lpips_weight or state.cfg.stft_weight) * perceptual
         if not guard.ok(accelerator, loss):
             state.optimizer.zero_grad(set_to_none=True)
             return None
@@ -175,11 +191,16 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepG
             state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
     logs = {"loss": loss.item(), "recon_loss": out.recon_loss.item(), "commitment_loss": out.commitment_loss.item(),
-            "codebook_loss": out.codebook_loss.item(), "batch_perplexity": out.perplexity.item(),
+            "codebook_loss": out.codebook_loss.item(), "batch_perplexity": _lowest_level(out.perplexity).item(),
             "lr": state.scheduler.get_last_lr()[0]}
-    if lpips is not None:
-        logs["lpips"] = lpips.item()
+    if perceptual is not None:
+        logs["lpips" if state.cfg.lpips_weight else "stft_loss"] = perceptual.item()
     return logs
+
+
+def _lowest_level(value):
+    """Hierarchical outputs list a value per level (top first): the bottom level's is the one to watch."""
+    return value[-1] if isinstance(value, list) else value
 
 
 def active_codes(model) -> float:
@@ -198,9 +219,10 @@ def save_preview(state: TrainState, accelerator, path: Path) -> None:
     was_training = model.training
     model.eval()
     x = state.preview.to(accelerator.device)
-    recon = model.decode(model.encode(x)).clamp(0, 1)
+    m = state.cfg.model_config
+    recon = model.decode_levels(model.encode_levels(x)).clamp(-1 if m.modality == "audio" else 0, 1)
     model.train(was_training)
-    save_comparison(x.cpu(), recon.cpu(), path, modality=state.cfg.model_config.modality)
+    save_comparison(x.cpu(), recon.cpu(), path, modality=m.modality, sample_rate=m.sample_rate)
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> Path:

@@ -8,6 +8,7 @@ numbers (tests hold them to 1e-5).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,23 @@ import torch.nn.functional as F
 class PriorMixin:
     """Needs ``config.grid_shape``, ``config.vocab_size``, ``config.num_classes``,
     ``config.cond_grid_shape`` and ``config.cond_vocab_size``."""
+
+    shape_agnostic = False  # True when no weight depends on the grid size (convolutional priors)
+
+    def with_grid(self, grid_shape: tuple[int, ...], cond_grid_shape: tuple[int, ...] | None = None):
+        """The same weights for another grid size: a conv prior trained on crops samples whole images."""
+        grid_shape = tuple(grid_shape)
+        cond_grid_shape = tuple(cond_grid_shape) if cond_grid_shape is not None else None
+        if grid_shape == tuple(self.config.grid_shape) and cond_grid_shape == (
+                tuple(self.config.cond_grid_shape) if self.config.cond_grid_shape else None):
+            return self
+        if not self.shape_agnostic:
+            raise ValueError(f"a {self.model_type} has weights for {tuple(self.config.grid_shape)} grids and cannot "
+                             f"model {grid_shape}: train it at that size, or use a convolutional prior")
+        device = next(self.parameters()).device
+        resized = type(self)(replace(self.config, grid_shape=grid_shape, cond_grid_shape=cond_grid_shape))
+        resized.load_state_dict(self.state_dict(), strict=True)
+        return resized.to(device).train(self.training)
 
     @property
     def num_tokens(self) -> int:

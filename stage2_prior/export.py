@@ -495,11 +495,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     from accelerate import Accelerator
 
     from data import build_dataset
-    from stage1_tokenizer.evaluate import _training_size, load_tokenizer
+    from stage1_tokenizer.evaluate import load_tokenizer, training_data
 
     tokenizer = load_tokenizer(args.model)
     cfg = tokenizer.config
-    size = args.size or _training_size(Path(args.model)) or 32
+    data_options = training_data(Path(args.model), args.size)
     cpu = args.cpu or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") in ("1", "true", "True", "yes")
     accelerator = Accelerator(cpu=cpu)
     splits = SPLITS if args.split == "all" else (args.split,)
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         warnings.warn(f"{args.data} has no separate held-out part: 'train' and 'eval' will hold the same "
                       "inputs (eval with centre crops); export a held-out source with --split eval instead")
     datasets = {
-        name: build_dataset(args.data, modality=cfg.modality, split=name, size=size, channels=cfg.in_channels,
+        name: build_dataset(args.data, modality=cfg.modality, split=name, channels=cfg.in_channels, **data_options,
                             seed=args.seed, process_index=accelerator.process_index,
                             num_processes=accelerator.num_processes,
                             **({"sample_rate": cfg.sample_rate} if getattr(cfg, "sample_rate", 0) else {}))

@@ -141,6 +141,7 @@ class PixelCNNState:
 class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
     config_class = GatedPixelCNNConfig
     model_type = "pixelcnn_prior"
+    shape_agnostic = True  # no parameter depends on the grid size: train on crops, sample bigger
 
     def __init__(self, config: GatedPixelCNNConfig):
         super().__init__()

@@ -98,6 +98,7 @@ class WaveNetState:
 class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
     config_class = WaveNetConfig
     model_type = "wavenet_prior"
+    shape_agnostic = True  # no parameter depends on the grid size: train on crops, sample bigger
 
     def __init__(self, config: WaveNetConfig):
         super().__init__()

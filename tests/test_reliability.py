@@ -214,3 +214,38 @@ def test_two_process_prior_equals_one_process_at_the_same_global_batch(tmp_path)
     one, two = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key
+
+
+# ---- unreadable inputs: skip and list (default) or fail fast --------------------------------------
+def _folder_with_a_corrupt_image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("L", (20, 20), color=i * 20).save(folder / f"ok_{i:02d}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    return folder
+
+
+def test_bad_input_is_skipped_counted_and_listed_by_default(tmp_path):
+    from stage1_tokenizer import train
+
+    folder = _folder_with_a_corrupt_image(tmp_path)
+    config = _tiny_config(tmp_path, data=str(folder), batch_size=13)
+    with pytest.warns(UserWarning, match="broken.png"):
+        train.main(["--config", str(config), "--out", str(tmp_path / "run"), "--max-steps", "2", "--quiet"])
+    listed = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert listed and all(line.endswith("broken.png") for line in listed)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_bad_input_policy_fail_stops_with_the_file_named(tmp_path):
+    from stage1_tokenizer import train
+
+    folder = _folder_with_a_corrupt_image(tmp_path)
+    config = _tiny_config(tmp_path, data=str(folder), batch_size=13)
+    with pytest.raises(RuntimeError, match="broken.png"):
+        train.main(["--config", str(config), "--out", str(tmp_path / "run"), "--max-steps", "2", "--quiet",
+                    "--bad-input", "fail"])
+    assert not (tmp_path / "run" / "model").exists()

@@ -1,0 +1,155 @@
+"""Token export throughput against the tokenizer's encode alone, and export memory as the dataset grows.
+
+Issue goals: ``export_tokens`` images/s >= 0.8x ``tokenizer.encode`` alone on the same images (reading
+and writing must not dominate); the export's peak memory stays flat when the dataset grows 10x.
+
+Method: a random-init tokenizer of the digits preset (``pipelines/configs/tokenizer-digits.json``: 1
+channel, 32x32 -> 8x8 codes, codebook 128). A temporary folder holds N 32x32 grayscale PNGs (the
+scikit-learn digits, upsampled, cycled, in 10 label subfolders), read through ``data.build_dataset(folder)``.
+Four contenders run in interleaved rounds on the same N images, batch 64, and we quote medians:
+
+* encode: ``tokenizer.encode`` on the images already decoded into one tensor (no I/O at all);
+* read: decode the PNGs and collate batches, no encoding (the input I/O alone);
+* read + encode: both, without writing anything;
+* export: ``stage2_prior.export.export_tokens`` into a fresh folder (read, encode, tar shards, sidecars,
+  manifest, fsync), also with ``num_workers=1`` (decoding in a data-loader process, overlapped).
+
+Memory: each of N and 10N is exported in a fresh subprocess; the peak-RSS high-water mark is reset after
+the tokenizer and dataset exist (modules imported, one warm-up encode), and the figure is ru_maxrss after
+``export_tokens`` minus RSS before.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import interleaved, median, run_worker, table
+
+BATCH = 64
+
+
+def make_tokenizer():
+    from pipelines.config import preset
+    from pipelines.hub import config_from_dict
+    from stage1_tokenizer.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    return VQVAE(config_from_dict(VQVAEConfig, preset("tokenizer-digits")["model"])).eval()
+
+
+def write_pngs(root: Path, n: int) -> Path:
+    """n 32x32 grayscale PNGs in label subfolders, made from the digits set."""
+    import numpy as np
+    from PIL import Image
+
+    from data import build_dataset
+
+    digits = build_dataset("digits", split="train", size=32, channels=1)
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        item = digits[i % len(digits)]
+        pixels = (item["x"][0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(root / str(item["label"]) / f"{i:06d}.png")
+    return root
+
+
+def dataset(folder: Path):
+    from data import build_dataset
+
+    return build_dataset(str(folder), split="train", size=32, channels=1)
+
+
+def worker(folder: str, out: str) -> dict:
+    from benchmarks.common import PeakRSS
+    from stage2_prior.export import export_tokens
+
+    import tqdm.auto  # noqa: F401  (imported by export_tokens; not data-dependent memory)
+    import webdataset  # noqa: F401
+
+    tokenizer = make_tokenizer()
+    ds = dataset(Path(folder))
+    with torch.no_grad():  # warm-up: first-call allocations of the conv kernels
+        tokenizer.encode(torch.stack([ds[i]["x"] for i in range(min(BATCH, len(ds)))]))
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        manifest = export_tokens(tokenizer, ds, out, batch_size=BATCH, progress=False)
+        seconds = time.perf_counter() - t0
+    return {"images": manifest["num_samples"], "seconds": seconds, **mem.as_dict()}
+
+
+def run(quick: bool = False) -> dict:
+    from data import collate_samples
+    from stage2_prior.export import export_tokens
+
+    n = 200 if quick else 500
+    repeats = 2 if quick else 5
+    tokenizer = make_tokenizer()
+    with tempfile.TemporaryDirectory(prefix="tokgen-bench-") as tmp:
+        tmp = Path(tmp)
+        small, large = write_pngs(tmp / f"png-{n}", n), write_pngs(tmp / f"png-{10 * n}", 10 * n)
+        ds = dataset(small)
+        images = torch.stack([ds[i]["x"] for i in range(len(ds))])
+        counter = [0]
+
+        def encode():
+            with torch.no_grad():
+                for b in range(0, len(images), BATCH):
+                    tokenizer.encode(images[b : b + BATCH])
+
+        def read(encode_too: bool):
+            def fn():
+                with torch.no_grad():
+                    for b in range(0, len(ds), BATCH):
+                        batch = collate_samples([ds[i] for i in range(b, min(len(ds), b + BATCH))])
+                        if encode_too:
+                            tokenizer.encode(batch["x"])
+            return fn
+
+        def export(workers: int):
+            def fn():
+                counter[0] += 1
+                out = tmp / f"tokens-{counter[0]}"
+                t0 = time.perf_counter()
+                export_tokens(tokenizer, ds, out, batch_size=BATCH, progress=False, num_workers=workers)
+                seconds = time.perf_counter() - t0
+                shutil.rmtree(out)
+                return seconds
+            return fn
+
+        fns = {"encode only (decoded tensors)": encode, "read only (PNG decode + collate)": read(False),
+               "read + encode": read(True), "export_tokens": export(0), "export_tokens, num_workers=1": export(1)}
+        times = interleaved(fns, repeats=repeats, warmup=1)
+        memory = [run_worker("benchmarks.export", [str(folder), str(tmp / f"mem-{folder.name}")])
+                  for folder in (small, large)]
+    speed = {name: n / median(t) for name, t in times.items()}
+    enc = speed["encode only (decoded tensors)"]
+    rows = [[name, f"{median(times[name]):.3f}", f"{speed[name]:,.0f}", f"{speed[name] / enc:.2f}x"]
+            for name in fns]
+    md = table(["contender (N = %d PNGs, batch %d)" % (n, BATCH), "median s", "images/s", "vs encode only"], rows)
+    md += "\n\n" + table(["export of", "peak RSS increase MiB", "RSS before MiB", "seconds"],
+                         [[f"{m['images']:,} PNGs", f"{m['peak_increase_mib']:.1f}", f"{m['rss_before_mib']:.0f}",
+                           f"{m['seconds']:.1f}"] for m in memory])
+    ratio = speed["export_tokens"] / enc
+    growth = memory[1]["peak_increase_mib"] - memory[0]["peak_increase_mib"]
+    md += (f"\n\nGoal export >= 0.8x encode: {'met' if ratio >= 0.8 else 'NOT met'} ({ratio:.2f}x). "
+           f"Peak memory from {n:,} to {10 * n:,} images: {growth:+.1f} MiB.")
+    return {"title": "Token export", "markdown": md, "n": n, "repeats": repeats, "times_s": times,
+            "images_per_s": speed, "export_vs_encode": ratio, "memory": memory, "goal_met": ratio >= 0.8,
+            "memory_growth_mib": growth, "quick": quick}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2], sys.argv[3])))
+    else:
+        p = argparse.ArgumentParser()
+        p.add_argument("--quick", action="store_true")
+        print(run(p.parse_args().quick)["markdown"])

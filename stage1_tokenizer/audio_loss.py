@@ -1,0 +1,114 @@
+"""Spectral losses for audio tokenizers: multi-resolution STFT loss and a log-mel distance.
+
+Both take waveforms (B, 1, T) or (B, T) in [-1, 1] and always compute in fp32, also under autocast
+(half-precision FFTs lose the quiet bins and overflow on the loud ones).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+_EPS = 1e-7
+
+
+def _waves(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T) or (B, T) -> float32 (B, T)."""
+    if x.dim() == 3:
+        if x.shape[1] != 1:
+            raise ValueError(f"expected mono audio (B, 1, T), got shape {tuple(x.shape)}")
+        x = x[:, 0]
+    if x.dim() != 2:
+        raise ValueError(f"expected audio (B, 1, T) or (B, T), got shape {tuple(x.shape)}")
+    return x.float()
+
+
+def _fft_size_for(length: int, largest: int) -> int:
+    """The largest power of two <= min(length, largest) (at least 16)."""
+    n = 16
+    while n * 2 <= min(length, largest):
+        n *= 2
+    return n
+
+
+def stft_magnitude(x: torch.Tensor, fft_size: int, hop: int, window: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> |STFT| (B, fft_size // 2 + 1, frames); sqrt(re^2 + im^2 + eps) keeps gradients finite at 0."""
+    spec = torch.stft(x, fft_size, hop_length=hop, win_length=window.shape[0], window=window, center=True,
+                      pad_mode="reflect" if x.shape[-1] > fft_size // 2 else "constant", return_complex=True)
+    return torch.sqrt(spec.real.square() + spec.imag.square() + _EPS)
+
+
+class MultiResolutionSTFTLoss(nn.Module):
+    """Sum over resolutions of spectral convergence + log-magnitude L1 (Yamamoto et al., Parallel WaveGAN),
+    averaged over the resolutions.
+
+    Resolutions: FFT sizes ``fft_sizes`` (hop = size // 4, Hann window of the FFT size). Sizes longer
+    than the clip are dropped; when none fits, one FFT of the largest power of two <= T is used.
+    ``forward(input, target)`` -> scalar (batch mean); ``per_item`` gives (B,).
+    Zero for identical inputs.
+    """
+
+    def __init__(self, fft_sizes: tuple[int, ...] = (512, 1024, 2048), hop_divisor: int = 4,
+                 sc_weight: float = 1.0, mag_weight: float = 1.0):
+        super().__init__()
+        if not fft_sizes:
+            raise ValueError("fft_sizes must not be empty")
+        self.fft_sizes, self.hop_divisor = tuple(sorted(fft_sizes)), hop_divisor
+        self.sc_weight, self.mag_weight = sc_weight, mag_weight
+
+    def resolutions(self, length: int) -> list[int]:
+        """FFT sizes used for clips of ``length`` samples."""
+        fits = [n for n in self.fft_sizes if n <= length]
+        return fits or [_fft_size_for(length, self.fft_sizes[0])]
+
+    def per_item(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B,) loss per item."""
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            x, y = _waves(input), _waves(target)
+            if x.shape != y.shape:
+                raise ValueError(f"input {tuple(x.shape)} and target {tuple(y.shape)} differ")
+            total = x.new_zeros(x.shape[0])
+            sizes = self.resolutions(x.shape[-1])
+            for n in sizes:
+                window = torch.hann_window(n, device=x.device)
+                mx = stft_magnitude(x, n, max(1, n // self.hop_divisor), window)
+                my = stft_magnitude(y, n, max(1, n // self.hop_divisor), window)
+                # spectral convergence: ||(|Y| - |X|)||_F / ||Y||_F, per item
+                sc = (my - mx).flatten(1).norm(dim=1) / my.flatten(1).norm(dim=1).clamp_min(_EPS)
+                mag = (my.log() - mx.log()).abs().flatten(1).mean(1)
+                total = total + self.sc_weight * sc + self.mag_weight * mag
+            return total / len(sizes)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.per_item(input, target).mean()
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_transform(sample_rate: int, fft_size: int, n_mels: int):
+    import torchaudio
+
+    return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=fft_size, hop_length=fft_size // 4,
+                                                n_mels=n_mels, power=2.0, center=True)
+
+
+def log_mel_spectrogram(x: torch.Tensor, sample_rate: int, n_mels: int = 64, fft_size: int = 1024) -> torch.Tensor:
+    """Waves (B, 1, T) or (B, T) -> log-mel power in dB (B, n_mels, frames), fp32.
+
+    The FFT shrinks to the largest power of two <= T for short clips (hop = FFT // 4), and the
+    number of mel bands to at most FFT // 8.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        waves = _waves(x)
+        n = _fft_size_for(waves.shape[-1], fft_size)
+        mel = _mel_transform(int(sample_rate), n, min(n_mels, n // 8)).to(waves.device)  # no empty mel bands
+        return 10.0 * torch.log10(mel(waves).clamp_min(1e-10))
+
+
+def mel_distance(x: torch.Tensor, y: torch.Tensor, sample_rate: int, n_mels: int = 64) -> torch.Tensor:
+    """Mean absolute log-mel difference per item, in dB: (B,). Zero for identical inputs."""
+    if x.shape != y.shape:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} differ")
+    mx = log_mel_spectrogram(x, sample_rate, n_mels)
+    my = log_mel_spectrogram(y, sample_rate, n_mels)
+    return (mx - my).abs().flatten(1).mean(1)

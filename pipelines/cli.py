@@ -14,6 +14,7 @@ COMMANDS = {
     "export-tokens": ("stage2_prior.export", "encode a dataset into WebDataset token shards"),
     "train-prior": ("stage2_prior.train", "train an autoregressive prior on exported tokens"),
     "evaluate-prior": ("stage2_prior.evaluate", "held-out NLL in bits per token and per dimension"),
+    "make-pipeline": ("pipelines.assemble", "assemble a pipeline from a tokenizer run and prior runs"),
     "sample": ("pipelines.sample", "sample from a pipeline and decode"),
     "encode": ("pipelines.codec", "encode one file into codes (.npy)"),
     "decode": ("pipelines.codec", "decode codes (.npy) into a file"),

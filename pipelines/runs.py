@@ -338,6 +338,34 @@ def run_loop(accelerator, run_dir: Path, hooks: LoopHooks, stream: Iterator[dict
     return step
 
 
+def open_run(run_dir: Path, cfg, tracker: str):
+    """Create the run folder and the Accelerator, write the resolved config, start the trackers."""
+    from pipelines.hub import config_to_dict
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum)
+    if accelerator.is_main_process:
+        write_json(run_dir / "config.json", config_to_dict(cfg))
+    accelerator.init_trackers(tracker)
+    return accelerator
+
+
+def train_loop(accelerator, run_dir: Path, cfg, dataset, collate, make_hooks: Callable[[BadStepGuard], LoopHooks], *,
+               resume: bool, quiet: bool, desc: str, bad_input: str = "skip") -> int:
+    """Resume (or not), stream the data from the right position, and run ``run_loop`` with ``cfg``'s
+    step budget, batch size, checkpoint and logging intervals. Returns the final step."""
+    guard = BadStepGuard(cfg.max_bad_steps)
+    skips = SkipLog(Path(run_dir), bad_input, accelerator.is_main_process)
+    step, consumed = resume_position(accelerator, Path(run_dir), resume, guard, skips)
+    stream = batch_stream(dataset, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+                          collate, cfg.num_workers, consumed)
+    return run_loop(accelerator, Path(run_dir), make_hooks(guard), stream, max_steps=cfg.max_steps,
+                    batch_size=cfg.batch_size, checkpoint_every=cfg.checkpoint_every,
+                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, start_step=step,
+                    consumed=consumed, guard=guard, skips=skips, desc=desc, quiet=quiet)
+
+
 def resume_position(accelerator, run_dir: Path, resume: bool, guard: BadStepGuard, skips: SkipLog) -> tuple[int, int]:
     """(step, consumed batches) from the latest valid checkpoint, or (0, 0)."""
     if not resume:

@@ -14,7 +14,6 @@ import torch
 
 from pipelines import runs
 from pipelines.config import preset, resolve
-from pipelines.hub import config_to_dict
 from pipelines.media import save_comparison
 from pipelines.hub import config_from_dict
 from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
@@ -239,33 +238,24 @@ def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet:
     from data import collate_samples
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = runs.make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum)
-    if accelerator.is_main_process:
-        runs.write_json(run_dir / "config.json", config_to_dict(cfg))
-    accelerator.init_trackers("tokenizer")
+    accelerator = runs.open_run(run_dir, cfg, "tokenizer")
     state = build(cfg, accelerator)
-    guard = runs.BadStepGuard(cfg.max_bad_steps)
-    skips = runs.SkipLog(run_dir, cfg.bad_input, accelerator.is_main_process)
-    step, consumed = runs.resume_position(accelerator, run_dir, resume, guard, skips)
-    stream = runs.batch_stream(state.dataset, cfg.batch_size, cfg.seed, accelerator.process_index,
-                               accelerator.num_processes, collate_samples, cfg.num_workers, consumed)
 
     def every_step(step: int) -> None:
         if cfg.image_every and step % cfg.image_every == 0 and accelerator.is_main_process:
             save_preview(state, accelerator, run_dir / "images" / f"recon_{step:08d}.png")
 
-    hooks = runs.LoopHooks(
-        step=lambda batch: train_step(state, batch, accelerator, guard),
-        extra_logs=lambda: {"usage": active_codes(accelerator.unwrap_model(state.model))},
-        every_step=every_step,
-        sync_check=lambda: runs.check_codebooks_in_sync(accelerator, state.model),
-    )
+    def hooks(guard: runs.BadStepGuard) -> runs.LoopHooks:
+        return runs.LoopHooks(
+            step=lambda batch: train_step(state, batch, accelerator, guard),
+            extra_logs=lambda: {"usage": active_codes(accelerator.unwrap_model(state.model))},
+            every_step=every_step,
+            sync_check=lambda: runs.check_codebooks_in_sync(accelerator, state.model),
+        )
+
     state.model.train()
-    runs.run_loop(accelerator, run_dir, hooks, stream, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                  checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                  log_every=cfg.log_every, start_step=step, consumed=consumed, guard=guard, skips=skips,
-                  desc="train-tokenizer", quiet=quiet)
+    runs.train_loop(accelerator, run_dir, cfg, state.dataset, collate_samples, hooks, resume=resume, quiet=quiet,
+                    desc="train-tokenizer", bad_input=cfg.bad_input)
     model = accelerator.unwrap_model(state.model)
     if accelerator.is_main_process:
         model.save_pretrained(run_dir / "model")

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from pipelines import runs
 from pipelines.config import preset, resolve
-from pipelines.hub import config_from_dict, config_to_dict
+from pipelines.hub import config_from_dict
 from stage1_tokenizer.train import lr_lambda
 from stage2_prior.registry import prior_classes
 from stage2_prior.tokens import load_all, read_manifest
@@ -218,17 +218,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
     """Train (or resume) into ``run_dir``; returns the saved prior folder."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = runs.make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum)
-    if accelerator.is_main_process:
-        runs.write_json(run_dir / "config.json", config_to_dict(cfg))
-    accelerator.init_trackers("prior")
+    accelerator = runs.open_run(run_dir, cfg, "prior")
     state = build(cfg, accelerator)
-    guard = runs.BadStepGuard(cfg.max_bad_steps)
-    skips = runs.SkipLog(run_dir, "skip", accelerator.is_main_process)
-    step, consumed = runs.resume_position(accelerator, run_dir, resume, guard, skips)
-    stream = runs.batch_stream(state.train_set, cfg.batch_size, cfg.seed, accelerator.process_index,
-                               accelerator.num_processes, collate, cfg.num_workers, consumed)
 
     def every_step(step: int) -> None:
         if state.eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0:
@@ -238,12 +229,12 @@ def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: boo
             accelerator.print(f"step {step}: held-out {metrics['bits_per_token']:.4f} bits/token, "
                               f"{metrics['bits_per_dim']:.4f} bits/dim")
 
-    hooks = runs.LoopHooks(step=lambda batch: train_step(state, batch, accelerator, guard), every_step=every_step)
+    def hooks(guard: runs.BadStepGuard) -> runs.LoopHooks:
+        return runs.LoopHooks(step=lambda batch: train_step(state, batch, accelerator, guard), every_step=every_step)
+
     state.model.train()
-    runs.run_loop(accelerator, run_dir, hooks, stream, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                  checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                  log_every=cfg.log_every, start_step=step, consumed=consumed, guard=guard, skips=skips,
-                  desc=f"train-prior (level {cfg.level})", quiet=quiet)
+    runs.train_loop(accelerator, run_dir, cfg, state.train_set, collate, hooks, resume=resume, quiet=quiet,
+                    desc=f"train-prior (level {cfg.level})")
     model = accelerator.unwrap_model(state.model)
     if accelerator.is_main_process:
         model.save_pretrained(run_dir / "model")

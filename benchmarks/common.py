@@ -17,6 +17,16 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+THREADS_ENV = "TOKGEN_BENCH_THREADS"  # set by ``benchmarks.run --threads N``; worker subprocesses inherit it
+
+
+def apply_threads() -> int:
+    """Use the torch thread count chosen with ``--threads`` (else torch's default); returns the count."""
+    import torch
+
+    if os.environ.get(THREADS_ENV):
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
+    return torch.get_num_threads()
 
 
 # ---- machine ------------------------------------------------------------------------------------
@@ -87,8 +97,14 @@ def rss_kib() -> int:
 
 
 def max_rss_kib() -> int:
-    """The process's peak RSS so far in KiB (``resource.getrusage`` ru_maxrss; KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """The process's peak RSS so far in KiB: VmHWM from /proc/self/status, else getrusage ru_maxrss.
+
+    ru_maxrss is not used where VmHWM exists: Linux carries the parent's high-water mark into a child
+    across fork/vfork + exec (``signal->maxrss``), so a subprocess started by a big parent reports at
+    least the parent's peak, and ``clear_refs`` does not reset that part.
+    """
+    m = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()) if Path("/proc/self/status").exists() else None
+    return int(m.group(1)) if m else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def reset_peak_rss() -> bool:
@@ -105,7 +121,7 @@ def reset_peak_rss() -> bool:
 
 
 class PeakRSS:
-    """Peak RSS increase of a block: ru_maxrss after minus RSS before (high-water mark reset first).
+    """Peak RSS increase of a block: the high-water mark after it minus RSS before (mark reset first).
 
     Meant for a fresh subprocess that measures one thing: torch's allocator keeps freed memory, so
     a second measurement in the same process would read low.

@@ -2,7 +2,8 @@
 
 Prints a markdown table per benchmark and writes ``benchmarks/results/NAME.json`` (``NAME.quick.json``
 with ``--quick``) holding the numbers, the machine (CPU model, cores, torch version, date, load average)
-and the command. ``--quick`` is a smoke run (fewer steps and repeats, smaller inputs in places): its
+and the command. ``--threads N`` fixes torch's thread count in every benchmark process (and
+its subprocesses). ``--quick`` is a smoke run (fewer steps and repeats, smaller inputs in places): its
 numbers are not the ones quoted in BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import command_line, machine_info, machine_line, write_result
+from benchmarks.common import THREADS_ENV, apply_threads, command_line, machine_info, machine_line, write_result
 
 BENCHMARKS = ["tokenizer_step", "codebook_usage", "sampling", "prior_train", "export"]
 
@@ -22,7 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     p.add_argument("--quick", action="store_true", help="smoke run (minutes), not the reported numbers")
+    p.add_argument("--threads", type=int, help="torch threads in every benchmark process (default: torch's "
+                   "own choice, one per core); on a shared machine 1 avoids oversubscribed cores")
     args = p.parse_args(argv)
+    if args.threads:
+        os.environ[THREADS_ENV] = str(args.threads)
+    apply_threads()
     names = BENCHMARKS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:

@@ -28,10 +28,11 @@ class DemoSpec:
     export_size: int | None = None  # input size for the token export; None = the training size
     sample_size: int | None = None  # spatial size to sample at (conv priors take any grid); None = export size
     full_photo: bool = False  # also reconstruct a held-out photo at its full size
+    temperature: float = 1.0  # sampling temperature (a small prior's tails make messy samples at 1.0)
 
 
 DEMOS = {
-    "digits": DemoSpec("tokenizer-digits", ("prior-digits",)),
+    "digits": DemoSpec("tokenizer-digits", ("prior-digits",), temperature=0.7),
     # Trained on small crops on CPU; the tokenizer and the PixelCNN priors are convolutional, so the
     # pipeline samples 256x256 images and reconstructs whole photos.
     "photos": DemoSpec("tokenizer-photos", ("prior-photos-top", "prior-photos-bottom"), num_samples=8,
@@ -48,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior-steps", type=int, help="override every prior's training steps")
     p.add_argument("--samples-per-class", type=int, help="class-conditional datasets: samples of each class")
     p.add_argument("--num-samples", type=int, help="unconditional datasets: number of samples")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
@@ -117,8 +119,10 @@ def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages):
     else:
         labels, nrow = None, min(8, args.num_samples or spec.num_samples)
     num = len(labels) if labels is not None else (args.num_samples or spec.num_samples)
-    samples, codes, seconds = stages.run("sample", generate, pipe, num, labels, args.seed, 100, quiet=args.quiet)
-    return samples, codes, labels, seconds, nrow
+    temperature = args.temperature or spec.temperature
+    samples, codes, seconds = stages.run("sample", generate, pipe, num, labels, args.seed, 100, quiet=args.quiet,
+                                         temperature=temperature)
+    return samples, codes, labels, seconds, nrow, temperature
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     pipe.save_pretrained(out / "pipeline")
     if spec.full_photo:
         tok_metrics.update(stages.run("reconstruct a whole held-out photo", _full_photo, tokenizer, out))
-    samples, codes, labels, seconds, nrow = _sample_stage(args, spec, pipe, stages)
+    samples, codes, labels, seconds, nrow, temperature = _sample_stage(args, spec, pipe, stages)
     write_samples(pipe.modality, samples, out, nrow=nrow, sample_rate=getattr(tokenizer.config, "sample_rate", 0))
     save_codes(codes, out, tokenizer.codebook_sizes)
     if labels is not None:
@@ -150,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
         "modality": pipe.modality,
         "tokenizer": _tokenizer_summary(tok_metrics),
         "prior": _prior_summary(prior_runs),
-        "sampling": {"num_samples": samples.shape[0], "seconds": seconds,
+        "sampling": {"num_samples": samples.shape[0], "seconds": seconds, "temperature": temperature,
                      "tokens_per_s": samples.shape[0] * sum(p.num_tokens for p in pipe.priors) / seconds},
         "timing": {**stages.times, "total_s": round(time.perf_counter() - started, 2)},
     }

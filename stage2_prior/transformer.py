@@ -29,7 +29,7 @@ class TransformerPriorConfig:
     num_layers: int = 6
     num_heads: int = 8
     mlp_ratio: float = 4.0
-    dropout: float = 0.0  # on the MLP output
+    dropout: float = 0.0  # on the input embeddings and each residual branch (not inside attention)
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -65,12 +65,12 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.attn = Attention(cfg)
         hidden = int(cfg.dim * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim),
-                                 nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache)
-        return x + self.mlp(self.ln2(x))
+        x = x + self.drop(self.attn(self.ln1(x), cache))
+        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 @dataclass
@@ -95,6 +95,7 @@ class TransformerPrior(PriorMixin, PretrainedMixin, nn.Module):
         self.pos_emb = nn.ModuleList(nn.Embedding(n, d) for n in config.grid_shape)
         self.class_emb = nn.Embedding(config.num_classes, d) if config.num_classes else None
         self.cond_emb = nn.Embedding(config.cond_vocab_size, d) if config.cond_vocab_size else None
+        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.vocab_size, bias=False)
@@ -128,7 +129,7 @@ class TransformerPrior(PriorMixin, PretrainedMixin, nn.Module):
         self.check_inputs(codes, class_labels, cond)
         b = codes.shape[0]
         prev = self.tok_emb(codes.flatten(1)[:, :-1])
-        x = torch.cat([self.start.expand(b, 1, -1), prev], dim=1) + self.context(b, class_labels, cond)
+        x = self.drop(torch.cat([self.start.expand(b, 1, -1), prev], dim=1) + self.context(b, class_labels, cond))
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x)).view(*codes.shape, -1)

@@ -94,7 +94,7 @@ def worker(cfg: dict, threads: int) -> dict:
 
 def run(quick: bool = False, variants: dict | None = None, steps: int | None = None) -> dict:
     variants = variants or VARIANTS
-    steps = steps or (60 if quick else BASE["max_steps"])
+    steps = steps or (40 if quick else BASE["max_steps"])
     cores = os.cpu_count() or 1
     parallel = min(len(variants), 3) if cores >= 2 else 1
     threads = int(os.environ.get(THREADS_ENV) or max(1, cores // parallel))

@@ -94,7 +94,7 @@ def run(quick: bool = False) -> dict:
     from data import collate_samples
     from stage2_prior.export import export_tokens
 
-    n = 200 if quick else 500
+    n = 100 if quick else 500
     plan = [(n, 2 if quick else 5, 1), (10 * n, 1 if quick else 3, 0)]  # (images, rounds, warm-up rounds)
     tokenizer = make_tokenizer()
     timings, memory = {}, []

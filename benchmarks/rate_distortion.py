@@ -91,7 +91,7 @@ def run(quick: bool = False, pipeline: Path | None = None, data: str = "digits",
     from data import build_dataset
     from pipelines.compress import coder_for, data_peak, model_nll_bits
     from pipelines.pipeline import TokgenPipeline
-    from stage2_prior.evaluate import iterate
+    from stage2_prior.evaluate import dataset_options, iterate
 
     pipeline = Path(pipeline or DEFAULT_PIPELINE)
     if not (pipeline / "pipeline.json").is_file():
@@ -99,14 +99,11 @@ def run(quick: bool = False, pipeline: Path | None = None, data: str = "digits",
         print(msg)
         return {"title": "Rate-distortion: tokgen vs PNG/JPEG", "markdown": msg, "skipped": True}
     limit = limit or (40 if quick else None)
+    torch.set_num_threads(1)  # sizes and PSNR do not depend on it; tiny models run fastest on one thread
     pipe = TokgenPipeline.from_pretrained(pipeline)
     cfg = pipe.tokenizer.config
     sample_rate = getattr(cfg, "sample_rate", 0)
-    kwargs = {"modality": pipe.modality, "split": "eval", "size": int(pipe.input_shape[-1]),
-              "channels": int(cfg.in_channels)}
-    if sample_rate:
-        kwargs["sample_rate"] = sample_rate
-    dataset = build_dataset(data, **kwargs)
+    dataset = build_dataset(data, **dataset_options(pipe))
     peak = data_peak(pipe.modality)
     coder = coder_for(pipe)
     codecs = baselines(pipe.modality, sample_rate)

@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _cmd(*args: str) -> list[str]:
     # /usr/bin/time would add a dependency; the child reports its own peak RSS through getrusage.
-    wrapper = ("import resource, runpy, sys; sys.argv = ['tokgen'] + sys.argv[1:]; "
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak.
+    wrapper = ("import re, runpy, sys; sys.argv = ['tokgen'] + sys.argv[1:]; "
                "exec('try:\\n runpy.run_module(\"pipelines.cli\", run_name=\"__main__\")\\n"
-               "finally:\\n print(\"PEAK_RSS_KB\", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)')")
+               "finally:\\n print(\"PEAK_RSS_KB\", re.search(r\"VmHWM:\\\\s+(\\\\d+)\", "
+               "open(\"/proc/self/status\").read()).group(1), file=sys.stderr)')")
     return [sys.executable, "-c", wrapper, *args]
 
 

@@ -11,8 +11,15 @@ on the CPU, with a float64 copy of the prior, single-threaded, and with the same
 the CLI; :func:`compress_batch` streams decode with :func:`decompress_batch` over the same batch).
 Single-threaded float64 makes the CDFs reproducible on one machine; across machines with different
 CPU kernels an ulp may still differ, which then changes a CDF with probability ~1e-10 per entry.
-The file's CRC covers the decoded codes as well as the bytes, so a decoder that went out of step is
-refused with a clear error instead of producing garbage.
+
+Checks. The file's CRC32 (over the full pipeline fingerprint, header and payload) is verified before
+decoding: another pipeline, a flipped, cut or appended byte are refused at once. After the codes the
+stream carries 8 check bits (a CRC of the codes, coded uniformly: exactly 1 byte), so a decoder whose
+numerics went out of step with the encoder's is refused too (miss rate 1/256) instead of writing
+garbage.
+
+Inputs of another size than the pipeline's: the header stores the input shape and the coder uses
+``pipe.with_input_shape`` (convolutional priors take any grid; a transformer prior refuses).
 
 Library:
   compress_batch(pipe, x_or_codes, class_labels=None) -> list[bytes]
@@ -27,6 +34,7 @@ import copy
 import json
 import math
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +45,11 @@ from stage2_prior import bitstream
 from stage2_prior.arithmetic import ArithmeticDecoder, ArithmeticEncoder, precision_for, quantize_cdf
 from stage2_prior.bitstream import BitstreamError
 
-__all__ = ["CODING_DTYPE", "PriorCoder", "Decompressed", "compress", "compress_batch", "decompress",
-           "decompress_batch", "codes_content", "compress_main", "decompress_main"]
+__all__ = ["CODING_DTYPE", "CHECK_BITS", "PriorCoder", "Decompressed", "coder_for", "compress", "compress_batch",
+           "decompress", "decompress_batch", "model_nll_bits", "codes_content", "compress_main", "decompress_main"]
 
 CODING_DTYPE = torch.float64  # the priors run in this dtype for coding (see the module docstring)
+CHECK_BITS = 8  # bits of the codes' CRC coded after them (a decoder out of step is caught)
 
 
 @dataclass
@@ -76,8 +85,13 @@ def deterministic_cpu():
 
 
 def codes_content(codes: list[torch.Tensor]) -> bytes:
-    """The bytes of one sample's codes (levels top first, int32 little-endian) the file's CRC covers."""
+    """The bytes of one sample's codes (levels top first, int32 little-endian)."""
     return b"".join(np.ascontiguousarray(c.detach().cpu().numpy(), dtype="<i4").tobytes() for c in codes)
+
+
+def codes_check(codes: list[torch.Tensor]) -> int:
+    """The CHECK_BITS the stream carries after the codes: the low bits of their CRC32."""
+    return zlib.crc32(codes_content(codes)) & ((1 << CHECK_BITS) - 1)
 
 
 class PriorCoder:
@@ -87,22 +101,28 @@ class PriorCoder:
         self.pipe = pipe
         self.fingerprint_hex = pipe.fingerprint()
         self.fingerprint = bitstream.fingerprint_bytes(self.fingerprint_hex)
-        self.priors = [copy.deepcopy(p).to(device="cpu", dtype=CODING_DTYPE).eval() for p in pipe.priors]
+        self._priors: dict[tuple[int, ...], list] = {}
         self.sizes = list(pipe.tokenizer.codebook_sizes)
         self.precision = max(precision_for(k) for k in self.sizes)
         self.channels = int(pipe.tokenizer.config.in_channels)
         self.num_classes = int(pipe.num_classes)
 
     # ---- shapes and labels ----------------------------------------------------------------------
+    def priors_for(self, input_shape) -> list:
+        """The coding copies of the priors for inputs (C, *S) (resized for another size when they can be)."""
+        key = tuple(int(d) for d in input_shape)
+        if key not in self._priors:
+            pipe = self.pipe if key == tuple(self.pipe.input_shape) else self.pipe.with_input_shape(key)
+            self._priors[key] = [copy.deepcopy(p).to(device="cpu", dtype=CODING_DTYPE).eval() for p in pipe.priors]
+        return self._priors[key]
+
     def code_shapes(self, input_shape) -> list[tuple[int, ...]]:
         """Code grids for an input (C, *S); ValueError when the priors cannot code that size."""
         shapes = [tuple(s) for s in self.pipe.tokenizer.code_shapes(tuple(input_shape))]
-        for level, (prior, shape) in enumerate(zip(self.priors, shapes)):
+        for level, (prior, shape) in enumerate(zip(self.priors_for(input_shape), shapes)):
             if tuple(prior.config.grid_shape) != shape:
-                raise ValueError(
-                    f"the level-{level} prior models {tuple(prior.config.grid_shape)} code grids, but an input "
-                    f"of shape {tuple(input_shape)} makes {shape}: this pipeline codes inputs of shape "
-                    f"{tuple(self.pipe.input_shape)}")
+                raise ValueError(f"the level-{level} prior models {tuple(prior.config.grid_shape)} code grids, "
+                                 f"but an input of shape {tuple(input_shape)} makes {shape}")
         return shapes
 
     def _labels(self, batch: int, class_labels) -> torch.Tensor | None:
@@ -128,8 +148,8 @@ class PriorCoder:
     def encode(self, codes: list[torch.Tensor], input_shape, class_labels=None) -> list[Encoded]:
         """codes: per level (B, *grid); input_shape (C, *S). One stream per sample, one step call per position."""
         codes = [c.detach().to("cpu", torch.long) for c in codes]
-        if len(codes) != len(self.priors):
-            raise ValueError(f"got {len(codes)} code level(s); this pipeline has {len(self.priors)}")
+        if len(codes) != len(self.sizes):
+            raise ValueError(f"got {len(codes)} code level(s); this pipeline has {len(self.sizes)}")
         batch = codes[0].shape[0]
         input_shape = tuple(int(d) for d in input_shape)
         shapes = self.code_shapes(input_shape)
@@ -144,8 +164,9 @@ class PriorCoder:
         los = [[] for _ in range(batch)]
         his = [[] for _ in range(batch)]
         qbits = np.zeros((batch, len(codes)))
+        priors = self.priors_for(input_shape)
         with deterministic_cpu():
-            for level, (prior, c) in enumerate(zip(self.priors, codes)):
+            for level, (prior, c) in enumerate(zip(priors, codes)):
                 cond = codes[level - 1] if level else None
                 state = prior.start_state(batch, self._prior_labels(prior, labels), cond)
                 flat = c.flatten(1)
@@ -166,10 +187,11 @@ class PriorCoder:
         for i in range(batch):
             enc = ArithmeticEncoder(self.precision)
             enc.encode_intervals(los[i], his[i])
+            check = codes_check([c[i] for c in codes])
+            enc.encode_interval(check * (unit := (1 << self.precision) >> CHECK_BITS), (check + 1) * unit)
             payload = enc.finish()
             label = None if labels is None else int(labels[i])
-            blob = bitstream.pack(self.fingerprint, spatial, payload, label,
-                                  content=codes_content([c[i] for c in codes]))
+            blob = bitstream.pack(self.fingerprint, spatial, payload, label)
             out.append(Encoded(blob, bitstream.header_size(spatial, label), qbits[i].tolist()))
         return out
 
@@ -187,19 +209,22 @@ class PriorCoder:
             except BitstreamError as err:
                 raise BitstreamError(f"{where}{err}") from None
             containers.append(c)
+        for i, c in enumerate(containers):  # nothing is decoded from a file that does not verify
+            try:
+                c.verify(self.fingerprint)
+            except BitstreamError as err:
+                raise BitstreamError(f"stream {i}: {err}" if len(blobs) > 1 else str(err)) from None
         input_shape = (self.channels, *containers[0].header.input_shape)
         if any(c.header.input_shape != containers[0].header.input_shape for c in containers):
             raise ValueError("streams of different input shapes: decompress them separately")
-        try:
-            shapes = self.code_shapes(input_shape)
-            labels = self._header_labels(containers)
-        except ValueError as err:
-            raise BitstreamError(f"the file is corrupt or was modified ({err})") from None
+        shapes = self.code_shapes(input_shape)
+        priors = self.priors_for(input_shape)
+        labels = self._header_labels(containers)
         batch = len(blobs)
         decoders = [ArithmeticDecoder(c.payload, self.precision) for c in containers]
         codes: list[torch.Tensor] = []
         with deterministic_cpu():
-            for level, (prior, shape) in enumerate(zip(self.priors, shapes)):
+            for level, (prior, shape) in enumerate(zip(priors, shapes)):
                 n = math.prod(shape)
                 out = torch.zeros(batch, n, dtype=torch.long)
                 state = prior.start_state(batch, self._prior_labels(prior, labels), codes[-1] if level else None)
@@ -208,16 +233,16 @@ class PriorCoder:
                     cdf = quantize_cdf(logits, self.precision).numpy()
                     out[:, t] = torch.tensor([d.decode(cdf[i]) for i, d in enumerate(decoders)])
                 codes.append(out.view(batch, *shape))
+        uniform = np.arange((1 << CHECK_BITS) + 1, dtype=np.int64) * ((1 << self.precision) >> CHECK_BITS)
         results = []
         for i, c in enumerate(containers):
             sample = [lvl[i].clone() for lvl in codes]
-            try:
-                c.verify(self.fingerprint, codes_content(sample))
-            except BitstreamError as err:
+            if decoders[i].decode(uniform) != codes_check(sample):
                 where = f"stream {i}: " if batch > 1 else ""
                 raise BitstreamError(
-                    f"{where}{err} (if it is intact: it was made in a batch of another size, or this machine "
-                    "computes the prior's probabilities differently from the one that compressed it)") from None
+                    f"{where}the decoded codes fail their check although the file is intact: this machine "
+                    "computes the prior's probabilities differently from the one that compressed it (another "
+                    "CPU or library version; or the stream was coded in a batch of another size)")
             results.append(Decompressed(sample, input_shape, c.header.class_label, c.header_bytes, len(c.payload)))
         return results
 
@@ -366,18 +391,20 @@ def compress_main(argv=None, args=None) -> dict:
     tok = pipe.tokenizer
     sample_rate = getattr(tok.config, "sample_rate", 0)
     x = read_input(pipe.modality, args.input, tok.config.in_channels, downsampling(tok), args.size, sample_rate)
-    if tuple(x.shape) != tuple(pipe.input_shape):
-        hint = " (pass --size to resize the shorter side first)" if pipe.modality == "image" else ""
-        raise ValueError(f"{args.input} reads as {tuple(x.shape)} but this pipeline's prior codes inputs of shape "
-                         f"{tuple(pipe.input_shape)}{hint}")
     coder = coder_for(pipe)
+    try:
+        sized = pipe.with_input_shape(tuple(x.shape))
+    except ValueError as err:
+        hint = " (pass --size to resize the shorter side first)" if pipe.modality != "audio" else " (pass --size)"
+        raise ValueError(f"{args.input} reads as {tuple(x.shape)}, but this pipeline codes {tuple(pipe.input_shape)}: "
+                         f"{err}{hint}") from None
     codes = [c.cpu() for c in pipe.encode(x[None])]  # exactly what `tokgen encode` computes
     labels = None if args.class_label is None else [args.class_label]
     encoded = coder.encode(codes, tuple(x.shape), labels)[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(encoded.blob)
 
-    nll = model_nll_bits(pipe, codes, labels)[0]
+    nll = model_nll_bits(sized, codes, labels)[0]
     dims = math.prod(x.shape)
     recon = pipe.decode(codes)[0].cpu()
     nbytes = len(encoded.blob)
@@ -392,7 +419,7 @@ def compress_main(argv=None, args=None) -> dict:
         "nll_bits_quantized": float(sum(encoded.quantized_bits)),
         "nll_bits_quantized_per_level": [float(v) for v in encoded.quantized_bits],
         "bits_per_dim": 8 * nbytes / dims, "nll_bits_per_dim": float(nll.sum()) / dims,
-        "overhead_bits": 8 * nbytes - float(nll.sum()), "precision": coder.precision,
+        "overhead_bits": 8 * nbytes - float(nll.sum()), "precision": coder.precision, "check_bits": CHECK_BITS,
         "psnr_db": psnr_db(recon, x, data_peak(pipe.modality)), "psnr_peak": data_peak(pipe.modality),
     }
     if args.report:

@@ -74,7 +74,9 @@ class SeededDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator only: torch.manual_seed would also queue CUDA seeding, which costs
+            # ~0.2 ms per item on CUDA builds and is not restored by fork_rng(devices=[]).
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

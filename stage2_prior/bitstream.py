@@ -11,16 +11,15 @@ Layout (varints are LEB128: little-endian base-128, 7 bits a byte)::
                           tokenizer)
     class label  varint   only when flagged (class-conditional pipelines)
     check        4 bytes  little-endian CRC32 of: the full 32-byte pipeline fingerprint, every header
-                          byte before the check, the payload and ``content`` (bytes the writer and the
-                          reader both know but the file does not store: tokgen passes the codes)
+                          byte before the check, and the payload (plus optional ``content`` the writer
+                          and the reader both know but the file does not store)
     payload      the rest (the arithmetic-coded codes)
 
 A 32x32 image: 2 + 1 + 2 + 2 + 4 = 11 bytes of header (12 with a class label < 128).
 
-Because the check covers the full fingerprint, a file made by another pipeline never verifies; the
-2-byte tag only lets the reader say so clearly ("compressed with another pipeline") before doing any
-work. Because it covers the decoded codes too, a decoder that went out of step (corrupt payload,
-different numerics) is caught after decoding and nothing is output.
+The check is verified before any decoding: a file made by another pipeline never verifies (the check
+covers the full fingerprint), and any flipped, cut or appended byte is caught. The 2-byte tag only lets
+the reader say clearly "compressed with another pipeline" rather than "corrupt".
 """
 
 from __future__ import annotations

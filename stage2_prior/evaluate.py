@@ -76,26 +76,26 @@ def evaluate_pipeline(pipe, dataset, batch_size: int = 64, limit: int | None = N
                       progress: bool = False) -> dict:
     """Exact NLL of the dataset's codes under the pipeline's priors (and, optionally, real file sizes)."""
     levels = len(pipe.priors)
-    dims = math.prod(pipe.input_shape)
-    tokens = [p.num_tokens for p in pipe.priors]
     bits = np.zeros(levels)
-    count = 0
+    count, shape, sized = 0, None, None
     coded: list[dict] = []
     started = time.perf_counter()
     for batch in batches(dataset, batch_size, limit):
         x = batch["x"]
-        if tuple(x.shape[1:]) != tuple(pipe.input_shape):
-            raise ValueError(f"the data gives inputs of shape {tuple(x.shape[1:])}, this pipeline models "
-                             f"{tuple(pipe.input_shape)} (set --size)")
+        if shape is None:
+            shape = tuple(x.shape[1:])
+            sized = _sized(pipe, shape)
+        elif tuple(x.shape[1:]) != shape:
+            raise ValueError(f"held-out inputs of different shapes ({shape}, {tuple(x.shape[1:])}): set --size")
         labels = _labels(pipe, batch)
         codes = pipe.encode(x)
         dev_labels = labels.to(pipe.device) if labels is not None else None
-        for level, (prior, c) in enumerate(zip(pipe.priors, codes)):
+        for level, (prior, c) in enumerate(zip(sized.priors, codes)):
             cond = codes[level - 1] if level else None
             nats = prior.nll(c, dev_labels if prior.config.num_classes else None, cond)
             bits[level] += float(nats.double().sum()) / math.log(2)
         if len(coded) < compress:
-            coded += _compress_check(pipe, x, codes, labels, compress - len(coded))
+            coded += _compress_check(pipe, sized, x, codes, labels, compress - len(coded))
         count += x.shape[0]
         if progress:
             print(f"  {count} samples, {bits.sum() / count:.2f} bits/sample", flush=True)
@@ -103,6 +103,8 @@ def evaluate_pipeline(pipe, dataset, batch_size: int = 64, limit: int | None = N
         raise ValueError("no held-out samples to evaluate")
     per_sample = bits / count
     total = float(per_sample.sum())
+    dims = math.prod(shape)
+    tokens = [p.num_tokens for p in sized.priors]
     metrics = {
         "num_samples": count,
         "bits_per_token": total / sum(tokens),
@@ -112,7 +114,8 @@ def evaluate_pipeline(pipe, dataset, batch_size: int = 64, limit: int | None = N
         "levels": [{"level": level, "grid_shape": list(p.config.grid_shape), "codebook_size": p.config.vocab_size,
                     "tokens_per_sample": n, "bits_per_token": float(b / n), "bits_per_sample": float(b),
                     "bits_per_dim": float(b / dims)}
-                   for level, (p, n, b) in enumerate(zip(pipe.priors, tokens, per_sample))],
+                   for level, (p, n, b) in enumerate(zip(sized.priors, tokens, per_sample))],
+        "input_shape": list(shape),
         "tokens_per_sample": sum(tokens),
         "dims_per_sample": dims,
         "seconds": round(time.perf_counter() - started, 2),
@@ -133,7 +136,16 @@ def evaluate_pipeline(pipe, dataset, batch_size: int = 64, limit: int | None = N
     return metrics
 
 
-def _compress_check(pipe, x, codes, labels, n: int) -> list[dict]:
+def _sized(pipe, shape: tuple[int, ...]):
+    """The pipeline for inputs of this shape (convolutional priors take any size; a transformer refuses)."""
+    try:
+        return pipe.with_input_shape(shape)
+    except ValueError as err:
+        raise ValueError(f"the data gives inputs of shape {shape}, this pipeline models {tuple(pipe.input_shape)}: "
+                         f"{err} (set --size)") from None
+
+
+def _compress_check(pipe, sized, x, codes, labels, n: int) -> list[dict]:
     """Compress the first n samples one at a time (as the CLI does), decode them back, compare."""
     from pipelines.compress import coder_for, model_nll_bits
     from stage2_prior.bitstream import BitstreamError
@@ -149,8 +161,19 @@ def _compress_check(pipe, x, codes, labels, n: int) -> list[dict]:
             exact = all(torch.equal(a, b[0]) for a, b in zip(dec.codes, sample))
         except BitstreamError:
             exact = False
-        nll = float(model_nll_bits(pipe, sample, lab).sum())
+        nll = float(model_nll_bits(sized, sample, lab).sum())
         out.append({"bytes": len(enc.blob), "header_bytes": enc.header_bytes, "nll_bits": nll, "exact": exact})
+    return out
+
+
+def dataset_options(pipe, split: str = "eval", size: int | None = None) -> dict:
+    """``build_dataset`` keywords giving inputs of the pipeline's shape (``size`` overrides the side/length)."""
+    cfg = pipe.tokenizer.config
+    shape = tuple(pipe.input_shape)
+    out = {"modality": pipe.modality, "split": split, "size": size or int(shape[-1]),
+           "channels": int(cfg.in_channels), "sample_rate": int(getattr(cfg, "sample_rate", 0) or 0)}
+    if pipe.modality == "video":
+        out["frames"] = int(shape[1])
     return out
 
 
@@ -164,11 +187,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
     pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device)
     cfg = pipe.tokenizer.config
-    kwargs = {"modality": pipe.modality, "split": args.split, "size": args.size or int(pipe.input_shape[-1]),
-              "channels": int(cfg.in_channels)}
-    if getattr(cfg, "sample_rate", 0):
-        kwargs["sample_rate"] = cfg.sample_rate
-    dataset = build_dataset(args.data, **kwargs)
+    dataset = build_dataset(args.data, **dataset_options(pipe, args.split, args.size))
     metrics = evaluate_pipeline(pipe, dataset, args.batch_size, args.limit, args.compress)
     metrics = {"pipeline": str(args.pipeline), "fingerprint": pipe.fingerprint(), "data": args.data,
                "split": args.split, **metrics}

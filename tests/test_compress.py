@@ -4,7 +4,6 @@ import argparse
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +22,15 @@ from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
 
 SIZE = 32  # inputs (1, 32, 32) -> code grids (8, 8) of 32 codes
 HEADER = 11  # bytes for a 32x32 image (12 with a class label)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and it spares cores shared with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_pipeline(seed: int, num_classes: int = 0, size: int = SIZE) -> TokgenPipeline:
@@ -190,54 +198,112 @@ def test_another_pipeline_is_refused(pipes, tmp_path, capsys):
     assert not (tmp_path / "no.png").exists()
 
 
-def test_input_of_another_size_is_refused(pipes, tmp_path):
+def test_input_of_another_size(pipes, tmp_path):
+    """A transformer prior codes its own grid only; a convolutional prior codes any size (header shape)."""
+    from stage2_prior.pixelcnn import GatedPixelCNNConfig, GatedPixelCNNPrior
+
     png = write_png(images(1, seed=6, size=48)[0], tmp_path / "big.png")
     with pytest.raises(ValueError, match="--size"):
         C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / "x.tkg"))
     report = C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / "x.tkg", size=SIZE))
     assert report["input_shape"] == [1, SIZE, SIZE]
 
+    pipe = make_pipeline(0)
+    torch.manual_seed(3)
+    conv = GatedPixelCNNPrior(GatedPixelCNNConfig(grid_shape=(8, 8), vocab_size=32, channels=16, num_layers=3,
+                                                  head_channels=16))
+    TokgenPipeline(pipe.tokenizer, [conv], (1, SIZE, SIZE)).save_pretrained(tmp_path / "conv")
+    report = C.compress_main(args=compress_args(tmp_path / "conv", png, tmp_path / "big.tkg"))
+    assert report["input_shape"] == [1, 48, 48] and report["code_shapes"] == [[12, 12]]
+    assert bitstream.peek_header((tmp_path / "big.tkg").read_bytes()).input_shape == (48, 48)
+    assert report["bytes"] <= report["nll_bits"] / 8 * 1.01 + 16
+    codes = C.decompress_main(args=decompress_args(tmp_path / "conv", tmp_path / "big.tkg", tmp_path / "big_out.png"))
+    assert torch.equal(codes[0], encode_main(args=ns(model=tmp_path / "conv", input=png, out=tmp_path / "e.npy",
+                                                     size=None))[0])
+    assert Image.open(tmp_path / "big_out.png").size == (48, 48)
 
-class _TwoLevelTokenizer:
-    """Just what the coder asks of a hierarchical tokenizer: grids (4, 4) over (8, 8)."""
 
-    codebook_sizes = [16, 32]
-    num_levels = 2
-    dims = 2
-    config = SimpleNamespace(in_channels=1, factors=((4, 4), (2, 2)))
-
-    def code_shapes(self, input_shape):
-        if tuple(input_shape) != (1, 32, 32):
-            raise ValueError("bad shape")
-        return [(4, 4), (8, 8)]
-
-
-def test_hierarchical_coding_top_first():
-    torch.manual_seed(0)
-    top = TransformerPrior(TransformerPriorConfig(grid_shape=(4, 4), vocab_size=16, num_classes=2, dim=32,
-                                                  num_layers=1, num_heads=2)).eval()
-    low = TransformerPrior(TransformerPriorConfig(grid_shape=(8, 8), vocab_size=32, num_classes=2, dim=32,
-                                                  num_layers=1, num_heads=2, cond_grid_shape=(4, 4),
-                                                  cond_vocab_size=16)).eval()
-    with torch.no_grad():
-        low.cond_emb.weight.mul_(100)  # make the lower level depend strongly on the upper one
-    pipe = SimpleNamespace(tokenizer=_TwoLevelTokenizer(), priors=[top, low], num_classes=2,
-                           input_shape=(1, 32, 32), fingerprint=lambda: "ab" * 32, device=torch.device("cpu"))
+def test_decoder_out_of_step_is_refused(pipes):
+    """Other numerics on the decoding side (simulated: perturbed coding weights) -> refused, no codes."""
+    pipe = TokgenPipeline.from_pretrained(pipes["uncond"])
+    x = images(3, seed=9)
+    blobs = [C.compress(pipe, x[i]) for i in range(3)]
     coder = C.PriorCoder(pipe)
-    g = torch.Generator().manual_seed(1)
-    codes = [torch.randint(0, 16, (5, 4, 4), generator=g), torch.randint(0, 32, (5, 8, 8), generator=g)]
-    labels = torch.tensor([0, 1, 1, 0, 1])
-    enc = coder.encode(codes, (1, 32, 32), labels)
-    dec = coder.decode([e.blob for e in enc])
-    nll = C.model_nll_bits(pipe, codes, labels)
-    for i, d in enumerate(dec):
-        assert torch.equal(d.codes[0], codes[0][i]) and torch.equal(d.codes[1], codes[1][i])
-        assert d.class_label == int(labels[i])
-        assert len(enc[i].blob) <= nll[i].sum() / 8 * 1.01 + 16
-        np.testing.assert_allclose(enc[i].quantized_bits, nll[i], rtol=0.02)
-    # the lower level's probabilities depend on the upper codes
-    shifted = [(codes[0] + 1) % 16, codes[1]]
-    assert not np.allclose(C.model_nll_bits(pipe, shifted, labels)[:, 1], nll[:, 1])
+    with torch.no_grad():
+        for prior in coder.priors_for(pipe.input_shape):
+            prior.head.weight.mul_(1.5)
+    for blob in blobs:
+        with pytest.raises(BitstreamError, match="fail their check"):
+            coder.decode([blob])
+
+
+def _modality_pipeline(modality: str) -> TokgenPipeline:
+    """image: 2-level hierarchical VQ-VAE + transformer priors (class-conditional); audio: 2-level + WaveNet
+    priors; video: 1-level 3-D VQ-VAE + transformer."""
+    from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
+    from stage2_prior.wavenet import WaveNetConfig, WaveNetPrior
+
+    torch.manual_seed(0)
+    q = QuantizerConfig(codebook_size=16, dim=8)
+    if modality == "video":
+        tok = VQVAE(VQVAEConfig(modality="video", in_channels=3, channels=(8, 8), num_res_blocks=1,
+                                factors=(2, 4, 4), quantizer=q))
+        shape = (3, 4, 16, 16)
+    else:
+        factors, shape = (((4, 4), (2, 2)), (1, 32, 32)) if modality == "image" else (((4,), (4,)), (1, 256))
+        tok = HierarchicalVQVAE(HierarchicalVQVAEConfig(modality=modality, in_channels=1, channels=(8, 8), hidden=8,
+                                                        num_res_blocks=1, factors=factors, quantizer=q))
+    grids, classes, priors = tok.code_shapes(shape), (2 if modality == "image" else 0), []
+    for level, grid in enumerate(grids):
+        cond = dict(cond_grid_shape=grids[level - 1], cond_vocab_size=16) if level else {}
+        if modality == "audio":
+            priors.append(WaveNetPrior(WaveNetConfig(grid_shape=grid, vocab_size=16, channels=8, skip_channels=8,
+                                                     head_channels=8, layers_per_cycle=3, num_cycles=1, **cond)))
+        else:
+            priors.append(TransformerPrior(TransformerPriorConfig(grid_shape=grid, vocab_size=16, num_classes=classes,
+                                                                  dim=16, num_layers=1, num_heads=2, **cond)))
+    return TokgenPipeline(tok, priors, shape)
+
+
+@pytest.mark.parametrize("modality", ["image", "audio", "video"])
+def test_every_modality_round_trips(modality):
+    """Hierarchical pipelines code top level first, the lower one conditioned on the decoded upper codes."""
+    pipe = _modality_pipeline(modality)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(8, *pipe.input_shape, generator=g)
+    x = x * 2 - 1 if modality == "audio" else x
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1]) if pipe.num_classes else None
+    codes = pipe.encode(x)
+    blobs = C.compress_batch(pipe, x, labels)
+    nll = C.model_nll_bits(pipe, codes, labels).sum(1)
+    for i, dec in enumerate(C.decompress_batch(pipe, blobs)):
+        assert all(torch.equal(a, b[i]) for a, b in zip(dec.codes, codes))
+        assert dec.class_label == (None if labels is None else int(labels[i]))
+        assert len(blobs[i]) <= nll[i] / 8 * 1.01 + 16
+    single = C.compress(pipe, x[0], None if labels is None else int(labels[0]))
+    assert all(torch.equal(a, b[0]) for a, b in zip(C.decompress(pipe, single).codes, codes))
+    if len(codes) > 1:  # the lower level's probabilities depend on the upper codes
+        shifted = [(codes[0] + 1) % 16, *codes[1:]]
+        assert not np.allclose(C.model_nll_bits(pipe, shifted, labels)[:, 1], C.model_nll_bits(pipe, codes, labels)[:, 1])
+
+
+def test_audio_cli_round_trip(tmp_path):
+    import soundfile as sf
+
+    pipe = _modality_pipeline("audio")
+    pipe.save_pretrained(tmp_path / "pipe")
+    rng = np.random.default_rng(0)
+    for i, n in enumerate((256, 512)):  # the WaveNet prior codes clips of any length
+        sf.write(tmp_path / f"a{i}.wav", (rng.random(n) * 1.6 - 0.8).astype(np.float32), 16000)
+        report = C.compress_main(args=compress_args(tmp_path / "pipe", tmp_path / f"a{i}.wav", tmp_path / f"a{i}.tkg"))
+        assert report["input_shape"] == [1, n] and report["bytes"] <= report["nll_bits"] / 8 * 1.01 + 16
+        codes = C.decompress_main(args=decompress_args(tmp_path / "pipe", tmp_path / f"a{i}.tkg",
+                                                       tmp_path / f"o{i}.wav", tmp_path / f"c{i}.npz"))
+        enc = encode_main(args=ns(model=tmp_path / "pipe", input=tmp_path / f"a{i}.wav", out=tmp_path / f"e{i}.npz",
+                                  size=None))
+        assert all(torch.equal(a, b) for a, b in zip(codes, enc))
+        assert [a.tolist() for a in load_codes_file(tmp_path / f"c{i}.npz")] == [b.tolist() for b in enc]
+        assert sf.info(str(tmp_path / f"o{i}.wav")).frames == n
 
 
 def test_evaluate_prior_writes_metrics(pipes, tmp_path):

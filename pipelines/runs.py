@@ -266,6 +266,23 @@ class BadStepGuard:
         return False
 
 
+def optimizer_step(accelerator, model, optimizer, scheduler, loss: torch.Tensor, guard: BadStepGuard,
+                   grad_clip: float) -> bool:
+    """Inside ``accelerator.accumulate``: skip a non-finite loss (False), else backward, clip at
+    accumulation boundaries, step, advance the schedule once per optimizer step, clear gradients."""
+    if not guard.ok(accelerator, loss):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
 class SkipLog:
     """Counts unreadable inputs and lists them in ``RUN/skipped.txt``; fail-fast raises instead."""
 

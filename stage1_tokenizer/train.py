@@ -179,16 +179,9 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepG
             if state.perceptual is not None:
                 perceptual = state.perceptual(out.recon, x).mean()
                 loss = loss + (state.cfg.lpips_weight or state.cfg.stft_weight) * perceptual
-        if not guard.ok(accelerator, loss):
-            state.optimizer.zero_grad(set_to_none=True)
+        if not runs.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
+                                   state.cfg.grad_clip):
             return None
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and state.cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
-        state.optimizer.step()
-        if accelerator.sync_gradients:
-            state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
     logs = {"loss": loss.item(), "recon_loss": out.recon_loss.item(), "commitment_loss": out.commitment_loss.item(),
             "codebook_loss": out.codebook_loss.item(), "batch_perplexity": _lowest_level(out.perplexity).item(),
             "lr": state.scheduler.get_last_lr()[0]}

@@ -176,16 +176,9 @@ def train_step(state: PriorState, batch: dict, accelerator, guard: runs.BadStepG
         with accelerator.autocast():
             logits = state.model(codes, labels, cond)
             loss = F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten())
-        if not guard.ok(accelerator, loss):
-            state.optimizer.zero_grad(set_to_none=True)
+        if not runs.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
+                                   state.cfg.grad_clip):
             return None
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and state.cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
-        state.optimizer.step()
-        if accelerator.sync_gradients:
-            state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
     return {"loss": loss.item(), "bits_per_token": loss.item() / math.log(2), "lr": state.scheduler.get_last_lr()[0]}
 
 

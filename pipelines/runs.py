@@ -26,6 +26,30 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 
 
+@dataclass
+class TrainingConfig:
+    """What every training script's config has: the optimiser, the step budget and the run's rhythm.
+
+    ``open_run``, ``train_loop`` and ``optimizer_step`` read these fields; each script's config extends it.
+    """
+
+    batch_size: int = 32  # per process
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+
+
 # ---- accelerator ------------------------------------------------------------------------------
 def make_accelerator(run_dir: Path, mixed_precision: str, grad_accum: int, log: bool = True):
     from accelerate import Accelerator

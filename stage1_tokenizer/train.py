@@ -23,31 +23,16 @@ TOKENIZERS = {"vqvae": (VQVAE, VQVAEConfig), "hvqvae": (HierarchicalVQVAE, Hiera
 
 
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(runs.TrainingConfig):
     arch: str = "vqvae"  # vqvae | hvqvae (hierarchical)
     model: dict = field(default_factory=dict)  # fields of VQVAEConfig / HierarchicalVQVAEConfig
     data: str = "digits"  # built-in name, folder, or WebDataset shard pattern
     size: int = 32  # crop size (images), clip length in samples (audio), frame side (video)
     frames: int = 16  # video: frames per clip
-    batch_size: int = 32  # per process
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    max_steps: int = 1000
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
     lpips_weight: float = 0.0  # images: LPIPS perceptual term
     stft_weight: float = 0.0  # audio: multi-resolution STFT term
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
     image_every: int = 250
-    log_every: int = 10
-    num_workers: int = 0
-    seed: int = 0
     bad_input: str = "skip"  # skip (and report) | fail
-    max_bad_steps: int = 20
 
     def __post_init__(self):
         if self.arch not in TOKENIZERS:

@@ -27,28 +27,20 @@ INFO_NAME = "prior.json"  # beside model/: which tokens, tokenizer and level thi
 
 
 @dataclass
-class PriorTrainConfig:
+class PriorTrainConfig(runs.TrainingConfig):
     tokens: str = ""  # folder written by `tokgen export-tokens`
     level: int = 0  # 0 = top level; level k is conditioned on level k-1
     arch: str = "transformer"  # transformer | pixelcnn | wavenet
     model: dict = field(default_factory=dict)  # size of the network (dim, num_layers, ...)
     class_conditional: bool = True  # use the labels when the tokens have them
+    eval_every: int = 500
+    # defaults that differ from the tokenizer's
     batch_size: int = 64
-    lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.01
     warmup_steps: int = 100
     max_steps: int = 2000
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    mixed_precision: str = "no"
     checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    eval_every: int = 500
-    log_every: int = 10
-    num_workers: int = 0
-    seed: int = 0
-    max_bad_steps: int = 20
 
 
 class TokenTensors(Dataset):

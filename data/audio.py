@@ -194,10 +194,10 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 SPOKEN_TRAIN_VOICES = ("en-us+m1", "en-us+f2", "en-gb+m3", "en-gb+f1", "en-gb-scotland+m2", "en-gb-x-rp+f3",
                        "en-029+m4", "en-gb-x-gbclan+f4", "en-us+m7", "en-gb-x-rp+m5")
 SPOKEN_EVAL_VOICES = ("en-us-nyc+m6", "en-gb-x-gbcwmd+f5")  # held out: never in train
-SPOKEN_SPEEDS = (130, 160, 190)  # words per minute
-SPOKEN_PITCHES = (35, 65)  # 0..99
+SPOKEN_SPEEDS = (120, 145, 170, 195, 220)  # words per minute
+SPOKEN_PITCHES = (25, 40, 55, 70)  # 0..99
 SPOKEN_SAMPLE_RATE = 16000
-_SPOKEN_VERSION = 1  # bump when the recipe changes: the cache is then regenerated
+_SPOKEN_VERSION = 2  # bump when the recipe changes: the cache is then regenerated
 
 
 def _spoken_recipe() -> dict:

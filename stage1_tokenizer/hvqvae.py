@@ -37,6 +37,11 @@ class HierarchicalVQVAEConfig:
     codebook_sizes: tuple[int, ...] = ()  # per level, top first; () = the template's size everywhere
     recon_loss: str = "mse"
     sample_rate: int = 0
+    # Training only: the probability that a sample's lower levels are blanked (zeros) so the decoder has
+    # to reconstruct from the levels above. Without it the bottom level, which sees the encoder features
+    # directly, can carry everything and the upper levels collapse to a few near-constant codes. The
+    # trainer can anneal it (``level_dropout_steps``) so training ends on the full path only.
+    level_dropout: float = 0.0
 
     def __post_init__(self):
         if self.modality not in MODALITY_DIMS:
@@ -48,6 +53,8 @@ class HierarchicalVQVAEConfig:
             raise ValueError(f"{self.modality} needs {dims} factors per level, got {self.factors}")
         if self.codebook_sizes and len(self.codebook_sizes) != len(self.factors):
             raise ValueError(f"codebook_sizes {self.codebook_sizes} must give one size per level ({len(self.factors)})")
+        if not 0.0 <= self.level_dropout <= 1.0:
+            raise ValueError(f"level_dropout must be in [0, 1], got {self.level_dropout}")
 
     @property
     def num_levels(self) -> int:
@@ -204,13 +211,26 @@ class HierarchicalVQVAE(PretrainedMixin, nn.Module):
     encode = encode_levels
     decode = decode_levels
 
-    def forward(self, x: torch.Tensor) -> HierarchicalVQVAEOutput:
+    def _level_keep_masks(self, batch: int, device, p: float) -> list[torch.Tensor]:
+        """Per level (bottom first), a (B, 1, ...) mask of 0/1: with probability ``p`` a sample draws a
+        level j in 1..L-1 uniformly and its levels below j are blanked. All ones in eval mode."""
+        ones = torch.ones((batch,) + (1,) * (self.dims + 1), device=device)
+        if not self.training or p == 0:
+            return [ones] * self.num_levels
+        dropped = torch.rand(batch, device=device) < p
+        lowest_kept = torch.where(dropped, torch.randint(1, self.num_levels, (batch,), device=device), 0)
+        return [(lowest_kept <= k).float().view_as(ones) for k in range(self.num_levels)]
+
+    def forward(self, x: torch.Tensor, level_dropout: float | None = None) -> HierarchicalVQVAEOutput:
+        """Training forward; ``level_dropout`` overrides the config's rate (the trainer anneals it)."""
         self._check_batch(x)
         feats = self._features(x)
+        p = self.config.level_dropout if level_dropout is None else level_dropout
+        keep = self._level_keep_masks(x.shape[0], x.device, p)
 
         def quantize(k, z):
             out = self.quantizers[k](z)
-            return out.z_q, out
+            return out.z_q * keep[k].to(out.z_q.dtype), out
 
         context, outs = self._descend(feats, quantize)
         recon = self._from_model(self.decoder(context))

@@ -33,6 +33,9 @@ class TokenizerTrainConfig(runs.TrainingConfig):
     stft_weight: float = 0.0  # audio: multi-resolution STFT term
     image_every: int = 250
     bad_input: str = "skip"  # skip (and report) | fail
+    # hvqvae: the model's level_dropout decays linearly to 0 over this many optimizer steps, so the upper
+    # levels learn to carry the picture early and training ends on the full path (0 = constant rate)
+    level_dropout_steps: int = 0
 
     def __post_init__(self):
         if self.arch not in TOKENIZERS:
@@ -156,9 +159,12 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepG
     Returns the logged values, or None when the step was skipped for a non-finite loss.
     """
     x = batch["x"].to(accelerator.device)
+    kwargs = {}
+    if state.cfg.arch == "hvqvae":
+        kwargs["level_dropout"] = level_dropout_at(state.cfg, state.scheduler.scheduler.last_epoch)
     with accelerator.accumulate(state.model):
         with accelerator.autocast():
-            out = state.model(x)
+            out = state.model(x, **kwargs)
             loss = out.loss
             perceptual = None
             if state.perceptual is not None:
@@ -172,7 +178,17 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepG
             "lr": state.scheduler.get_last_lr()[0]}
     if perceptual is not None:
         logs["lpips" if state.cfg.lpips_weight else "stft_loss"] = perceptual.item()
+    if kwargs:
+        logs["level_dropout"] = kwargs["level_dropout"]
     return logs
+
+
+def level_dropout_at(cfg: TokenizerTrainConfig, step: int) -> float:
+    """The hierarchical model's level-dropout rate after ``step`` optimizer steps."""
+    rate = float(cfg.model.get("level_dropout", 0.0))
+    if cfg.level_dropout_steps <= 0:
+        return rate
+    return rate * max(0.0, 1.0 - step / cfg.level_dropout_steps)
 
 
 def _lowest_level(value):

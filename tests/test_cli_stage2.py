@@ -264,7 +264,7 @@ def test_demo_smoke(tmp_path):
     out = tmp_path / "demo"
     assert tokgen("demo", "--out", out, "--tokenizer-steps", 5, "--prior-steps", 5, "--samples-per-class", 1,
                   "--quiet") == 0
-    for name in ("samples.png", "reconstructions.png"):
+    for name in ("samples.png", "reconstructions.png", "samples_vs_real.png"):
         assert (out / name).stat().st_size > 0, name
     samples = np.load(out / "samples.npy")
     assert samples.shape == (10, 1, 32, 32) and samples.min() >= 0 and samples.max() <= 1
@@ -273,5 +273,7 @@ def test_demo_smoke(tmp_path):
     for section, key in [("tokenizer", "psnr_db"), ("tokenizer", "codebook_usage"), ("prior", "bits_per_token"),
                          ("prior", "bits_per_dim"), ("sampling", "tokens_per_s"), ("timing", "total_s")]:
         assert isinstance(metrics[section][key], (int, float)), (section, key)
+    judged = metrics["sampling"]["judge"]  # a classifier trained on real digits labels the samples
+    assert 0 <= judged["sample_accuracy"] <= 1 and judged["real_accuracy"] > 0.5 and judged["num_samples"] == 10
     pipe = TokgenPipeline.from_pretrained(out / "pipeline")
     assert pipe.num_classes == 10 and pipe.input_shape == (1, 32, 32)

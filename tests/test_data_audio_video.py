@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from data import build_dataset, collate_samples
-from data.audio import SPOKEN_EVAL_VOICES, SPOKEN_TRAIN_VOICES
+from data.audio import SPOKEN_EVAL_VOICES, SPOKEN_PITCHES, SPOKEN_SPEEDS, SPOKEN_TRAIN_VOICES
 from data.builtin import digits_indices
 from data.video import frames_to_clip, read_frames
 from pipelines.media import read_input, save_comparison, write_output, write_samples
@@ -132,7 +132,8 @@ def spoken():
 
 def test_spoken_digits_splits_and_shapes(spoken):
     train, held = spoken
-    assert len(train) == 10 * 6 * len(SPOKEN_TRAIN_VOICES) and len(held) == 10 * 6 * len(SPOKEN_EVAL_VOICES)
+    styles = len(SPOKEN_SPEEDS) * len(SPOKEN_PITCHES)
+    assert len(train) == 10 * styles * len(SPOKEN_TRAIN_VOICES) and len(held) == 10 * styles * len(SPOKEN_EVAL_VOICES)
     assert set(train.labels) == set(held.labels) == set(range(10))
     train_voices = {train[i]["key"].split("/")[1] for i in range(0, len(train), 7)}
     eval_voices = {held[i]["key"].split("/")[1] for i in range(len(held))}
@@ -171,7 +172,7 @@ def test_spoken_digits_generation_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKGEN_CACHE", str(tmp_path))
     (tmp_path / "spoken-digits").mkdir()  # a stale cache (no manifest) is replaced
     manifest = audio.spoken_digits_manifest()
-    assert len(manifest["clips"]) == 720 and manifest["generated_seconds"] < 60
+    assert len(manifest["clips"]) == 2400 and manifest["generated_seconds"] < 120
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spoken-digits"]  # no temporary folders left
     stamp = (tmp_path / "spoken-digits" / "manifest.json").stat().st_mtime_ns
     audio.spoken_digits_manifest()

@@ -1,6 +1,8 @@
 """Hierarchical VQ-VAE: shapes for 2 and 3 levels in every modality, top-down conditioning, save/load."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -16,11 +18,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make(modality="image", channels=3, factors=((4, 4), (2, 2)), sizes=()):
+def make(modality="image", channels=3, factors=((4, 4), (2, 2)), sizes=(), level_dropout=0.0):
     torch.manual_seed(0)
     cfg = HierarchicalVQVAEConfig(modality=modality, in_channels=channels, channels=(8, 8), hidden=8, num_res_blocks=1,
                                   factors=factors, quantizer=QuantizerConfig(codebook_size=16, dim=8),
-                                  codebook_sizes=sizes)
+                                  codebook_sizes=sizes, level_dropout=level_dropout)
     return HierarchicalVQVAE(cfg).eval()
 
 
@@ -80,6 +82,66 @@ def test_training_forward_and_losses():
     assert torch.allclose(out.loss, out.recon_loss + out.codebook_loss + out.commitment_loss)
     out.loss.backward()
     assert model.encoders[0].net[0].weight.grad is not None and model.decoder.net[-1].weight.grad is not None
+
+
+def _with_noisy_level(model, level):
+    """A copy of ``model`` whose level-``level`` quantizer outputs noise instead of its codes' vectors."""
+    noisy = copy.deepcopy(model)
+    quantize = noisy.quantizers[level].forward
+
+    def forward(z):
+        out = quantize(z)
+        out.z_q = torch.randn_like(out.z_q)
+        return out
+
+    noisy.quantizers[level].forward = forward
+    return noisy
+
+
+@pytest.mark.parametrize("factors", [((4, 4), (2, 2)), ((2, 2), (2, 2), (2, 2))])
+def test_level_dropout_blanks_the_lower_levels_in_training_only(factors):
+    x = torch.rand(4, 3, 16, 16)
+    model = make(factors=factors, level_dropout=1.0).train()
+    noisy = _with_noisy_level(model, 0)
+    torch.manual_seed(1)
+    recon = model(x).recon
+    torch.manual_seed(1)
+    # every sample had its bottom level blanked: what the bottom quantizer gives cannot reach the output
+    assert torch.allclose(noisy(x).recon, recon)
+    # in eval mode (encode/decode, and the forward of evaluation) nothing is blanked
+    model.eval(), noisy.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x).recon, model.decode_levels(model.encode_levels(x)), atol=1e-6)
+        assert not torch.allclose(noisy(x).recon, model(x).recon)
+    # the trainer's annealed rate overrides the config's: at 0 nothing is blanked
+    model.train(), noisy.train()
+    torch.manual_seed(1)
+    full = model(x, level_dropout=0.0).recon
+    torch.manual_seed(1)
+    assert not torch.allclose(noisy(x, level_dropout=0.0).recon, full)
+    with pytest.raises(ValueError, match="level_dropout"):
+        HierarchicalVQVAEConfig(level_dropout=1.5)
+
+
+def test_level_dropout_schedule():
+    from stage1_tokenizer.train import TokenizerTrainConfig, level_dropout_at
+
+    model = {"factors": [[4, 4], [2, 2]], "level_dropout": 0.5}
+    constant = TokenizerTrainConfig(arch="hvqvae", model=model)
+    annealed = TokenizerTrainConfig(arch="hvqvae", model=model, level_dropout_steps=100)
+    assert level_dropout_at(constant, 0) == level_dropout_at(constant, 10_000) == 0.5
+    assert [level_dropout_at(annealed, s) for s in (0, 50, 100, 500)] == [0.5, 0.25, 0.0, 0.0]
+
+
+def test_level_dropout_blanks_only_a_fraction_of_the_batch():
+    x = torch.rand(64, 3, 8, 8)
+    model = make(level_dropout=0.25).train()
+    noisy = _with_noisy_level(model, 0)
+    torch.manual_seed(2)
+    recon = model(x).recon
+    torch.manual_seed(2)
+    same = (noisy(x).recon - recon).flatten(1).abs().amax(1) < 1e-6
+    assert 4 <= int(same.sum()) <= 32  # about 16 of 64 blanked
 
 
 def test_save_load_equality(tmp_path):

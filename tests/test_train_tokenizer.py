@@ -253,3 +253,21 @@ def test_too_many_nonfinite_losses_in_a_row(tmp_path, monkeypatch):
     cfg = write_config(tmp_path, max_bad_steps=3)
     with pytest.raises(RuntimeError, match=r"loss was not finite for 4 steps in a row"):
         run(tmp_path / "run", "--config", str(cfg), "--max-steps", "20")
+
+
+def test_hierarchical_training_anneals_level_dropout(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stage1_tokenizer.hvqvae import HierarchicalVQVAE
+
+    model = {"modality": "image", "in_channels": 1, "channels": [8, 8], "hidden": 8, "num_res_blocks": 1,
+             "factors": [[2, 2], [2, 2]], "quantizer": {"codebook_size": 16, "dim": 8}, "level_dropout": 0.5}
+    config = write_config(tmp_path, arch="hvqvae", model=model, level_dropout_steps=8, log_every=1, max_steps=10,
+                          checkpoint_every=10)
+    folder = run(tmp_path / "run", "--config", str(config))
+    assert HierarchicalVQVAE.from_pretrained(folder).config.level_dropout == 0.5
+    (events,) = (tmp_path / "run" / "logs").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    rates = [round(e.value, 4) for e in acc.Scalars("level_dropout")]
+    assert rates == [0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625, 0.0, 0.0]

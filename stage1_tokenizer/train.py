@@ -41,6 +41,8 @@ class TokenizerTrainConfig(runs.TrainingConfig):
         if self.arch not in TOKENIZERS:
             raise ValueError(f"unknown tokenizer arch {self.arch!r}; choose one of {sorted(TOKENIZERS)}")
         self.model_config  # validate the model fields now, not after the data is loaded
+        if self.level_dropout_steps and self.arch != "hvqvae":
+            raise ValueError("level_dropout_steps anneals a hierarchical tokenizer's level_dropout: use arch hvqvae")
 
     @property
     def model_config(self) -> VQVAEConfig | HierarchicalVQVAEConfig:
@@ -185,7 +187,7 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepG
 
 def level_dropout_at(cfg: TokenizerTrainConfig, step: int) -> float:
     """The hierarchical model's level-dropout rate after ``step`` optimizer steps."""
-    rate = float(cfg.model.get("level_dropout", 0.0))
+    rate = cfg.model_config.level_dropout
     if cfg.level_dropout_steps <= 0:
         return rate
     return rate * max(0.0, 1.0 - step / cfg.level_dropout_steps)

@@ -131,6 +131,8 @@ def test_level_dropout_schedule():
     annealed = TokenizerTrainConfig(arch="hvqvae", model=model, level_dropout_steps=100)
     assert level_dropout_at(constant, 0) == level_dropout_at(constant, 10_000) == 0.5
     assert [level_dropout_at(annealed, s) for s in (0, 50, 100, 500)] == [0.5, 0.25, 0.0, 0.0]
+    with pytest.raises(ValueError, match="hvqvae"):
+        TokenizerTrainConfig(arch="vqvae", level_dropout_steps=100)
 
 
 def test_level_dropout_blanks_only_a_fraction_of_the_batch():

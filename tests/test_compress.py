@@ -24,13 +24,7 @@ SIZE = 32  # inputs (1, 32, 32) -> code grids (8, 8) of 32 codes
 HEADER = 11  # bytes for a 32x32 image (12 with a class label)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and it spares cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pipeline(seed: int, num_classes: int = 0, size: int = SIZE) -> TokgenPipeline:

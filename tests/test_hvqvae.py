@@ -10,12 +10,7 @@ from stage1_tokenizer import QuantizerConfig
 from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(modality="image", channels=3, factors=((4, 4), (2, 2)), sizes=(), level_dropout=0.0):

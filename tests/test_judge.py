@@ -8,12 +8,7 @@ from data import build_dataset
 from pipelines.judge import features, judge
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_judge_tells_right_labels_from_wrong_ones():

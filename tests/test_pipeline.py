@@ -16,12 +16,7 @@ from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
 INPUT = (1, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tokenizer(seed: int = 0) -> VQVAE:

@@ -12,13 +12,7 @@ import torch.nn.functional as F
 from stage1_tokenizer.quantizer import CodebookStats, QuantizerConfig, VectorQuantizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared 2-core machine (100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_q(seed: int = 0, **kw) -> VectorQuantizer:

@@ -22,12 +22,7 @@ GRIDS = {  # grid -> upper-level grid it is conditioned on
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_prior(grid=(4, 5), num_classes=CLASSES, cond=True, seed=0, **kw) -> TransformerPrior:

@@ -255,14 +255,16 @@ def test_too_many_nonfinite_losses_in_a_row(tmp_path, monkeypatch):
         run(tmp_path / "run", "--config", str(cfg), "--max-steps", "20")
 
 
+HIERARCHICAL = {"modality": "image", "in_channels": 1, "channels": [8, 8], "hidden": 8, "num_res_blocks": 1,
+                "factors": [[2, 2], [2, 2]], "quantizer": {"codebook_size": 16, "dim": 8}, "level_dropout": 0.5}
+
+
 def test_hierarchical_training_anneals_level_dropout(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from stage1_tokenizer.hvqvae import HierarchicalVQVAE
 
-    model = {"modality": "image", "in_channels": 1, "channels": [8, 8], "hidden": 8, "num_res_blocks": 1,
-             "factors": [[2, 2], [2, 2]], "quantizer": {"codebook_size": 16, "dim": 8}, "level_dropout": 0.5}
-    config = write_config(tmp_path, arch="hvqvae", model=model, level_dropout_steps=8, log_every=1, max_steps=10,
+    config = write_config(tmp_path, arch="hvqvae", model=HIERARCHICAL, level_dropout_steps=8, log_every=1, max_steps=10,
                           checkpoint_every=10)
     folder = run(tmp_path / "run", "--config", str(config))
     assert HierarchicalVQVAE.from_pretrained(folder).config.level_dropout == 0.5
@@ -271,3 +273,27 @@ def test_hierarchical_training_anneals_level_dropout(tmp_path):
     acc.Reload()
     rates = [round(e.value, 4) for e in acc.Scalars("level_dropout")]
     assert rates == [0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625, 0.0, 0.0]
+
+
+def test_hierarchical_exact_resume_mid_annealing(tmp_path, monkeypatch):
+    """Killed after its step-4 checkpoint while level dropout is still annealing, then resumed: the
+    blanking masks (global RNG) and the rate (scheduler position) replay exactly."""
+    from pipelines import runs
+
+    cfg = write_config(tmp_path, arch="hvqvae", model=HIERARCHICAL, level_dropout_steps=6, max_steps=8)
+    run(tmp_path / "whole", "--config", str(cfg))
+    original = runs.save_checkpoint
+
+    def save_then_crash(accelerator, run_dir, step, *args, **kwargs):
+        folder = original(accelerator, run_dir, step, *args, **kwargs)
+        if step == 4:
+            raise Crash
+        return folder
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run(tmp_path / "crashed", "--config", str(cfg))
+    monkeypatch.setattr(runs, "save_checkpoint", original)
+    run(tmp_path / "crashed", "--resume")
+    assert_same_weights(weights(tmp_path / "crashed" / "model" / "model.safetensors"),
+                        weights(tmp_path / "whole" / "model" / "model.safetensors"))

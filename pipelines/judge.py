@@ -71,26 +71,37 @@ def _stack(dataset, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([it["x"] for it in items]), torch.tensor([int(it["label"]) for it in items])
 
 
-def _predict(model: Classifier, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model((chunk - mean) / std).argmax(-1) for chunk in x.split(256)])
+@dataclass
+class Judge:
+    """A classifier trained on real items, with the normalization of its inputs."""
+
+    model: Classifier
+    modality: str
+    sample_rate: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def hits(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """x (N, C, *S) as the tokenizer sees it, labels (N,) -> (N,) 1.0 where labelled as ``labels``."""
+        feats = features(x, self.modality, self.sample_rate)
+        with torch.no_grad():
+            predicted = torch.cat([self.model((chunk - self.mean) / self.std).argmax(-1) for chunk in feats.split(256)])
+        return (predicted == labels).float()
 
 
-def judge(train_set, eval_set, samples: torch.Tensor, labels: torch.Tensor, modality: str, num_classes: int,
-          sample_rate: int = 16000, steps: int = 300, batch_size: int = 32, seed: int = 0,
-          max_items: int = 2000) -> JudgeResult:
-    """Train on ``train_set`` (real items), then score ``eval_set`` and ``samples`` (N, C, *S) asked for
-    ``labels`` (N,). Deterministic for a seed."""
-    x_train, y_train = _stack(train_set, max_items)
-    x_eval, y_eval = _stack(eval_set, max_items)
-    x_train, x_eval = features(x_train, modality, sample_rate), features(x_eval, modality, sample_rate)
-    x_samples = features(samples, modality, sample_rate)
-    # one scalar normalization from the real training items: samples are judged on the same scale
+def train_judge(train_set, modality: str, num_classes: int, sample_rate: int = 16000, steps: int = 300,
+                batch_size: int = 32, seed: int = 0, max_items: int = 2000) -> Judge:
+    """Train on ``train_set``'s real labelled items. Deterministic for a seed."""
+    with torch.random.fork_rng():
+        # training datasets crop at random from the global RNG: seed it so the judge does not depend on
+        # what ran before it (the demo and benchmarks.judge then train the same classifier)
+        torch.manual_seed(seed)
+        x_raw, y_train = _stack(train_set, max_items)
+        x_train = features(x_raw, modality, sample_rate)
+        model = Classifier(x_train.dim() - 2, x_train.shape[1], num_classes)
+    # one scalar normalization from the real training items: everything is judged on the same scale
     mean, std = x_train.mean(), x_train.std().clamp_min(1e-6)
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Classifier(x_train.dim() - 2, x_train.shape[1], num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
     model.train()
     for _ in range(steps):
@@ -99,9 +110,18 @@ def judge(train_set, eval_set, samples: torch.Tensor, labels: torch.Tensor, moda
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval()
-    real = (_predict(model, x_eval, mean, std) == y_eval).float()
-    hits = (_predict(model, x_samples, mean, std) == labels).float()
+    return Judge(model.eval(), modality, sample_rate, mean, std)
+
+
+def judge(train_set, eval_set, samples: torch.Tensor, labels: torch.Tensor, modality: str, num_classes: int,
+          sample_rate: int = 16000, steps: int = 300, batch_size: int = 32, seed: int = 0,
+          max_items: int = 2000) -> JudgeResult:
+    """Train on ``train_set`` (real items), then score ``eval_set`` and ``samples`` (N, C, *S) asked for
+    ``labels`` (N,). Deterministic for a seed."""
+    judged = train_judge(train_set, modality, num_classes, sample_rate, steps, batch_size, seed, max_items)
+    x_eval, y_eval = _stack(eval_set, max_items)
+    real = judged.hits(x_eval, y_eval)
+    hits = judged.hits(samples, labels)
     per_class = [float(hits[labels == c].mean()) if bool((labels == c).any()) else float("nan")
                  for c in range(num_classes)]
-    return JudgeResult(float(real.mean()), float(hits.mean()), per_class, len(x_eval), len(x_samples))
+    return JudgeResult(float(real.mean()), float(hits.mean()), per_class, len(x_eval), len(samples))

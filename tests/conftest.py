@@ -17,3 +17,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class CheckpointCrash(Exception):
+    """Raised by ``crash_after_checkpoint`` right after the armed checkpoint is on disk."""
+
+
+@pytest.fixture
+def crash_after_checkpoint(monkeypatch):
+    """``arm(step)`` makes the next training run die with ``arm.error`` (``CheckpointCrash``) right after it
+    has saved its step-``step`` checkpoint (a kill at the worst moment for resume); ``arm`` returns ``disarm``."""
+    from pipelines import runs
+
+    original = runs.save_checkpoint
+
+    def arm(step: int):
+        def save_then_crash(accelerator, run_dir, at, *args, **kwargs):
+            folder = original(accelerator, run_dir, at, *args, **kwargs)
+            if at == step:
+                raise CheckpointCrash
+            return folder
+
+        monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
+        return lambda: monkeypatch.setattr(runs, "save_checkpoint", original)
+
+    arm.error = CheckpointCrash
+    return arm

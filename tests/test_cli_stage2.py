@@ -194,7 +194,7 @@ def weights(run: Path) -> dict:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-def test_train_prior_and_resume(tokens_dir, tmp_path, monkeypatch, capsys):
+def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, capsys):
     config = tmp_path / "prior.json"
     config.write_text(json.dumps(TINY_PRIOR))
     whole = tmp_path / "whole"
@@ -217,25 +217,12 @@ def test_train_prior_and_resume(tokens_dir, tmp_path, monkeypatch, capsys):
     assert pipe.input_shape == INPUT and pipe.num_classes == 3
 
     # killed right after the step-3 checkpoint, then resumed: same weights as the straight run
-    from pipelines import runs
-
-    original = runs.save_checkpoint
-
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(accelerator, run_dir, step, *args, **kwargs):
-        folder = original(accelerator, run_dir, step, *args, **kwargs)
-        if step == 3:
-            raise Crash
-        return folder
-
-    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
+    disarm = crash_after_checkpoint(3)
     resumed = tmp_path / "resumed"
-    with pytest.raises(Crash):
+    with pytest.raises(crash_after_checkpoint.error):
         train_prior(tokens_dir, resumed, config)
     _reset_accelerate()
-    monkeypatch.setattr(runs, "save_checkpoint", original)
+    disarm()
     assert not (resumed / "model").exists()
     capsys.readouterr()
     assert train_prior(tokens_dir, resumed, config, "--resume", "--max-steps", 6) == 0

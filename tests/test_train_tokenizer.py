@@ -167,29 +167,15 @@ def test_resume_skips_corrupt_checkpoint(tmp_path, reference_run, capsys):
     assert verify_checkpoint(out / "checkpoints" / "step_00000008") is None  # rewritten by the replay
 
 
-class Crash(Exception):
-    pass
-
-
-def test_exact_resume_after_crash_with_cosine_schedule(tmp_path, monkeypatch):
+def test_exact_resume_after_crash_with_cosine_schedule(tmp_path, crash_after_checkpoint):
     """A run killed right after its step-8 checkpoint and resumed with the same budget, while the
     learning rate is already decaying: the schedule position must be restored too."""
-    from pipelines import runs
-
     cfg = write_config(tmp_path, warmup_steps=2)
     run(tmp_path / "whole", "--config", str(cfg))
-    original = runs.save_checkpoint
-
-    def save_then_crash(accelerator, run_dir, step, *args, **kwargs):
-        folder = original(accelerator, run_dir, step, *args, **kwargs)
-        if step == 8:
-            raise Crash
-        return folder
-
-    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
+    disarm = crash_after_checkpoint(8)
+    with pytest.raises(crash_after_checkpoint.error):
         run(tmp_path / "crashed", "--config", str(cfg))
-    monkeypatch.setattr(runs, "save_checkpoint", original)
+    disarm()
     assert not (tmp_path / "crashed" / "model").exists()
     run(tmp_path / "crashed", "--resume")
     assert_same_weights(weights(tmp_path / "crashed" / "model" / "model.safetensors"),
@@ -275,25 +261,15 @@ def test_hierarchical_training_anneals_level_dropout(tmp_path):
     assert rates == [0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625, 0.0, 0.0]
 
 
-def test_hierarchical_exact_resume_mid_annealing(tmp_path, monkeypatch):
+def test_hierarchical_exact_resume_mid_annealing(tmp_path, crash_after_checkpoint):
     """Killed after its step-4 checkpoint while level dropout is still annealing, then resumed: the
     blanking masks (global RNG) and the rate (scheduler position) replay exactly."""
-    from pipelines import runs
-
     cfg = write_config(tmp_path, arch="hvqvae", model=HIERARCHICAL, level_dropout_steps=6, max_steps=8)
     run(tmp_path / "whole", "--config", str(cfg))
-    original = runs.save_checkpoint
-
-    def save_then_crash(accelerator, run_dir, step, *args, **kwargs):
-        folder = original(accelerator, run_dir, step, *args, **kwargs)
-        if step == 4:
-            raise Crash
-        return folder
-
-    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
+    disarm = crash_after_checkpoint(4)
+    with pytest.raises(crash_after_checkpoint.error):
         run(tmp_path / "crashed", "--config", str(cfg))
-    monkeypatch.setattr(runs, "save_checkpoint", original)
+    disarm()
     run(tmp_path / "crashed", "--resume")
     assert_same_weights(weights(tmp_path / "crashed" / "model" / "model.safetensors"),
                         weights(tmp_path / "whole" / "model" / "model.safetensors"))

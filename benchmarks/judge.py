@@ -1,0 +1,72 @@
+"""Are a demo's samples as recognizable as its tokenizer allows? The judge on real, reconstructed and sampled items.
+
+Method: ``pipelines.judge`` trains its classifier on the real training items of the demo's dataset (the
+tokenizer's resolved training config, at the demo's export size), with the demo's seed. It then labels
+every held-out real item, the tokenizer's reconstruction of each of them, and the demo's samples
+(``samples.npy`` with ``labels.npy``). Reconstruction accuracy is the most the samples can be expected to reach.
+
+``python -m benchmarks.judge DEMO_DIR [DEMO_DIR ...]`` (folders written by ``tokgen demo``)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine_info, table, write_result
+
+
+def judge_demo(demo: Path, seed: int = 0) -> dict:
+    from data import collate_samples
+    from pipelines.demo import DEMOS
+    from pipelines.hub import config_from_dict
+    from pipelines.judge import train_judge
+    from stage1_tokenizer.evaluate import load_tokenizer
+    from stage1_tokenizer.train import TokenizerTrainConfig, build_dataset
+
+    metrics = json.loads((demo / "metrics.json").read_text())
+    cfg = config_from_dict(TokenizerTrainConfig, json.loads((demo / "tokenizer_run" / "config.json").read_text()))
+    cfg = replace(cfg, size=DEMOS[metrics["dataset"]].export_size or cfg.size)
+    m = cfg.model_config
+    labels = torch.from_numpy(np.load(demo / "labels.npy"))
+    samples = torch.from_numpy(np.load(demo / "samples.npy"))
+    if m.modality == "video":  # samples.npy is (N, T, C, H, W); the tokenizer's layout is (N, C, T, H, W)
+        samples = samples.transpose(1, 2)
+    num_classes = int(labels.max()) + 1
+    judged = train_judge(build_dataset(cfg, "train"), m.modality, num_classes, m.sample_rate or 16000, seed=seed)
+    tokenizer = load_tokenizer(demo / "tokenizer_run" / "model").eval()
+    held_out = build_dataset(cfg, "eval")
+    real, recon = [], []
+    for start in range(0, len(held_out), 64):
+        batch = collate_samples([held_out[i] for i in range(start, min(start + 64, len(held_out)))])
+        x, y = batch["x"], batch["label"]
+        low = -1 if m.modality == "audio" else 0
+        real.append(judged.hits(x, y))
+        with torch.no_grad():
+            recon.append(judged.hits(tokenizer.decode(tokenizer.encode(x)).clamp(low, 1), y))
+    return {"dataset": metrics["dataset"], "real": float(torch.cat(real).mean()),
+            "reconstructions": float(torch.cat(recon).mean()), "samples": float(judged.hits(samples, labels).mean()),
+            "num_real": len(held_out), "num_samples": len(samples)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.judge")
+    p.add_argument("demos", nargs="+", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    rows = [judge_demo(d, args.seed) for d in args.demos]
+    print(table(["demo", "dataset", "real", "reconstructions", "samples", "held-out items", "samples n"],
+                [[str(d), r["dataset"], r["real"], r["reconstructions"], r["samples"], r["num_real"], r["num_samples"]]
+                 for d, r in zip(args.demos, rows)]))
+    write_result("judge", {"rows": [{"demo": str(d), **r} for d, r in zip(args.demos, rows)]}, machine_info(),
+                 "python -m benchmarks.judge " + " ".join(map(str, args.demos)), time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,16 @@
 A small conv classifier is trained on real training items only (never on reconstructions or samples),
 then labels the held-out real items (its accuracy there is the ceiling the samples can reach) and the
 samples. The share of samples it labels as the class they were asked for is a number people can check
-instead of listening to 40 clips or squinting at 160 frames. Images and video are classified from pixels,
-audio from a log-mel spectrogram; every modality goes through the same N-d conv stack.
+instead of listening to 40 clips or squinting at 160 frames.
+
+What the classifier sees is chosen so that it judges what a person would notice, not codec artifacts:
+- audio: a log-mel spectrogram in dB, floored ``DYNAMIC_RANGE_DB`` below the clip's loudest bin. Without
+  the floor, exact digital silence in the real clips made the judge key on silence itself: white noise
+  at 30 dB SNR (clearly intelligible) halved its accuracy on real spoken digits (89% -> 44%).
+- video: every frame is a view, classified by a 2-D net; a clip's label is the class of highest mean
+  log-probability over its frames. A 3-D net trained on 2,000 clips recognized only 44% of real
+  single-digit clips; the per-frame one, trained on 8x as many views, 93%.
+- images: pixels.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from torch import nn
 from stage1_tokenizer.modules import CONV
 
 MAX_SIDE = 32  # inputs are average-pooled to at most this many positions per axis: the class is coarse
+DYNAMIC_RANGE_DB = 40.0  # audio: quieter mel bins than this below the clip's peak all read as silence
 
 
 @dataclass
@@ -31,20 +40,36 @@ class JudgeResult:
         return asdict(self)
 
 
-def features(x: torch.Tensor, modality: str, sample_rate: int = 16000) -> torch.Tensor:
-    """(N, C, *S) as the tokenizer sees it -> (N, C', *S') with every axis <= ``MAX_SIDE``.
+def log_mel_db(x: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """(N, 1, T) waveforms -> (N, 1, 64, frames) log-mel power in dB, floored ``DYNAMIC_RANGE_DB`` below
+    each clip's peak (so digital silence and a faint hiss look alike, as they sound)."""
+    import torchaudio
 
-    audio (N, 1, T) -> log-mel (N, 1, 64, frames); image (N, C, H, W) and video (N, C, T, H, W) as is.
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=512, hop_length=128, n_mels=64)
+    db = 10 * (mel(x) + 1e-10).log10()
+    peak = db.amax(dim=(-2, -1), keepdim=True)
+    return torch.maximum(db, peak - DYNAMIC_RANGE_DB)
+
+
+def features(x: torch.Tensor, modality: str, sample_rate: int = 16000) -> torch.Tensor:
+    """(N, C, *S) as the tokenizer sees it -> views (N, V, C', *S') with every axis of S' <= ``MAX_SIDE``.
+
+    audio (N, 1, T) -> (N, 1, 1, 64, frames) dB log-mel; image (N, C, H, W) -> (N, 1, C, H, W);
+    video (N, C, T, H, W) -> (N, T, C, H, W): one view per frame.
     """
     x = x.float()
     if modality == "audio":
-        import torchaudio
-
-        mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=512, hop_length=128, n_mels=64)
-        x = (mel(x) + 1e-5).log()  # (N, 1, 64, frames)
+        x = log_mel_db(x, sample_rate)
+    if modality == "video":
+        x = x.transpose(1, 2)  # (N, T, C, H, W)
+    else:
+        x = x[:, None]
+    n, v = x.shape[:2]
+    x = x.flatten(0, 1)
     spatial = x.shape[2:]
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(spatial)]
-    return pool(x, [min(s, MAX_SIDE) for s in spatial])
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d}[len(spatial)]
+    x = pool(x, [min(s, MAX_SIDE) for s in spatial])
+    return x.unflatten(0, (n, v))
 
 
 class Classifier(nn.Module):
@@ -81,23 +106,33 @@ class Judge:
     mean: torch.Tensor
     std: torch.Tensor
 
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, *S) as the tokenizer sees it -> (N, num_classes) log-probabilities, averaged over views."""
+        feats = features(x, self.modality, self.sample_rate)
+        out = []
+        with torch.no_grad():
+            for chunk in feats.split(256):
+                logits = self.model((chunk.flatten(0, 1) - self.mean) / self.std)
+                out.append(logits.log_softmax(-1).unflatten(0, chunk.shape[:2]).mean(1))
+        return torch.cat(out)
+
     def hits(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """x (N, C, *S) as the tokenizer sees it, labels (N,) -> (N,) 1.0 where labelled as ``labels``."""
-        feats = features(x, self.modality, self.sample_rate)
-        with torch.no_grad():
-            predicted = torch.cat([self.model((chunk - self.mean) / self.std).argmax(-1) for chunk in feats.split(256)])
-        return (predicted == labels).float()
+        return (self.log_probs(x).argmax(-1) == labels).float()
 
 
-def train_judge(train_set, modality: str, num_classes: int, sample_rate: int = 16000, steps: int = 300,
+def train_judge(train_set, modality: str, num_classes: int, sample_rate: int = 16000, steps: int = 600,
                 batch_size: int = 32, seed: int = 0, max_items: int = 2000) -> Judge:
-    """Train on ``train_set``'s real labelled items. Deterministic for a seed."""
+    """Train on the views of ``train_set``'s real labelled items, ``batch_size`` random views per step.
+    Deterministic for a seed."""
     with torch.random.fork_rng():
         # training datasets crop at random from the global RNG: seed it so the judge does not depend on
         # what ran before it (the demo and benchmarks.judge then train the same classifier)
         torch.manual_seed(seed)
         x_raw, y_train = _stack(train_set, max_items)
-        x_train = features(x_raw, modality, sample_rate)
+        x_train = features(x_raw, modality, sample_rate)  # (N, V, C, *S): every view has its item's label
+        y_train = y_train.repeat_interleave(x_train.shape[1])
+        x_train = x_train.flatten(0, 1)
         model = Classifier(x_train.dim() - 2, x_train.shape[1], num_classes)
     # one scalar normalization from the real training items: everything is judged on the same scale
     mean, std = x_train.mean(), x_train.std().clamp_min(1e-6)
@@ -114,7 +149,7 @@ def train_judge(train_set, modality: str, num_classes: int, sample_rate: int = 1
 
 
 def judge(train_set, eval_set, samples: torch.Tensor, labels: torch.Tensor, modality: str, num_classes: int,
-          sample_rate: int = 16000, steps: int = 300, batch_size: int = 32, seed: int = 0,
+          sample_rate: int = 16000, steps: int = 600, batch_size: int = 32, seed: int = 0,
           max_items: int = 2000) -> JudgeResult:
     """Train on ``train_set`` (real items), then score ``eval_set`` and ``samples`` (N, C, *S) asked for
     ``labels`` (N,). Deterministic for a seed."""

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     tokenizer = load_tokenizer(args.model)
     cfg = tokenizer.config
     dataset = build_dataset(args.data, modality=cfg.modality, split="eval", channels=cfg.in_channels,
-                            sample_rate=getattr(cfg, "sample_rate", 0), **training_data(args.model, args.size))
+                            sample_rate=getattr(cfg, "sample_rate", 0), **training_data(args.model, args.size, args.data))
     args.out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate(tokenizer, dataset, args.batch_size, args.max_items, not args.no_lpips,
                        args.out / "reconstructions.png")
@@ -186,9 +186,10 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     return metrics
 
 
-def training_data(path: Path, size: int | None = None) -> dict:
+def training_data(path: Path, size: int | None = None, source: str | None = None) -> dict:
     """Input size (and video clip length) the tokenizer was trained at, from its run's config.json:
-    what evaluation and export should feed it unless told otherwise."""
+    what evaluation and export should feed it unless told otherwise. The run's ``data_options`` come
+    too when ``source`` is the source it was trained on (they are that reader's options)."""
     for candidate in (Path(path) / "config.json", Path(path).parent / "config.json"):
         if candidate.is_file():
             cfg = json.loads(candidate.read_text())
@@ -196,5 +197,7 @@ def training_data(path: Path, size: int | None = None) -> dict:
                 out = {"size": size or cfg["size"]}
                 if cfg.get("model", {}).get("modality") == "video":
                     out["frames"] = cfg.get("frames", 16)
+                if source is not None and source == cfg.get("data"):
+                    out.update(cfg.get("data_options") or {})
                 return out
     return {"size": size or 32}

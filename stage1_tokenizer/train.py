@@ -27,6 +27,9 @@ class TokenizerTrainConfig(runs.TrainingConfig):
     arch: str = "vqvae"  # vqvae | hvqvae (hierarchical)
     model: dict = field(default_factory=dict)  # fields of VQVAEConfig / HierarchicalVQVAEConfig
     data: str = "digits"  # built-in name, folder, or WebDataset shard pattern
+    # options for the data reader, e.g. {"max_digits": 1} (moving-digits) or {"frame_step": 2} (video folders);
+    # evaluation and export apply them too when they read the same source
+    data_options: dict = field(default_factory=dict)
     size: int = 32  # crop size (images), clip length in samples (audio), frame side (video)
     frames: int = 16  # video: frames per clip
     lpips_weight: float = 0.0  # images: LPIPS perceptual term
@@ -107,6 +110,7 @@ def build_dataset(cfg: TokenizerTrainConfig, split: str, process_index: int = 0,
 
     m = cfg.model_config
     options = {"frames": cfg.frames} if m.modality == "video" else {}
+    options.update(cfg.data_options)
     return build(cfg.data, modality=m.modality, split=split, size=cfg.size, channels=m.in_channels, seed=cfg.seed,
                  process_index=process_index, num_processes=num_processes, sample_rate=m.sample_rate, **options)
 

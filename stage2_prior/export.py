@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
     tokenizer = load_tokenizer(args.model)
     cfg = tokenizer.config
-    data_options = training_data(Path(args.model), args.size)
+    data_options = training_data(Path(args.model), args.size, args.data)
     cpu = args.cpu or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") in ("1", "true", "True", "yes")
     accelerator = Accelerator(cpu=cpu)
     splits = SPLITS if args.split == "all" else (args.split,)

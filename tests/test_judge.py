@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import build_dataset
-from pipelines.judge import features, judge
+from pipelines.judge import DYNAMIC_RANGE_DB, features, judge
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,10 +25,33 @@ def test_judge_tells_right_labels_from_wrong_ones():
     assert len(good.per_class_sample_accuracy) == 10 and good.num_samples == 100
 
 
-def test_features_pool_every_modality_to_a_small_grid():
-    assert features(torch.zeros(2, 1, 8192), "audio").shape == (2, 1, 32, 32)
-    assert features(torch.rand(2, 1, 8, 64, 64), "video").shape == (2, 1, 8, 32, 32)
-    assert features(torch.rand(2, 3, 8, 8), "image").shape == (2, 3, 8, 8)
+def test_features_give_pooled_views_of_every_modality():
+    assert features(torch.zeros(2, 1, 8192), "audio").shape == (2, 1, 1, 32, 32)
+    assert features(torch.rand(2, 1, 8, 64, 64), "video").shape == (2, 8, 1, 32, 32)  # a view per frame
+    assert features(torch.rand(2, 3, 8, 8), "image").shape == (2, 1, 3, 8, 8)
+
+
+def test_audio_features_ignore_what_lies_40_db_below_the_peak():
+    t = torch.arange(8192) / 16000
+    tone = torch.where((t > 0.2) & (t < 0.3), torch.sin(2 * torch.pi * 440 * t), torch.zeros(()))[None, None]
+    hiss = 1e-3 * torch.randn(tone.shape, generator=torch.Generator().manual_seed(0))  # ~ -57 dB re the tone
+    clean, noisy = features(tone, "audio"), features(tone + hiss, "audio")
+    assert torch.allclose(clean, noisy, atol=0.5)  # within half a dB everywhere
+    assert clean.amax() - clean.amin() <= DYNAMIC_RANGE_DB + 1e-3
+    assert features(0.5 * tone, "audio").sub(clean).mean().item() == pytest.approx(-6.02, abs=0.05)
+
+
+def test_video_judge_labels_clips_by_their_frames():
+    train = build_dataset("moving-digits", modality="video", split="train", size=32, channels=1, frames=4,
+                          length=600, max_digits=1)
+    held_out = build_dataset("moving-digits", modality="video", split="eval", size=32, channels=1, frames=4,
+                             length=100, max_digits=1)
+    x = torch.stack([held_out[i]["x"] for i in range(100)])
+    right = torch.tensor([held_out[i]["label"] for i in range(100)])
+    found = judge(train, held_out, x, right, "video", 10, steps=300)
+    assert found.real_accuracy == found.sample_accuracy > 0.6  # chance is 0.1
+    shuffled = judge(train, held_out, x[:, :, torch.randperm(4)], right, "video", 10, steps=300)
+    assert shuffled.sample_accuracy == found.sample_accuracy  # frames are views: their order does not matter
 
 
 def test_judge_needs_labels():

@@ -273,3 +273,20 @@ def test_hierarchical_exact_resume_mid_annealing(tmp_path, crash_after_checkpoin
     run(tmp_path / "crashed", "--resume")
     assert_same_weights(weights(tmp_path / "crashed" / "model" / "model.safetensors"),
                         weights(tmp_path / "whole" / "model" / "model.safetensors"))
+
+
+def test_data_options_reach_the_reader_and_follow_the_source(tmp_path):
+    video = {"model": {"modality": "video", "in_channels": 1, "channels": [4, 4], "factors": [2, 2, 2],
+                       "quantizer": {"codebook_size": 16, "dim": 4}},
+             "data": "moving-digits", "size": 16, "frames": 4, "data_options": {"max_digits": 1}}
+    cfg = train.TokenizerTrainConfig(**video)
+    keys = [train.build_dataset(cfg, split)[i]["key"] for split in ("train", "eval") for i in range(40)]
+    assert all(k.split(":", 1)[1].count("-") == 0 for k in keys)  # one "index:class" per clip
+    two = train.build_dataset(train.TokenizerTrainConfig(**{**video, "data_options": {}}), "train")
+    assert any(two[i]["key"].split(":", 1)[1].count("-") == 1 for i in range(40))  # the default shows up to 2
+    (tmp_path / "config.json").write_text(json.dumps(video))
+    # evaluation and export read the same source with the run's options, another source without them
+    assert evaluate.training_data(tmp_path, source="moving-digits") == {"size": 16, "frames": 4, "max_digits": 1}
+    assert evaluate.training_data(tmp_path, source="clips/") == {"size": 16, "frames": 4}
+    with pytest.raises(TypeError, match="colour"):
+        train.build_dataset(train.TokenizerTrainConfig(**{**video, "data_options": {"colour": 1}}), "train")

@@ -4,6 +4,9 @@ Method: ``pipelines.judge`` trains its classifier on the real training items of 
 tokenizer's resolved training config, at the demo's export size), with the demo's seed. It then labels
 every held-out real item, the tokenizer's reconstruction of each of them, and the demo's samples
 (``samples.npy`` with ``labels.npy``). Reconstruction accuracy is the most the samples can be expected to reach.
+A last column checks the judge itself: the real items with white noise at ``NOISE_SNR_DB`` (relative to
+each item's RMS; clearly audible or visible, but leaving the class obvious to a person) should be labelled
+about as well as the clean ones.
 
 ``python -m benchmarks.judge DEMO_DIR [DEMO_DIR ...]`` (folders written by ``tokgen demo``)
 """
@@ -19,6 +22,15 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_info, table, write_result
+
+
+NOISE_SNR_DB = 30.0
+
+
+def with_noise(x: torch.Tensor, snr_db: float, generator: torch.Generator) -> torch.Tensor:
+    """x (N, C, *S) plus white noise ``snr_db`` below each item's RMS."""
+    rms = x.flatten(1).square().mean(1).sqrt().view(-1, *[1] * (x.dim() - 1))
+    return x + torch.randn(x.shape, generator=generator) * rms * 10 ** (-snr_db / 20)
 
 
 def judge_demo(demo: Path, seed: int = 0) -> dict:
@@ -41,16 +53,19 @@ def judge_demo(demo: Path, seed: int = 0) -> dict:
     judged = train_judge(build_dataset(cfg, "train"), m.modality, num_classes, m.sample_rate or 16000, seed=seed)
     tokenizer = load_tokenizer(demo / "tokenizer_run" / "model").eval()
     held_out = build_dataset(cfg, "eval")
-    real, recon = [], []
+    real, recon, noisy = [], [], []
+    generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(held_out), 64):
         batch = collate_samples([held_out[i] for i in range(start, min(start + 64, len(held_out)))])
         x, y = batch["x"], batch["label"]
         low = -1 if m.modality == "audio" else 0
         real.append(judged.hits(x, y))
+        noisy.append(judged.hits(with_noise(x, NOISE_SNR_DB, generator).clamp(low, 1), y))
         with torch.no_grad():
             recon.append(judged.hits(tokenizer.decode(tokenizer.encode(x)).clamp(low, 1), y))
     return {"dataset": metrics["dataset"], "real": float(torch.cat(real).mean()),
             "reconstructions": float(torch.cat(recon).mean()), "samples": float(judged.hits(samples, labels).mean()),
+            f"real_noise_{NOISE_SNR_DB:g}db": float(torch.cat(noisy).mean()),
             "num_real": len(held_out), "num_samples": len(samples)}
 
 
@@ -61,9 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     started = time.perf_counter()
     rows = [judge_demo(d, args.seed) for d in args.demos]
-    print(table(["demo", "dataset", "real", "reconstructions", "samples", "held-out items", "samples n"],
-                [[str(d), r["dataset"], r["real"], r["reconstructions"], r["samples"], r["num_real"], r["num_samples"]]
-                 for d, r in zip(args.demos, rows)]))
+    noisy = f"real_noise_{NOISE_SNR_DB:g}db"
+    print(table(["demo", "dataset", "real", "reconstructions", "samples", "held-out items", "samples n",
+                 f"real + noise at {NOISE_SNR_DB:g} dB SNR"],
+                [[str(d), r["dataset"], r["real"], r["reconstructions"], r["samples"], r["num_real"], r["num_samples"],
+                  r[noisy]] for d, r in zip(args.demos, rows)]))
     write_result("judge", {"rows": [{"demo": str(d), **r} for d, r in zip(args.demos, rows)]}, machine_info(),
                  "python -m benchmarks.judge " + " ".join(map(str, args.demos)), time.perf_counter() - started)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipelines import runs
-from pipelines.config import preset, resolve
+from pipelines.config import load_config_file, merge, preset, resolve
 from pipelines.media import save_comparison
 from pipelines.hub import config_from_dict
 from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
@@ -84,7 +84,12 @@ def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
     flags = {k: getattr(args, k) for k in ("data", "max_steps", "checkpoint_every", "batch_size", "lr", "seed",
                                             "mixed_precision", "grad_accum", "num_workers", "lpips_weight", "stft_weight",
                                             "bad_input")}
-    return resolve(TokenizerTrainConfig, default_preset(args.data), args.config, flags)
+    base = default_preset(args.data)
+    if args.config:
+        base = merge(base, load_config_file(args.config))
+    if args.data and base.get("data") not in (None, args.data):
+        base = {**base, "data_options": {}}  # reader options belong to the source they were written for
+    return resolve(TokenizerTrainConfig, base, None, flags)
 
 
 def runs_config(path: Path) -> dict:

@@ -290,3 +290,15 @@ def test_data_options_reach_the_reader_and_follow_the_source(tmp_path):
     assert evaluate.training_data(tmp_path, source="clips/") == {"size": 16, "frames": 4}
     with pytest.raises(TypeError, match="colour"):
         train.build_dataset(train.TokenizerTrainConfig(**{**video, "data_options": {"colour": 1}}), "train")
+
+
+def test_data_options_are_dropped_when_data_names_another_source(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    preset = str(Path(__file__).parents[1] / "pipelines" / "configs" / "tokenizer-moving-digits.json")
+    same = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--config", preset]))
+    assert same.data == "moving-digits" and same.data_options == {"max_digits": 1}
+    other = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--config", preset, "--data", "clips/"]))
+    assert other.data == "clips/" and other.data_options == {}  # max_digits would break a video folder reader

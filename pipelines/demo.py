@@ -178,13 +178,15 @@ def _judge(spec: DemoSpec, cfg, samples: torch.Tensor, labels: torch.Tensor, num
     from stage1_tokenizer.train import build_dataset
 
     sized = replace(cfg, size=spec.export_size or cfg.size)  # the items the prior learned and samples
-    m, held_out = cfg.model_config, build_dataset(sized, "eval")
+    eval_set = build_dataset(sized, "eval")
+    held_out = [eval_set[i] for i in range(len(eval_set))]  # read once: the judge and the picture share them
+    m = cfg.model_config
     rate = m.sample_rate or 16000
     result = judge(build_dataset(sized, "train"), held_out, samples, labels, m.modality, num_classes,
                    sample_rate=rate, seed=seed).to_dict()
     by_class: dict[int, list[int]] = {}
-    for i in range(len(held_out)):
-        by_class.setdefault(int(held_out[i]["label"]), []).append(i)
+    for i, item in enumerate(held_out):
+        by_class.setdefault(int(item["label"]), []).append(i)
     asked = labels.tolist()
     seen: dict[int, int] = {}
     real = []

@@ -66,9 +66,7 @@ def features(x: torch.Tensor, modality: str, sample_rate: int = 16000) -> torch.
         x = x[:, None]
     n, v = x.shape[:2]
     x = x.flatten(0, 1)
-    spatial = x.shape[2:]
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d}[len(spatial)]
-    x = pool(x, [min(s, MAX_SIDE) for s in spatial])
+    x = F.adaptive_avg_pool2d(x, [min(s, MAX_SIDE) for s in x.shape[2:]])  # every view is 2-D
     return x.unflatten(0, (n, v))
 
 

@@ -119,13 +119,38 @@ class PretrainedMixin:
         return model.eval()
 
     def fingerprint(self) -> str:
-        """Hex SHA-256 over the config and the exact weights: names a trained model."""
+        """Hex SHA-256 over the config's non-default fields and the exact weights: names a trained model.
+
+        Fields at their default are left out, so a config field added in a later version (at a default
+        that keeps the old behaviour) does not change the name of any model saved before it, and the
+        token sets and pipelines that refer to that name keep working.
+        """
         h = hashlib.sha256()
-        h.update(json.dumps(config_to_dict(self.config), sort_keys=True).encode())
+        h.update(json.dumps(non_default_fields(self.config), sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
             h.update(name.encode())
             h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+
+def non_default_fields(config: Any) -> dict:
+    """``config_to_dict(config)`` without the fields (nested ones too) that equal the class default."""
+    try:
+        defaults = config_to_dict(type(config)())
+    except (TypeError, ValueError):  # a class without a valid default instance: keep every field
+        defaults = {}
+    return _changed(config_to_dict(config), defaults)
+
+
+def _changed(values: dict, defaults: dict) -> dict:
+    out = {}
+    for key, value in values.items():
+        if key in defaults and value == defaults[key]:
+            continue
+        if key in defaults and isinstance(value, dict) and isinstance(defaults[key], dict):
+            value = _changed(value, defaults[key])
+        out[key] = value
+    return out
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -8,10 +8,21 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def channels_last(module: nn.Module, dims: int) -> nn.Module:
+    """3-D convs run 2-3x faster channels-last on CPU (oneDNN; measured in the video tokenizer's step):
+    keep a video net's conv weights in that layout. Other ranks gain nothing and stay as they are."""
+    return module.to(memory_format=torch.channels_last_3d) if dims == 3 else module
+
+
+def _as_conv_input(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -56,14 +67,50 @@ def _up(dims: int, channels: int, stride: tuple[int, ...]) -> nn.Module:
     return CONV_T[dims](channels, channels, kernel, stride=stride, padding=1)
 
 
+def conv_factors(factors: tuple[int, ...], patch: tuple[int, ...] | None) -> tuple[int, ...]:
+    """What the strided convs downsample once ``patch`` has been folded into channels."""
+    if patch is None:
+        return tuple(factors)
+    if len(patch) != len(factors) or any(p < 1 or f % p for f, p in zip(factors, patch)):
+        raise ValueError(f"patch {tuple(patch)} must give a divisor of each downsampling factor {tuple(factors)}")
+    return tuple(f // p for f, p in zip(factors, patch))
+
+
+def _patterns(patch: tuple[int, ...]) -> tuple[str, str, dict]:
+    """einops patterns for (B, C, *S) and (B, C * prod(patch), *S / patch), with the patch sizes."""
+    names = "thw"[-len(patch):]
+    whole = "b c " + " ".join(f"({a} p{a})" for a in names)
+    folded = "b (c " + " ".join(f"p{a}" for a in names) + ") " + " ".join(names)
+    return whole, folded, {f"p{a}": p for a, p in zip(names, patch)}
+
+
+def space_to_depth(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """(B, C, *S) -> (B, C * prod(patch), *S / patch): each patch's values become channels (lossless)."""
+    whole, folded, sizes = _patterns(patch)
+    return rearrange(x, f"{whole} -> {folded}", **sizes)
+
+
+def depth_to_space(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of ``space_to_depth``."""
+    whole, folded, sizes = _patterns(patch)
+    return rearrange(x, f"{folded} -> {whole}", **sizes)
+
+
 class Encoder(nn.Module):
-    """x (B, C, *S) -> features (B, out_channels, *S / factors)."""
+    """x (B, C, *S) -> features (B, out_channels, *S / factors).
+
+    ``patch`` (optional, per axis, dividing ``factors``): the first downsampling folds each patch into
+    channels (``space_to_depth``) instead of running convs at full resolution, where most of a small
+    video net's time goes; the strided convs do the rest.
+    """
 
     def __init__(self, dims: int, in_channels: int, channels: tuple[int, ...], num_res_blocks: int,
-                 factors: tuple[int, ...], out_channels: int):
+                 factors: tuple[int, ...], out_channels: int, patch: tuple[int, ...] | None = None):
         super().__init__()
-        strides = down_schedule(factors)
+        self.patch = tuple(patch) if patch is not None and math.prod(patch) > 1 else None
+        strides = down_schedule(conv_factors(factors, self.patch))
         widths = _stage_widths(channels, len(strides))
+        in_channels *= math.prod(self.patch or (1,))
         layers: list[nn.Module] = [CONV[dims](in_channels, widths[0], 3, padding=1)]
         for i, stride in enumerate(strides):
             layers += [ResBlock(dims, widths[i], widths[i + 1])]
@@ -71,19 +118,24 @@ class Encoder(nn.Module):
             layers.append(_down(dims, widths[i + 1], stride))
         layers += [ResBlock(dims, widths[-1]) for _ in range(num_res_blocks)]
         layers += [norm(widths[-1]), nn.SiLU(), CONV[dims](widths[-1], out_channels, 1)]
-        self.net = nn.Sequential(*layers)
+        self.net = channels_last(nn.Sequential(*layers), dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.patch:
+            x = space_to_depth(x, self.patch)
+        return self.net(_as_conv_input(x)).contiguous()
 
 
 class Decoder(nn.Module):
-    """features (B, in_channels, *S') -> x (B, out_channels, *S' * factors)."""
+    """features (B, in_channels, *S') -> x (B, out_channels, *S' * factors); ``patch`` as in ``Encoder``
+    (the last convs give each patch's values as channels, ``depth_to_space`` puts them in place)."""
 
     def __init__(self, dims: int, in_channels: int, channels: tuple[int, ...], num_res_blocks: int,
-                 factors: tuple[int, ...], out_channels: int):
+                 factors: tuple[int, ...], out_channels: int, patch: tuple[int, ...] | None = None):
         super().__init__()
-        strides = down_schedule(factors)[::-1]
+        self.patch = tuple(patch) if patch is not None and math.prod(patch) > 1 else None
+        strides = down_schedule(conv_factors(factors, self.patch))[::-1]
+        out_channels *= math.prod(self.patch or (1,))
         widths = _stage_widths(channels, len(strides))[::-1]
         layers: list[nn.Module] = [CONV[dims](in_channels, widths[0], 3, padding=1)]
         layers += [ResBlock(dims, widths[0]) for _ in range(num_res_blocks)]
@@ -92,10 +144,11 @@ class Decoder(nn.Module):
             layers += [ResBlock(dims, widths[i], widths[i + 1])]
             layers += [ResBlock(dims, widths[i + 1]) for _ in range(num_res_blocks - 1)]
         layers += [norm(widths[-1]), nn.SiLU(), CONV[dims](widths[-1], out_channels, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
+        self.net = channels_last(nn.Sequential(*layers), dims)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        x = self.net(_as_conv_input(z))
+        return (depth_to_space(x, self.patch) if self.patch else x).contiguous()
 
 
 def _stage_widths(channels: tuple[int, ...], stages: int) -> list[int]:

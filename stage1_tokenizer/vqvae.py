@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.hub import PretrainedMixin
-from stage1_tokenizer.modules import Decoder, Encoder
+from stage1_tokenizer.modules import Decoder, Encoder, conv_factors
 from stage1_tokenizer.quantizer import QuantizerConfig, VectorQuantizer
 
 MODALITY_DIMS = {"audio": 1, "image": 2, "video": 3}
@@ -26,6 +26,7 @@ class VQVAEConfig:
     channels: tuple[int, ...] = (64, 128)  # width before/after each downsampling stage
     num_res_blocks: int = 2
     factors: tuple[int, ...] = (4, 4)  # downsampling per axis (time first for video)
+    patch: tuple[int, ...] | None = None  # first downsampling by folding patches into channels (divides factors)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     recon_loss: str = "mse"  # mse | l1
     sample_rate: int = 0  # audio only
@@ -35,6 +36,9 @@ class VQVAEConfig:
             raise ValueError(f"modality must be one of {sorted(MODALITY_DIMS)}, got {self.modality!r}")
         if len(self.factors) != MODALITY_DIMS[self.modality]:
             raise ValueError(f"{self.modality} needs {MODALITY_DIMS[self.modality]} factors, got {self.factors}")
+        if self.patch is not None:
+            self.patch = tuple(self.patch)
+            conv_factors(self.factors, self.patch)  # clear error for a patch that does not divide the factors
         if self.recon_loss not in ("mse", "l1"):
             raise ValueError(f"recon_loss must be 'mse' or 'l1', got {self.recon_loss!r}")
 
@@ -64,10 +68,10 @@ class VQVAE(PretrainedMixin, nn.Module):
         self.config = config
         dims, width = self.dims, config.quantizer.dim
         self.encoder = Encoder(dims, config.in_channels, config.channels, config.num_res_blocks,
-                               config.factors, width)
+                               config.factors, width, config.patch)
         self.quantizer = VectorQuantizer(config.quantizer)
         self.decoder = Decoder(dims, width, config.channels, config.num_res_blocks, config.factors,
-                               config.in_channels)
+                               config.in_channels, config.patch)
 
     # ---- shapes -------------------------------------------------------------------------------
     @property

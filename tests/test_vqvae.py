@@ -28,6 +28,9 @@ CASES = {
     "image-8": (dict(modality="image", factors=(8, 8)), (2, 3, 32, 32), (2, 4, 4)),
     "audio": (dict(modality="audio", in_channels=1, factors=(8,)), (2, 1, 256), (2, 32)),
     "video": (dict(modality="video", factors=(2, 4, 4)), (2, 3, 4, 16, 16), (2, 2, 4, 4)),
+    "video-patch": (dict(modality="video", factors=(2, 4, 4), patch=(1, 2, 2)), (2, 3, 4, 16, 16), (2, 2, 4, 4)),
+    "image-patch": (dict(modality="image", factors=(4, 4), patch=(4, 4)), (2, 3, 32, 32), (2, 8, 8)),
+    "audio-patch": (dict(modality="audio", in_channels=1, factors=(8,), patch=(2,)), (2, 1, 256), (2, 32)),
 }
 
 
@@ -51,6 +54,32 @@ def test_encode_decode_shapes(case):
     assert torch.equal(out.codes, codes)
     assert torch.allclose(out.recon, recon, atol=1e-5)
     assert torch.equal(model.decode_levels(model.encode_levels(x)), recon)
+
+
+def test_space_to_depth_is_lossless_and_local():
+    """Each patch's values become the channels of one position, in a fixed order; depth_to_space undoes it."""
+    from stage1_tokenizer.modules import depth_to_space, space_to_depth
+
+    x = torch.arange(2 * 3 * 4 * 6 * 8, dtype=torch.float32).view(2, 3, 4, 6, 8)
+    y = space_to_depth(x, (2, 3, 2))
+    assert y.shape == (2, 3 * 12, 2, 2, 4)
+    assert torch.equal(depth_to_space(y, (2, 3, 2)), x)
+    # position (t, h, w) of the folded grid holds exactly the patch x[:, :, 2t:2t+2, 3h:3h+3, 2w:2w+2]
+    patch = x[1, :, 2:4, 3:6, 4:6]
+    assert torch.equal(y[1, :, 1, 1, 2], patch.flatten())
+
+
+def test_patch_keeps_the_code_grid_and_skips_full_resolution_convs():
+    full = make_model(modality="video", factors=(2, 4, 4))
+    patched = make_model(modality="video", factors=(2, 4, 4), patch=(1, 2, 2))
+    # the first conv takes the 4 pixels of a patch as channels and runs at half the resolution
+    assert patched.encoder.net[0].in_channels == 3 * 4 and full.encoder.net[0].in_channels == 3
+    assert patched.decoder.net[-1].out_channels == 3 * 4
+    assert patched.code_shapes((3, 4, 16, 16)) == full.code_shapes((3, 4, 16, 16)) == [(2, 4, 4)]
+    with pytest.raises(ValueError, match="patch"):
+        VQVAEConfig(modality="video", factors=(2, 4, 4), patch=(1, 3, 2))
+    with pytest.raises(ValueError, match="patch"):
+        VQVAEConfig(modality="video", factors=(2, 4, 4), patch=(2, 2))
 
 
 def test_down_schedule():
@@ -155,6 +184,18 @@ def test_save_and_load_roundtrip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
 
 
+def test_patched_video_save_load_roundtrip(tmp_path):
+    model = make_model(modality="video", in_channels=1, factors=(2, 4, 4), patch=(1, 2, 2)).eval()
+    model.save_pretrained(tmp_path / "v")
+    loaded = VQVAE.from_pretrained(tmp_path / "v")
+    assert loaded.config == model.config and loaded.config.patch == (1, 2, 2)
+    x = torch.rand(2, 1, 4, 16, 16)
+    codes = model.encode(x)
+    assert torch.equal(loaded.encode(x), codes)
+    assert torch.equal(loaded.decode(codes), model.decode(codes))
+    assert loaded.fingerprint() == model.fingerprint()
+
+
 def test_audio_roundtrip(tmp_path):
     model = _trained(modality="audio", in_channels=1, factors=(8,), sample_rate=8000)
     model.save_pretrained(tmp_path / "a")
@@ -172,6 +213,23 @@ def test_fingerprint_names_config_and_weights():
     assert b.fingerprint() != a.fingerprint()
     c = make_model(0, quantizer={"beta": 0.5})  # same weights, other config
     assert c.fingerprint() != a.fingerprint()
+
+
+def test_fingerprint_survives_a_new_config_field_at_its_default():
+    """A later version that adds a config field (at a default that keeps the old behaviour) must not
+    rename the models saved before it: token manifests and pipelines refer to them by fingerprint."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Later(VQVAEConfig):
+        new_option: int | None = None
+
+    model = make_model(0)
+    before = model.fingerprint()
+    model.config = Later(**{f.name: getattr(model.config, f.name) for f in dataclasses.fields(VQVAEConfig)})
+    assert model.fingerprint() == before
+    model.config = dataclasses.replace(model.config, new_option=3)  # using the new option is another model
+    assert model.fingerprint() != before
 
 
 def test_from_pretrained_errors(tmp_path):

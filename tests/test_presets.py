@@ -1,0 +1,57 @@
+"""The shipped presets build: every demo's tokenizer config, untrained, tokenizes an input of the size the
+demo exports, and each level's prior config models the resulting code grids (the same derivation of shapes
+from the tokens as ``tokgen train-prior``). A preset with a field that no longer exists, or a patch that does
+not divide the factors, fails here instead of minutes into a demo."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.config import preset
+from pipelines.demo import DEMOS
+from pipelines.hub import config_from_dict
+from stage1_tokenizer.train import TOKENIZERS, TokenizerTrainConfig
+from stage2_prior.registry import prior_classes
+from stage2_prior.train import PriorTrainConfig, model_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _input(cfg: TokenizerTrainConfig, size: int) -> torch.Tensor:
+    m = cfg.model_config
+    if m.modality == "audio":
+        return torch.rand(1, 1, size) * 2 - 1
+    if m.modality == "video":
+        return torch.rand(1, m.in_channels, cfg.frames, size, size)
+    return torch.rand(1, m.in_channels, size, size)
+
+
+@pytest.mark.parametrize("name", sorted(DEMOS))
+def test_demo_presets_fit_together(name):
+    spec = DEMOS[name]
+    cfg = config_from_dict(TokenizerTrainConfig, preset(spec.tokenizer))
+    torch.manual_seed(0)
+    tokenizer = TOKENIZERS[cfg.arch][0](cfg.model_config).eval()
+    with torch.no_grad():
+        codes = tokenizer.encode_levels(_input(cfg, spec.export_size or cfg.size))
+    top_first = codes  # code grids and codebook sizes are top first, as priors number their levels
+    manifest = {"levels": [{"grid_shape": list(c.shape[1:]), "codebook_size": v}
+                           for c, v in zip(top_first, tokenizer.codebook_sizes)], "num_classes": 10}
+    assert len(spec.priors) == len(manifest["levels"])
+    for level, prior_name in enumerate(spec.priors):
+        pcfg = config_from_dict(PriorTrainConfig, {**preset(prior_name), "tokens": "unused", "level": level})
+        prior = prior_classes(pcfg.arch)[0](model_config(pcfg, manifest)).eval()
+        labels = torch.zeros(1, dtype=torch.long) if prior.config.num_classes else None
+        cond = top_first[level - 1] if level else None
+        with torch.no_grad():
+            nll = prior.nll(top_first[level], labels, cond)
+        assert nll.shape == (1,) and torch.isfinite(nll).all()
+
+
+def test_video_and_audio_presets_use_the_cheap_first_stage():
+    """The moving-digits and spoken-digits presets fit 15 minutes on 2 cores because of these fields
+    (BENCHMARKS.md §10a): keep them unless the demo is re-timed."""
+    video = config_from_dict(TokenizerTrainConfig, preset("tokenizer-moving-digits")).model_config
+    audio = config_from_dict(TokenizerTrainConfig, preset("tokenizer-spoken-digits")).model_config
+    assert video.patch == (1, 2, 2) and audio.patch is not None
+    assert preset("prior-moving-digits")["model"]["relative_bias"] is True

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.hub import PretrainedMixin
-from stage1_tokenizer.modules import CONV, Decoder, Encoder
+from stage1_tokenizer.modules import CONV, Decoder, Encoder, conv_factors
 from stage1_tokenizer.quantizer import QuantizerConfig, VectorQuantizer
 from stage1_tokenizer.vqvae import MODALITY_DIMS
 
@@ -33,6 +33,7 @@ class HierarchicalVQVAEConfig:
     hidden: int = 128  # width of the upper encoders and the level-to-level decoders
     num_res_blocks: int = 2
     factors: tuple[tuple[int, ...], ...] = ((4, 4), (2, 2))  # per level, bottom first
+    patch: tuple[int, ...] | None = None  # the bottom level's first downsampling by folding (divides factors[0])
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # template for every level
     codebook_sizes: tuple[int, ...] = ()  # per level, top first; () = the template's size everywhere
     recon_loss: str = "mse"
@@ -51,6 +52,9 @@ class HierarchicalVQVAEConfig:
         dims = MODALITY_DIMS[self.modality]
         if any(len(f) != dims for f in self.factors):
             raise ValueError(f"{self.modality} needs {dims} factors per level, got {self.factors}")
+        if self.patch is not None:
+            self.patch = tuple(self.patch)
+            conv_factors(tuple(self.factors[0]), self.patch)  # clear error for a patch that does not divide
         if self.codebook_sizes and len(self.codebook_sizes) != len(self.factors):
             raise ValueError(f"codebook_sizes {self.codebook_sizes} must give one size per level ({len(self.factors)})")
         if not 0.0 <= self.level_dropout <= 1.0:
@@ -93,7 +97,7 @@ class HierarchicalVQVAE(PretrainedMixin, nn.Module):
         nrb = config.num_res_blocks
         # Bottom-up encoders: level 0 from the input, level k from level k-1's features.
         self.encoders = nn.ModuleList(
-            [Encoder(dims, config.in_channels, config.channels, nrb, config.factors[0], hid)]
+            [Encoder(dims, config.in_channels, config.channels, nrb, config.factors[0], hid, config.patch)]
             + [Encoder(dims, hid, (hid,), nrb, config.factors[k], hid) for k in range(1, n)]
         )
         # Pre-quantization 1x1 convs: the top sees its features; lower levels also the context from above.
@@ -107,7 +111,7 @@ class HierarchicalVQVAE(PretrainedMixin, nn.Module):
             Decoder(dims, self._context_channels(k + 1), (hid,), nrb, config.factors[k + 1], d) for k in range(n - 1)
         )
         self.decoder = Decoder(dims, self._context_channels(0), config.channels, nrb, config.factors[0],
-                               config.in_channels)
+                               config.in_channels, config.patch)
 
     def _context_channels(self, level: int) -> int:
         d = self.config.quantizer.dim

@@ -13,11 +13,11 @@ from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make(modality="image", channels=3, factors=((4, 4), (2, 2)), sizes=(), level_dropout=0.0):
+def make(modality="image", channels=3, factors=((4, 4), (2, 2)), sizes=(), level_dropout=0.0, patch=None):
     torch.manual_seed(0)
     cfg = HierarchicalVQVAEConfig(modality=modality, in_channels=channels, channels=(8, 8), hidden=8, num_res_blocks=1,
                                   factors=factors, quantizer=QuantizerConfig(codebook_size=16, dim=8),
-                                  codebook_sizes=sizes, level_dropout=level_dropout)
+                                  codebook_sizes=sizes, level_dropout=level_dropout, patch=patch)
     return HierarchicalVQVAE(cfg).eval()
 
 
@@ -37,6 +37,19 @@ def test_encode_decode_shapes_top_first(modality, channels, factors, shape, grid
         assert model.decode_levels(codes).shape == x.shape
         # the training forward quantizes exactly what encode does
         assert all(torch.equal(a, b) for a, b in zip(model(x).codes, codes))
+
+
+def test_patch_folds_the_bottom_levels_first_downsampling():
+    """``patch`` changes how the bottom encoder starts, not the code grids."""
+    plain, patched = make("image", 3, ((4, 4), (2, 2))), make("image", 3, ((4, 4), (2, 2)), patch=(2, 2))
+    assert patched.encoders[0].net[0].in_channels == 12 and plain.encoders[0].net[0].in_channels == 3
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        codes = patched.encode_levels(x)
+        assert [c.shape for c in codes] == [c.shape for c in plain.encode_levels(x)]
+        assert patched.decode_levels(codes).shape == x.shape
+    with pytest.raises(ValueError, match="patch"):
+        make("image", 3, ((4, 4), (2, 2)), patch=(3, 3))
 
 
 def test_per_level_codebook_sizes():

@@ -34,17 +34,17 @@ def test_demo_presets_fit_together(name):
     tokenizer = TOKENIZERS[cfg.arch][0](cfg.model_config).eval()
     with torch.no_grad():
         codes = tokenizer.encode_levels(_input(cfg, spec.export_size or cfg.size))
-    top_first = codes  # code grids and codebook sizes are top first, as priors number their levels
+    # code grids and codebook sizes come top first, as priors number their levels
     manifest = {"levels": [{"grid_shape": list(c.shape[1:]), "codebook_size": v}
-                           for c, v in zip(top_first, tokenizer.codebook_sizes)], "num_classes": 10}
+                           for c, v in zip(codes, tokenizer.codebook_sizes)], "num_classes": 10}
     assert len(spec.priors) == len(manifest["levels"])
     for level, prior_name in enumerate(spec.priors):
         pcfg = config_from_dict(PriorTrainConfig, {**preset(prior_name), "tokens": "unused", "level": level})
         prior = prior_classes(pcfg.arch)[0](model_config(pcfg, manifest)).eval()
         labels = torch.zeros(1, dtype=torch.long) if prior.config.num_classes else None
-        cond = top_first[level - 1] if level else None
+        cond = codes[level - 1] if level else None
         with torch.no_grad():
-            nll = prior.nll(top_first[level], labels, cond)
+            nll = prior.nll(codes[level], labels, cond)
         assert nll.shape == (1,) and torch.isfinite(nll).all()
 
 

@@ -5,10 +5,11 @@ overrides into ``OUT/tokenizer_run``, then report the held-out per-frame PSNR an
 the share of the tokenizer's reconstructions of the held-out clips that the demo's judge
 (``pipelines.judge``, trained on the real training clips, seed 0) labels as their digit.
 
-``prior DEMO_DIR OUT '{"model": {"relative_bias": true}}' [--per-class 10] [--temperatures 1.0,0.8]``:
-train the moving-digits prior preset with these overrides on the tokens of a ``tokgen demo --dataset
-moving-digits`` folder, report its held-out bits/token, then sample ``per-class`` clips of every digit
-with the demo's tokenizer and report the share the judge labels as the digit asked for.
+``prior DEMO_DIR OUT '{"model": {"relative_bias": true}}' [--per-class 10] [--temperatures 1.0,0.8]
+[--guidances 1,2]``: train the prior preset of a single-level class-conditional ``tokgen demo`` folder
+(moving-digits; also spoken-digits or digits) with these overrides on its tokens, report its held-out
+bits/token, then sample ``per-class`` items of every class with the demo's tokenizer at each temperature
+and classifier-free guidance scale, and report the share the judge labels as the class asked for.
 
 ``step [--rounds 6]``: seconds per tokenizer train step (forward, loss, backward, Adam; batch 8 of
 8 x 64 x 64 clips) of the previous video preset (8/16/32/32 channels at full resolution) with its convs
@@ -63,14 +64,22 @@ def tokenizer_variant(out: Path, overrides: dict) -> dict:
             "config": json.loads((out / "tokenizer_run" / "config.json").read_text())}
 
 
-def prior_variant(demo: Path, out: Path, overrides: dict, per_class: int, temperatures: list[float]) -> dict:
+def prior_variant(demo: Path, out: Path, overrides: dict, per_class: int, temperatures: list[float],
+                  guidances: list[float]) -> dict:
+    from dataclasses import replace
+
+    from pipelines.demo import DEMOS
     from pipelines.media import write_samples
     from pipelines.pipeline import TokgenPipeline
     from pipelines.sample import generate
-    from stage1_tokenizer.train import TokenizerTrainConfig
+    from pipelines.judge import train_judge
+    from stage1_tokenizer.train import TokenizerTrainConfig, build_dataset
     from stage2_prior import train as prior_train
 
-    values = merge(preset("prior-moving-digits"), {**overrides, "tokens": str(demo / "tokens"), "level": 0})
+    spec = DEMOS[json.loads((demo / "metrics.json").read_text())["dataset"]]
+    if len(spec.priors) != 1:
+        raise ValueError("prior variants are for single-level demos")
+    values = merge(preset(spec.priors[0]), {**overrides, "tokens": str(demo / "tokens"), "level": 0})
     cfg = config_from_dict(prior_train.PriorTrainConfig, values)
     started = time.perf_counter()
     if not (out / "model").is_dir():
@@ -78,16 +87,23 @@ def prior_variant(demo: Path, out: Path, overrides: dict, per_class: int, temper
     train_s = time.perf_counter() - started
     info = json.loads((out / "prior.json").read_text())["eval"]
     pipe = TokgenPipeline.from_runs(demo / "tokenizer_run" / "model", [out], class_names=[str(c) for c in range(10)])
-    judge = _judge(config_from_dict(TokenizerTrainConfig, json.loads((demo / "tokenizer_run" / "config.json").read_text())))
+    tok_cfg = config_from_dict(TokenizerTrainConfig, json.loads((demo / "tokenizer_run" / "config.json").read_text()))
+    sized = replace(tok_cfg, size=spec.export_size or tok_cfg.size)  # the items the prior learned, as the demo judges
+    modality, rate = pipe.modality, tok_cfg.model_config.sample_rate or 16000
+    judge = train_judge(build_dataset(sized, "train"), modality, 10, sample_rate=rate, seed=0)
     labels = torch.arange(10).repeat_interleave(per_class)
-    result = {"train_s": round(train_s, 1), "bits_per_token": info["bits_per_token"], "num_samples": len(labels),
-              "samples_judged": {}, "config": json.loads((out / "config.json").read_text())}
-    for t in temperatures:
-        samples, _, _ = generate(pipe, len(labels), labels, 0, 100, quiet=True, temperature=t)
-        result["samples_judged"][str(t)] = float(judge.hits(samples, labels).mean())
-        if t == temperatures[0]:  # two clips of every digit to look at
-            write_samples("video", samples.view(10, per_class, *samples.shape[1:])[:, :2].flatten(0, 1),
-                          out / "look", nrow=2)
+    result = {"dataset": json.loads((demo / "metrics.json").read_text())["dataset"], "train_s": round(train_s, 1),
+              "bits_per_token": info["bits_per_token"], "num_samples": len(labels), "samples_judged": {},
+              "config": json.loads((out / "config.json").read_text())}
+    for g in guidances:
+        for t in temperatures:
+            samples, _, _ = generate(pipe, len(labels), labels, 0, 100, quiet=True, temperature=t, guidance=g)
+            key = str(t) if g == 1.0 else f"{t}, guidance {g}"
+            result["samples_judged"][key] = float(judge.hits(samples, labels).mean())
+            print(key, result["samples_judged"][key], flush=True)
+            if t == temperatures[0]:  # two of every digit to look at (audio: WAVs and spectrograms)
+                write_samples(modality, samples.view(10, per_class, *samples.shape[1:])[:, :2].flatten(0, 1),
+                              out / ("look" if g == 1.0 else f"look_guidance_{g}"), nrow=2, sample_rate=rate)
     return result
 
 
@@ -134,11 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("out", type=Path)
     t.add_argument("overrides", nargs="?", default="{}", help="JSON merged into the tokenizer preset")
     q = sub.add_parser("prior")
-    q.add_argument("demo", type=Path, help="a `tokgen demo --dataset moving-digits` folder")
+    q.add_argument("demo", type=Path, help="a single-level class-conditional `tokgen demo` folder "
+                                           "(moving-digits, spoken-digits, digits)")
     q.add_argument("out", type=Path)
     q.add_argument("overrides", nargs="?", default="{}", help="JSON merged into the prior preset")
     q.add_argument("--per-class", type=int, default=10)
     q.add_argument("--temperatures", default="1.0")
+    q.add_argument("--guidances", default="1.0", help="classifier-free guidance scales to sample with")
     s = sub.add_parser("step")
     s.add_argument("--rounds", type=int, default=6)
     args = p.parse_args(argv)
@@ -152,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.per_class < 2:
             p.error("--per-class must be at least 2")
         result = prior_variant(args.demo, args.out, overrides, args.per_class,
-                               [float(x) for x in args.temperatures.split(",")])
+                               [float(x) for x in args.temperatures.split(",")],
+                               [float(x) for x in args.guidances.split(",")])
     result["machine"] = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")

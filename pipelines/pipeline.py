@@ -159,15 +159,23 @@ class TokgenPipeline:
     @torch.no_grad()
     def sample_codes(self, batch_size: int = 1, class_labels=None, temperature: float = 1.0, top_k=None,
                      top_p=None, generator: torch.Generator | None = None, use_cache: bool = True,
-                     prefixes: list[torch.Tensor | None] | None = None, progress=None) -> list[torch.Tensor]:
-        """Codes for every level, top first, each level conditioned on the one above."""
+                     prefixes: list[torch.Tensor | None] | None = None, progress=None,
+                     guidance: float = 1.0) -> list[torch.Tensor]:
+        """Codes for every level, top first, each level conditioned on the one above.
+
+        guidance: classifier-free guidance scale for the class-conditional levels (1.0 = none; > 1 needs
+        priors trained with class dropout).
+        """
         labels = self._labels(batch_size, class_labels)
+        if guidance != 1.0 and labels is None:
+            raise ValueError(f"guidance {guidance} is for class-conditional pipelines; this one is unconditional")
         codes: list[torch.Tensor] = []
         for level, prior in enumerate(self.priors):
             cond = codes[-1] if level > 0 else None
             prefix = prefixes[level] if prefixes is not None else None
-            codes.append(sample(prior, batch_size, labels if prior.config.num_classes else None, cond,
-                                temperature, top_k, top_p, generator, use_cache, prefix, progress))
+            conditional = bool(prior.config.num_classes)
+            codes.append(sample(prior, batch_size, labels if conditional else None, cond, temperature, top_k,
+                                top_p, generator, use_cache, prefix, progress, guidance if conditional else 1.0))
         return codes
 
     @torch.no_grad()
@@ -181,16 +189,17 @@ class TokgenPipeline:
 
     def __call__(self, batch_size: int = 1, class_labels=None, temperature: float = 1.0, top_k=None, top_p=None,
                  generator: torch.Generator | None = None, use_cache: bool = True, output_type: str = "decoded",
-                 progress=None) -> PipelineOutput:
+                 progress=None, guidance: float = 1.0) -> PipelineOutput:
         if output_type not in ("decoded", "codes"):
             raise ValueError(f"output_type must be 'decoded' or 'codes', got {output_type!r}")
         codes = self.sample_codes(batch_size, class_labels, temperature, top_k, top_p, generator, use_cache,
-                                  progress=progress)
+                                  progress=progress, guidance=guidance)
         return PipelineOutput(self.decode(codes) if output_type == "decoded" else None, codes)
 
     @torch.no_grad()
     def sample_long(self, length: int, batch_size: int = 1, class_labels=None, temperature: float = 1.0,
-                    top_k=None, top_p=None, generator=None, overlap: float = 0.5, progress=None) -> PipelineOutput:
+                    top_k=None, top_p=None, generator=None, overlap: float = 0.5, progress=None,
+                    guidance: float = 1.0) -> PipelineOutput:
         """Samples longer than the training inputs along the first axis (video frames, audio samples).
 
         Convolutional priors take the longer grid directly; a transformer, whose positions are learned
@@ -200,7 +209,7 @@ class TokgenPipeline:
         shape = (self.input_shape[0], length, *self.input_shape[2:])
         if all(p.shape_agnostic for p in self.priors):
             return self.with_input_shape(shape)(batch_size, class_labels, temperature, top_k, top_p, generator,
-                                                progress=progress)
+                                                progress=progress, guidance=guidance)
         if len(self.priors) != 1:
             raise ValueError("sliding-window sampling needs a single-level pipeline (or convolutional priors)")
         total = self.tokenizer.code_shapes(shape)[0][0]
@@ -209,11 +218,12 @@ class TokgenPipeline:
         keep = int(window * overlap)
         if not 0 < keep < window:
             raise ValueError(f"overlap {overlap} leaves no context or no new steps in a window of {window}")
-        codes = sample(prior, batch_size, labels, None, temperature, top_k, top_p, generator, progress=progress)
+        codes = sample(prior, batch_size, labels, None, temperature, top_k, top_p, generator, progress=progress,
+                       guidance=guidance)
         while codes.shape[1] < total:
             prefix = codes[:, -keep:].flatten(1)
             new = sample(prior, batch_size, labels, None, temperature, top_k, top_p, generator, prefix=prefix,
-                         progress=progress)
+                         progress=progress, guidance=guidance)
             codes = torch.cat([codes, new[:, keep:]], dim=1)
         codes = [codes[:, :total]]
         return PipelineOutput(self.decode(codes), codes)
@@ -230,7 +240,7 @@ class TokgenPipeline:
         return bits / math.prod(x.shape[1:])
 
     def complete(self, x: torch.Tensor, known_fraction: float = 0.5, class_labels=None, temperature: float = 1.0,
-                 top_k=None, top_p=None, generator=None) -> PipelineOutput:
+                 top_k=None, top_p=None, generator=None, guidance: float = 1.0) -> PipelineOutput:
         """Keep the first ``known_fraction`` of x along its first axis (image rows, video frames, audio
         time), sample the rest of every level's codes, and decode."""
         if not 0 <= known_fraction <= 1:
@@ -240,5 +250,6 @@ class TokgenPipeline:
         for c in codes:
             rows = int(c.shape[1] * known_fraction)
             prefixes.append(c.flatten(1)[:, : rows * math.prod(c.shape[2:])])
-        out = self.sample_codes(x.shape[0], class_labels, temperature, top_k, top_p, generator, True, prefixes)
+        out = self.sample_codes(x.shape[0], class_labels, temperature, top_k, top_p, generator, True, prefixes,
+                                guidance=guidance)
         return PipelineOutput(self.decode(out), out)

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale: 1 = none, > 1 = closer to the class asked for "
+                        "(priors trained with class_dropout)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-cache", action="store_true", help="full recompute per token (to verify/benchmark the cache)")
     p.add_argument("--codes-only", action="store_true", help="write codes, do not decode")
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     labels = class_labels_for(pipe, args.num, args.class_label)
     samples, codes, seconds = generate(pipe, args.num, labels, args.seed, args.batch_size, not args.codes_only,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       guidance=args.guidance,
                                        use_cache=not args.no_cache, length=args.length)
     args.out.mkdir(parents=True, exist_ok=True)
     save_codes(codes, args.out, pipe.tokenizer.codebook_sizes)

@@ -12,11 +12,25 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+# The class label that means "no class". A prior with ``config.null_class`` has one more class embedding,
+# learned from labels dropped at random in training (``class_dropout``), so it is a conditional and an
+# unconditional model at once: what classifier-free guidance needs (Ho & Salimans 2022).
+NULL_CLASS = -1
+
+
+def class_embedding(config, dim: int) -> nn.Embedding | None:
+    """The class embedding of a prior: ``num_classes`` rows, plus one for NULL_CLASS with ``null_class``."""
+    if config.null_class and not config.num_classes:
+        raise ValueError("null_class needs a class-conditional prior (num_classes > 0)")
+    return nn.Embedding(config.num_classes + int(config.null_class), dim) if config.num_classes else None
 
 
 class PriorMixin:
-    """Needs ``config.grid_shape``, ``config.vocab_size``, ``config.num_classes``,
-    ``config.cond_grid_shape`` and ``config.cond_vocab_size``."""
+    """Needs ``config.grid_shape``, ``config.vocab_size``, ``config.num_classes``, ``config.null_class``,
+    ``config.cond_grid_shape`` and ``config.cond_vocab_size``, and ``self.class_emb`` from
+    ``class_embedding``."""
 
     shape_agnostic = False  # True when no weight depends on the grid size (convolutional priors)
 
@@ -39,6 +53,10 @@ class PriorMixin:
     def num_tokens(self) -> int:
         return math.prod(self.config.grid_shape)
 
+    def embed_class(self, class_labels: torch.Tensor) -> torch.Tensor:
+        """(B,) labels in [0, num_classes), or NULL_CLASS with ``null_class`` -> (B, D)."""
+        return self.class_emb(class_labels.masked_fill(class_labels == NULL_CLASS, self.config.num_classes))
+
     def check_inputs(self, codes: torch.Tensor | None, class_labels: torch.Tensor | None,
                      cond: torch.Tensor | None, batch: int | None = None) -> None:
         """Clear errors for inputs that do not fit this prior (wrong tokenizer, missing labels...)."""
@@ -55,8 +73,11 @@ class PriorMixin:
         if cfg.num_classes:
             if class_labels is None:
                 raise ValueError(f"this prior is class-conditional ({cfg.num_classes} classes): pass class_labels")
-            if class_labels.shape != (batch,) or int(class_labels.min()) < 0 or int(class_labels.max()) >= cfg.num_classes:
-                raise ValueError(f"class_labels must be ({batch},) in [0, {cfg.num_classes}), got {class_labels.tolist()}")
+            low = NULL_CLASS if cfg.null_class else 0
+            if class_labels.shape != (batch,) or int(class_labels.min()) < low or int(class_labels.max()) >= cfg.num_classes:
+                null = f", or {NULL_CLASS} for no class" if cfg.null_class else ""
+                raise ValueError(f"class_labels must be ({batch},) in [0, {cfg.num_classes}){null}, "
+                                 f"got {class_labels.tolist()}")
         if cfg.cond_vocab_size:
             if cond is None:
                 raise ValueError(f"this prior is conditioned on upper-level codes {tuple(cfg.cond_grid_shape)}: pass cond")

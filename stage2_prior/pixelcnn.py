@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from pipelines.hub import PretrainedMixin
-from stage2_prior.base import PriorMixin
+from stage2_prior.base import PriorMixin, class_embedding
 from stage2_prior.causal_conv import HorizontalConv, VerticalConv, gate, linear_step, shift_down
 
 
@@ -47,6 +47,7 @@ class GatedPixelCNNConfig:
     grid_shape: tuple[int, ...] = (8, 8)  # (H, W): 2-D grids only
     vocab_size: int = 512
     num_classes: int = 0  # 0 = unconditional
+    null_class: bool = False  # one more class embedding, for NULL_CLASS (classifier-free guidance)
     cond_grid_shape: tuple[int, ...] | None = None  # upper-level code grid (hierarchies)
     cond_vocab_size: int = 0  # 0 = no upper-level conditioning
     channels: int = 128
@@ -148,7 +149,7 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
         self.config = config
         c, n = config.channels, config.num_layers
         self.tok_emb = nn.Embedding(config.vocab_size, c)
-        self.class_emb = nn.Embedding(config.num_classes, c) if config.num_classes else None
+        self.class_emb = class_embedding(config, c)
         if config.cond_vocab_size:
             self.cond_emb = nn.Embedding(config.cond_vocab_size, c)
             self.cond_conv = nn.Conv2d(c, c, 3, padding=1)  # non-causal: the upper level is fully known
@@ -168,7 +169,7 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
         w = self.tok_emb.weight
         ctx = w.new_zeros(batch, self.config.channels, *self.config.grid_shape)
         if self.class_emb is not None:
-            ctx = ctx + self.class_emb(class_labels)[:, :, None, None]
+            ctx = ctx + self.embed_class(class_labels)[:, :, None, None]
         if self.cond_emb is not None:
             up = F.interpolate(self.cond_emb(cond).permute(0, 3, 1, 2), size=self.config.grid_shape, mode="nearest")
             ctx = ctx + self.cond_conv(up)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from stage2_prior.base import NULL_CLASS
+
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
@@ -27,15 +29,41 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return logits
 
 
+def _guided_inputs(prior, batch_size: int, class_labels, cond, guidance: float):
+    """With guidance, every row is run twice, with its class and with NULL_CLASS (conditional rows first)."""
+    if guidance == 1.0:
+        return class_labels, cond, 1
+    if not prior.config.num_classes:
+        raise ValueError(f"guidance {guidance} needs a class-conditional prior; this one is unconditional")
+    if not prior.config.null_class:
+        raise ValueError(f"guidance {guidance} needs a prior trained with class dropout (train-prior "
+                         "'class_dropout' > 0, which gives it a no-class embedding); use guidance 1.0 with this one")
+    if class_labels is None:
+        raise ValueError("guidance needs class_labels")
+    labels = torch.cat([class_labels, torch.full_like(class_labels, NULL_CLASS)])
+    return labels, (torch.cat([cond, cond]) if cond is not None else None), 2
+
+
+def guide(logits: torch.Tensor, guidance: float) -> torch.Tensor:
+    """(2B, V) logits, conditional rows then unconditional ones -> (B, V): u + guidance * (c - u).
+
+    Classifier-free guidance: guidance 1 is the conditional model, 0 the unconditional one, and > 1
+    sharpens p(class | x) (the implicit classifier) at some cost in diversity.
+    """
+    cond, uncond = logits.float().chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
 @torch.no_grad()
 def sample(prior, batch_size: int, class_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None, use_cache: bool = True,
-           prefix: torch.Tensor | None = None, progress=None) -> torch.Tensor:
+           prefix: torch.Tensor | None = None, progress=None, guidance: float = 1.0) -> torch.Tensor:
     """Codes (B, *grid) drawn position by position.
 
     prefix: (B, P) known codes in raster order (completion): kept as given, sampling starts at P.
     progress: optional callable(n) told after each position.
+    guidance: classifier-free guidance scale (1.0 = none; needs a prior with ``null_class``).
     """
     grid, n = tuple(prior.config.grid_shape), prior.num_tokens
     device = next(prior.parameters()).device
@@ -45,13 +73,17 @@ def sample(prior, batch_size: int, class_labels: torch.Tensor | None = None, con
         if prefix.shape[0] != batch_size or known > n:
             raise ValueError(f"prefix must be ({batch_size}, <= {n}), got {tuple(prefix.shape)}")
         codes[:, :known] = prefix.to(device)
-    state = prior.start_state(batch_size, class_labels, cond) if use_cache else None
+    labels, cond, copies = _guided_inputs(prior, batch_size, class_labels, cond, guidance)
+    rows = batch_size * copies
+    state = prior.start_state(rows, labels, cond) if use_cache else None
     for t in range(n):
         if use_cache:
-            logits = prior.step(state, codes[:, t - 1] if t else None)
+            logits = prior.step(state, codes[:, t - 1].repeat(copies) if t else None)
         elif t >= known:
-            logits = prior(codes.view(batch_size, *grid), class_labels, cond).flatten(1, -2)[:, t]
+            logits = prior(codes.repeat(copies, 1).view(rows, *grid), labels, cond).flatten(1, -2)[:, t]
         if t >= known:
+            if copies == 2:
+                logits = guide(logits, guidance)
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
             codes[:, t] = torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(device)
         if progress is not None:

@@ -20,6 +20,7 @@ from pipelines import runs
 from pipelines.config import preset, resolve
 from pipelines.hub import config_from_dict
 from stage1_tokenizer.train import lr_lambda
+from stage2_prior.base import NULL_CLASS
 from stage2_prior.registry import prior_classes
 from stage2_prior.tokens import load_all, read_manifest
 
@@ -33,6 +34,9 @@ class PriorTrainConfig(runs.TrainingConfig):
     arch: str = "transformer"  # transformer | pixelcnn | wavenet
     model: dict = field(default_factory=dict)  # size of the network (dim, num_layers, ...)
     class_conditional: bool = True  # use the labels when the tokens have them
+    # Share of training labels replaced by NULL_CLASS, so the prior also learns p(codes) without a class and
+    # can be sampled with classifier-free guidance (`tokgen sample --guidance`); 0 = no null class.
+    class_dropout: float = 0.0
     eval_every: int = 500
     # defaults that differ from the tokenizer's
     batch_size: int = 64
@@ -41,6 +45,10 @@ class PriorTrainConfig(runs.TrainingConfig):
     warmup_steps: int = 100
     max_steps: int = 2000
     checkpoint_every: int = 1000
+
+    def __post_init__(self):
+        if not 0 <= self.class_dropout < 1:
+            raise ValueError(f"class_dropout must lie in [0, 1), got {self.class_dropout}")
 
 
 class TokenTensors(Dataset):
@@ -106,10 +114,12 @@ def model_config(cfg: PriorTrainConfig, manifest: dict):
     levels = manifest["levels"]
     if not 0 <= cfg.level < len(levels):
         raise ValueError(f"--level {cfg.level} does not exist: the tokens have {len(levels)} level(s)")
+    num_classes = int(manifest.get("num_classes", 0)) if cfg.class_conditional else 0
     derived = {
         "grid_shape": levels[cfg.level]["grid_shape"],
         "vocab_size": levels[cfg.level]["codebook_size"],
-        "num_classes": int(manifest.get("num_classes", 0)) if cfg.class_conditional else 0,
+        "num_classes": num_classes,
+        "null_class": bool(num_classes and cfg.class_dropout > 0),
         "cond_grid_shape": levels[cfg.level - 1]["grid_shape"] if cfg.level > 0 else None,
         "cond_vocab_size": levels[cfg.level - 1]["codebook_size"] if cfg.level > 0 else 0,
     }
@@ -160,10 +170,19 @@ def _inputs(batch: dict, model, device):
     return batch["codes"].to(device), labels, cond
 
 
+def drop_labels(labels: torch.Tensor | None, rate: float) -> torch.Tensor | None:
+    """(B,) labels with a random share ``rate`` replaced by NULL_CLASS (torch's RNG: resumable with the run)."""
+    if labels is None or rate <= 0:
+        return labels
+    return labels.masked_fill(torch.rand(labels.shape, device=labels.device) < rate, NULL_CLASS)
+
+
 # ---- train ------------------------------------------------------------------------------------
 def train_step(state: PriorState, batch: dict, accelerator, guard: runs.BadStepGuard) -> dict | None:
     model = accelerator.unwrap_model(state.model)
     codes, labels, cond = _inputs(batch, model, accelerator.device)
+    if model.config.null_class:
+        labels = drop_labels(labels, state.cfg.class_dropout)
     with accelerator.accumulate(state.model):
         with accelerator.autocast():
             logits = state.model(codes, labels, cond)

@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from pipelines.hub import PretrainedMixin
-from stage2_prior.base import PriorMixin
+from stage2_prior.base import PriorMixin, class_embedding
 
 
 BIAS_SCALE = 10.0  # relative attention bias = BIAS_SCALE * its parameter (see attention_bias)
@@ -33,6 +33,7 @@ class TransformerPriorConfig:
     grid_shape: tuple[int, ...] = (8, 8)
     vocab_size: int = 512
     num_classes: int = 0  # 0 = unconditional
+    null_class: bool = False  # one more class embedding, for NULL_CLASS (classifier-free guidance)
     cond_grid_shape: tuple[int, ...] | None = None  # upper-level code grid (hierarchies)
     cond_vocab_size: int = 0  # 0 = no upper-level conditioning
     dim: int = 256
@@ -119,7 +120,7 @@ class TransformerPrior(PriorMixin, PretrainedMixin, nn.Module):
             offsets = math.prod(2 * n - 1 for n in config.grid_shape)
             self.rel_bias = nn.Parameter(torch.zeros(config.num_heads, offsets))
             self.register_buffer("rel_index", _relative_index(config.grid_shape), persistent=False)
-        self.class_emb = nn.Embedding(config.num_classes, d) if config.num_classes else None
+        self.class_emb = class_embedding(config, d)
         self.cond_emb = nn.Embedding(config.cond_vocab_size, d) if config.cond_vocab_size else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
@@ -154,7 +155,7 @@ class TransformerPrior(PriorMixin, PretrainedMixin, nn.Module):
         """(B, N, D): what each position's input gets besides the previous token."""
         ctx = self.positions()[None].expand(batch, -1, -1)
         if self.class_emb is not None:
-            ctx = ctx + self.class_emb(class_labels)[:, None]
+            ctx = ctx + self.embed_class(class_labels)[:, None]
         if self.cond_emb is not None:
             up = F.interpolate(self.cond_emb(cond).movedim(-1, 1), size=tuple(self.config.grid_shape), mode="nearest")
             ctx = ctx + up.flatten(2).transpose(1, 2)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.hub import PretrainedMixin
-from stage2_prior.base import PriorMixin
+from stage2_prior.base import PriorMixin, class_embedding
 from stage2_prior.causal_conv import CausalConv1d, ConvQueue, gate, linear_step
 
 
@@ -30,6 +30,7 @@ class WaveNetConfig:
     grid_shape: tuple[int, ...] = (1024,)  # (T,): 1-D sequences only
     vocab_size: int = 512
     num_classes: int = 0  # 0 = unconditional
+    null_class: bool = False  # one more class embedding, for NULL_CLASS (classifier-free guidance)
     cond_grid_shape: tuple[int, ...] | None = None  # upper-level code sequence (hierarchies)
     cond_vocab_size: int = 0  # 0 = no upper-level conditioning
     channels: int = 64  # residual channels
@@ -106,7 +107,7 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
         c = config.channels
         self.tok_emb = nn.Embedding(config.vocab_size, c)
         self.start = nn.Parameter(torch.zeros(c))
-        self.class_emb = nn.Embedding(config.num_classes, c) if config.num_classes else None
+        self.class_emb = class_embedding(config, c)
         if config.cond_vocab_size:
             self.cond_emb = nn.Embedding(config.cond_vocab_size, c)
             self.cond_conv = nn.Conv1d(c, c, 3, padding=1)  # non-causal: the upper level is fully known
@@ -122,7 +123,7 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
             return None
         ctx = self.start.new_zeros(batch, self.config.channels, *self.config.grid_shape)
         if self.class_emb is not None:
-            ctx = ctx + self.class_emb(class_labels)[:, :, None]
+            ctx = ctx + self.embed_class(class_labels)[:, :, None]
         if self.cond_emb is not None:
             up = F.interpolate(self.cond_emb(cond).transpose(1, 2), size=self.config.grid_shape, mode="nearest")
             ctx = ctx + self.cond_conv(up)

@@ -105,6 +105,8 @@ def test_sample_class(pipe_dir, tmp_path, capsys):
     assert "pipeline.json" in capsys.readouterr().err
     assert tokgen("sample", pipe_dir, "--num", 0, "--out", tmp_path / "zero") == 2
     assert "--num" in capsys.readouterr().err
+    assert tokgen("sample", pipe_dir, "--num", 2, "--guidance", 2, "--out", tmp_path / "g") == 2
+    assert "class dropout" in capsys.readouterr().err  # this prior has no null class to guide with
 
 
 # ---- tokgen encode / decode ---------------------------------------------------------------------------
@@ -196,7 +198,8 @@ def weights(run: Path) -> dict:
 
 def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, capsys):
     config = tmp_path / "prior.json"
-    config.write_text(json.dumps(TINY_PRIOR))
+    # label dropout draws from torch's RNG every step: resume must restore it to match the straight run
+    config.write_text(json.dumps({**TINY_PRIOR, "class_dropout": 0.5}))
     whole = tmp_path / "whole"
     assert train_prior(tokens_dir, whole, config) == 0
     saved = json.loads((whole / "config.json").read_text())
@@ -209,12 +212,18 @@ def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, ca
     assert ev["bits_per_dim"] == pytest.approx(ev["bits_per_token"] * 16 / 256)
     prior = TransformerPrior.from_pretrained(whole / "model")
     assert prior.config.grid_shape == (4, 4) and prior.config.vocab_size == 32 and prior.config.num_classes == 3
+    assert prior.config.null_class
     assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
     # the run assembles into a pipeline with the tokenizer it was trained for
     tok_dir = tmp_path / "tok"
     make_tokenizer().save_pretrained(tok_dir)
     pipe = TokgenPipeline.from_runs(tok_dir, [whole])
     assert pipe.input_shape == INPUT and pipe.num_classes == 3
+    pipe.save_pretrained(tmp_path / "pipe")
+    for g in ("1", "3"):
+        assert tokgen("sample", tmp_path / "pipe", "--num", 3, "--guidance", g, "--codes-only",
+                      "--out", tmp_path / f"guided{g}") == 0
+    assert not np.array_equal(np.load(tmp_path / "guided1" / "codes.npy"), np.load(tmp_path / "guided3" / "codes.npy"))
 
     # killed right after the step-3 checkpoint, then resumed: same weights as the straight run
     disarm = crash_after_checkpoint(3)

@@ -29,10 +29,13 @@ class DemoSpec:
     sample_size: int | None = None  # spatial size to sample at (conv priors take any grid); None = export size
     full_photo: bool = False  # also reconstruct a held-out photo at its full size
     temperature: float = 1.0  # sampling temperature (a small prior's tails make messy samples at 1.0)
+    guidance: float = 1.0  # classifier-free guidance scale (> 1 needs priors trained with class_dropout)
 
 
+# The class-conditional priors learn a null class (class_dropout 0.1) and sample with classifier-free
+# guidance: the judge labels far more samples as the class asked for (BENCHMARKS.md §10b).
 DEMOS = {
-    "digits": DemoSpec("tokenizer-digits", ("prior-digits",), temperature=0.7),
+    "digits": DemoSpec("tokenizer-digits", ("prior-digits",), guidance=2.0),
     # Trained on small crops on CPU; the tokenizer and the PixelCNN priors are convolutional, so the
     # pipeline samples 256x256 images and reconstructs whole photos.
     "photos": DemoSpec("tokenizer-photos", ("prior-photos-top", "prior-photos-bottom"), num_samples=8,
@@ -40,8 +43,9 @@ DEMOS = {
     # The tokenizer trains on 0.26 s windows (half the cost per step); tokens are exported for the
     # 0.51 s windows that hold a whole spoken digit, which the prior learns and samples.
     "spoken-digits": DemoSpec("tokenizer-spoken-digits", ("prior-spoken-digits",), samples_per_class=4,
-                              export_size=8192),
-    "moving-digits": DemoSpec("tokenizer-moving-digits", ("prior-moving-digits",), samples_per_class=2),
+                              export_size=8192, guidance=2.0),
+    "moving-digits": DemoSpec("tokenizer-moving-digits", ("prior-moving-digits",), samples_per_class=2,
+                              guidance=6.0),
 }
 
 
@@ -53,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples-per-class", type=int, help="class-conditional datasets: samples of each class")
     p.add_argument("--num-samples", type=int, help="unconditional datasets: number of samples")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: the dataset's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
@@ -123,9 +128,10 @@ def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages):
         labels, nrow = None, min(8, args.num_samples or spec.num_samples)
     num = len(labels) if labels is not None else (args.num_samples or spec.num_samples)
     temperature = args.temperature or spec.temperature
+    guidance = spec.guidance if args.guidance is None else args.guidance
     samples, codes, seconds = stages.run("sample", generate, pipe, num, labels, args.seed, 100, quiet=args.quiet,
-                                         temperature=temperature)
-    return samples, codes, labels, seconds, nrow, temperature
+                                         temperature=temperature, guidance=guidance)
+    return samples, codes, labels, seconds, nrow, {"temperature": temperature, "guidance": guidance}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -147,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     pipe.save_pretrained(out / "pipeline")
     if spec.full_photo:
         tok_metrics.update(stages.run("reconstruct a whole held-out photo", _full_photo, tokenizer, out))
-    samples, codes, labels, seconds, nrow, temperature = _sample_stage(args, spec, pipe, stages)
+    samples, codes, labels, seconds, nrow, settings = _sample_stage(args, spec, pipe, stages)
     judged = None
     if labels is not None:
         judged = stages.run("judge samples", _judge, spec, cfg, samples, labels, num_classes, args.seed, out)
@@ -160,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
         "modality": pipe.modality,
         "tokenizer": _tokenizer_summary(tok_metrics),
         "prior": _prior_summary(prior_runs),
-        "sampling": {"num_samples": samples.shape[0], "seconds": seconds, "temperature": temperature,
+        "sampling": {"num_samples": samples.shape[0], "seconds": seconds, **settings,
                      "tokens_per_s": samples.shape[0] * sum(p.num_tokens for p in pipe.priors) / seconds,
                      **({"judge": judged} if judged else {})},
         "timing": {**stages.times, "total_s": round(time.perf_counter() - started, 2)},

@@ -41,6 +41,8 @@ def test_demo_presets_fit_together(name):
     for level, prior_name in enumerate(spec.priors):
         pcfg = config_from_dict(PriorTrainConfig, {**preset(prior_name), "tokens": "unused", "level": level})
         prior = prior_classes(pcfg.arch)[0](model_config(pcfg, manifest)).eval()
+        if spec.guidance != 1.0 and prior.config.num_classes:  # guided sampling needs the null class
+            assert prior.config.null_class, f"{prior_name}: guidance {spec.guidance} needs class_dropout > 0"
         labels = torch.zeros(1, dtype=torch.long) if prior.config.num_classes else None
         cond = codes[level - 1] if level else None
         with torch.no_grad():
@@ -48,10 +50,11 @@ def test_demo_presets_fit_together(name):
         assert nll.shape == (1,) and torch.isfinite(nll).all()
 
 
-def test_video_and_audio_presets_use_the_cheap_first_stage():
-    """The moving-digits and spoken-digits presets fit 15 minutes on 2 cores because of these fields
-    (BENCHMARKS.md §10a): keep them unless the demo is re-timed."""
+def test_demo_presets_use_the_cheap_first_stage():
+    """The moving-digits, spoken-digits and photos presets fit 15 minutes on 2 cores because of these fields
+    (BENCHMARKS.md §10a, §10b): keep them unless the demo is re-timed."""
     video = config_from_dict(TokenizerTrainConfig, preset("tokenizer-moving-digits")).model_config
     audio = config_from_dict(TokenizerTrainConfig, preset("tokenizer-spoken-digits")).model_config
-    assert video.patch == (1, 2, 2) and audio.patch is not None
+    photos = config_from_dict(TokenizerTrainConfig, preset("tokenizer-photos")).model_config
+    assert video.patch == (1, 2, 2) and audio.patch is not None and photos.patch == (2, 2)
     assert preset("prior-moving-digits")["model"]["relative_bias"] is True

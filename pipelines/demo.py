@@ -247,6 +247,7 @@ LOOK_AT = {"image": ("samples.png", "reconstructions.png"),
 
 def summary(metrics: dict, out: Path) -> str:
     t, p, s = metrics["tokenizer"], metrics["prior"], metrics["sampling"]
+    guided = s.get("guidance", 1.0) if s.get("guidance", 1.0) != 1.0 else None  # the same samples need the flag
     photo = t.get("full_photo")
     extra = [f"  whole held-out photo {photo['name']} {photo['shape']}: {photo['psnr_db']:.2f} dB"] if photo else []
     if "judge" in s:
@@ -260,10 +261,11 @@ def summary(metrics: dict, out: Path) -> str:
         f"tokgen demo ({metrics['dataset']}) finished in {metrics['timing']['total_s']:.0f} s",
         f"  tokenizer: {quality} held-out, codebook usage {t['codebook_usage']:.2f}",
         f"  prior:     {p['bits_per_token']:.3f} bits/token, {p['bits_per_dim']:.4f} bits/dim held-out",
-        f"  sampling:  {s['tokens_per_s']:.0f} tokens/s",
+        f"  sampling:  {s['tokens_per_s']:.0f} tokens/s" + (f", guidance {guided}" if guided else ""),
         *extra,
         f"  look at:   {', '.join(str(out / f) for f in LOOK_AT[metrics['modality']])}, {out}/metrics.json",
-        f"  pipeline:  {out / 'pipeline'}  (try: tokgen sample {out / 'pipeline'} --num 16 --out more_samples)",
+        f"  pipeline:  {out / 'pipeline'}  (try: tokgen sample {out / 'pipeline'} --num 16"
+        + (f" --guidance {guided}" if guided else "") + " --out more_samples)",
     ])
 
 

@@ -256,10 +256,12 @@ def test_train_prior_errors(tokens_dir, tmp_path, capsys):
 
 
 # ---- tokgen demo ---------------------------------------------------------------------------------------
-def test_demo_smoke(tmp_path):
+def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
     assert tokgen("demo", "--out", out, "--tokenizer-steps", 5, "--prior-steps", 5, "--samples-per-class", 1,
                   "--quiet") == 0
+    # the preset samples with classifier-free guidance, and the suggested command says so
+    assert "--guidance 2.0 --out more_samples" in capsys.readouterr().out
     for name in ("samples.png", "reconstructions.png", "samples_vs_real.png"):
         assert (out / name).stat().st_size > 0, name
     samples = np.load(out / "samples.npy")
@@ -269,6 +271,7 @@ def test_demo_smoke(tmp_path):
     for section, key in [("tokenizer", "psnr_db"), ("tokenizer", "codebook_usage"), ("prior", "bits_per_token"),
                          ("prior", "bits_per_dim"), ("sampling", "tokens_per_s"), ("timing", "total_s")]:
         assert isinstance(metrics[section][key], (int, float)), (section, key)
+    assert metrics["sampling"]["guidance"] == 2.0 and metrics["sampling"]["temperature"] == 1.0
     judged = metrics["sampling"]["judge"]  # a classifier trained on real digits labels the samples
     assert 0 <= judged["sample_accuracy"] <= 1 and judged["real_accuracy"] > 0.5 and judged["num_samples"] == 10
     pipe = TokgenPipeline.from_pretrained(out / "pipeline")

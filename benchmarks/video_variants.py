@@ -1,4 +1,5 @@
-"""Moving-digits variants, scored as the demo scores itself (BENCHMARKS.md §10a).
+"""Moving-digits variants, and prior variants of any single-level demo, scored as the demo scores itself
+(BENCHMARKS.md §10a, §10b).
 
 ``tokenizer OUT '{"model": {...}, "max_steps": 500}'``: train the moving-digits tokenizer preset with these
 overrides into ``OUT/tokenizer_run``, then report the held-out per-frame PSNR and SSIM, codebook usage, and

@@ -247,7 +247,8 @@ LOOK_AT = {"image": ("samples.png", "reconstructions.png"),
 
 def summary(metrics: dict, out: Path) -> str:
     t, p, s = metrics["tokenizer"], metrics["prior"], metrics["sampling"]
-    guided = s.get("guidance", 1.0) if s.get("guidance", 1.0) != 1.0 else None  # the same samples need the flag
+    guided = s.get("guidance", 1.0)
+    guided = guided if guided != 1.0 else None  # more samples like these need the same --guidance
     photo = t.get("full_photo")
     extra = [f"  whole held-out photo {photo['name']} {photo['shape']}: {photo['psnr_db']:.2f} dB"] if photo else []
     if "judge" in s:

@@ -109,6 +109,21 @@ def test_sample_class(pipe_dir, tmp_path, capsys):
     assert "class dropout" in capsys.readouterr().err  # this prior has no null class to guide with
 
 
+def test_sample_video_longer_than_training(tmp_path):
+    """`--length`: a transformer video pipeline trained on 4 frames writes 10-frame clips (sliding window)."""
+    torch.manual_seed(0)
+    tokenizer = VQVAE(VQVAEConfig(modality="video", in_channels=1, channels=(8, 8), num_res_blocks=1,
+                                  factors=(2, 4, 4), quantizer=QuantizerConfig(codebook_size=16, dim=8)))
+    prior = TransformerPrior(TransformerPriorConfig(grid_shape=(2, 2, 2), vocab_size=16, dim=16, num_layers=1,
+                                                    num_heads=2))
+    TokgenPipeline(tokenizer.eval(), [prior.eval()], (1, 4, 8, 8)).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "long"
+    assert tokgen("sample", tmp_path / "pipe", "--num", 2, "--length", 10, "--out", out) == 0
+    assert np.load(out / "samples.npy").shape == (2, 10, 1, 8, 8)  # (N, T, C, H, W)
+    assert np.load(out / "codes.npy").shape == (2, 5, 2, 2)
+    assert any((out / f"sample_001.{ext}").is_file() for ext in ("mp4", "gif"))
+
+
 # ---- tokgen encode / decode ---------------------------------------------------------------------------
 def test_encode_decode(pipe_dir, tmp_path, capsys):
     pixels = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)

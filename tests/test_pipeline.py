@@ -201,3 +201,66 @@ def test_from_runs_rejects_other_tokenizer(tmp_path):
     write_runs(tmp_path, "0" * 64)
     with pytest.raises(ValueError, match="another tokenizer"):
         TokgenPipeline.from_runs(tmp_path / "tok_run", [tmp_path / "prior_run"])
+
+
+# ---- longer than training: a sliding window over time (transformer), the whole grid (conv priors) ------
+def video_pipe(null_class: bool = False) -> TokgenPipeline:
+    """Clips (1, 4, 8, 8) -> codes (2, 2, 2): a window of 2 code steps, 2 frames each."""
+    torch.manual_seed(0)
+    tokenizer = VQVAE(VQVAEConfig(modality="video", in_channels=1, channels=(8, 8), num_res_blocks=1,
+                                  factors=(2, 4, 4), quantizer=QuantizerConfig(codebook_size=16, dim=8))).eval()
+    prior = TransformerPrior(TransformerPriorConfig(grid_shape=(2, 2, 2), vocab_size=16, num_classes=3,
+                                                    null_class=null_class, dim=16, num_layers=1, num_heads=2,
+                                                    relative_bias=True)).eval()
+    with torch.no_grad():  # larger weights than the init, so the prefix visibly moves the next window
+        for p in prior.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return TokgenPipeline(tokenizer, [prior], (1, 4, 8, 8))
+
+
+def test_sample_long_slides_a_window_over_time():
+    from stage2_prior.sampling import sample
+
+    pipe = video_pipe()
+    labels = torch.tensor([0, 2])
+    out = pipe.sample_long(10, batch_size=2, class_labels=labels, generator=gen(3))
+    (codes,) = out.codes
+    assert codes.shape == (2, 5, 2, 2)  # 10 frames = 5 code steps: windows of 2 steps, 1 kept each time
+    assert out.samples.shape == (2, 1, 10, 8, 8)
+    assert torch.allclose(out.samples, pipe.decode([codes]))
+    # the first window is an ordinary sample; each later one is drawn after the last step of the one before
+    g, prior = gen(3), pipe.priors[0]
+    window = sample(prior, 2, labels, generator=g)
+    assert torch.equal(codes[:, :2], window)
+    for step in range(2, 5):
+        window = sample(prior, 2, labels, generator=g, prefix=window[:, -1:].flatten(1))
+        assert torch.equal(codes[:, step], window[:, 1])
+    # the kept step conditions the next: the same draws after two different kept steps give other codes
+    after = [sample(prior, 2, labels, generator=gen(5), prefix=w[:, -1:].flatten(1))[:, 1] for w in (codes[:, :2],
+                                                                                                 codes[:, 2:4])]
+    assert not torch.equal(codes[:, 1], codes[:, 3]) and not torch.equal(*after)
+    for overlap in (0.0, 1.0):
+        with pytest.raises(ValueError, match="overlap"):
+            pipe.sample_long(10, 2, labels, overlap=overlap)
+
+
+def test_sample_long_with_guidance():
+    pipe = video_pipe(null_class=True)
+    plain = pipe.sample_long(8, 2, [1, 1], generator=gen(0))
+    guided = pipe.sample_long(8, 2, [1, 1], generator=gen(0), guidance=4.0)
+    assert guided.samples.shape == plain.samples.shape == (2, 1, 8, 8, 8)
+    assert not torch.equal(guided.codes[0], plain.codes[0])
+
+
+def test_sample_long_conv_prior_takes_the_whole_grid():
+    from stage2_prior.wavenet import WaveNetConfig, WaveNetPrior
+
+    torch.manual_seed(0)
+    tokenizer = VQVAE(VQVAEConfig(modality="audio", in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(8,),
+                                  quantizer=QuantizerConfig(codebook_size=16, dim=8))).eval()
+    prior = WaveNetPrior(WaveNetConfig(grid_shape=(8,), vocab_size=16, channels=8, skip_channels=8,
+                                       head_channels=8, layers_per_cycle=2, num_cycles=1)).eval()
+    pipe = TokgenPipeline(tokenizer, [prior], (1, 64))
+    out = pipe.sample_long(200, batch_size=3, generator=gen(1))
+    assert out.samples.shape == (3, 1, 200) and out.codes[0].shape == (3, 25)
+    assert float(out.samples.abs().max()) <= 1

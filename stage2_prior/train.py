@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pipelines import runs
-from pipelines.config import preset, resolve
+from pipelines.config import load_config_file, merge, preset, resolve
 from pipelines.hub import config_from_dict
 from stage1_tokenizer.train import lr_lambda
 from stage2_prior.base import NULL_CLASS
@@ -101,7 +101,10 @@ def parse_config(args: argparse.Namespace) -> PriorTrainConfig:
                                             "batch_size", "lr", "seed", "mixed_precision", "grad_accum")}
     if args.unconditional:
         flags["class_conditional"] = False
-    cfg = resolve(PriorTrainConfig, preset("prior-default"), args.config, flags)
+    base, file = preset("prior-default"), load_config_file(args.config) if args.config else {}
+    if (args.arch or file.get("arch", base["arch"])) != base["arch"]:
+        base = {**base, "model": {}}  # the default network sizes are a transformer's: another arch starts from its own
+    cfg = resolve(PriorTrainConfig, merge(base, file), None, flags)
     if not cfg.tokens:
         raise ValueError("--tokens is required (a folder written by `tokgen export-tokens`)")
     return cfg

@@ -201,8 +201,9 @@ def tokens_dir(tmp_path_factory) -> Path:
     return path
 
 
-def train_prior(tokens: Path, out: Path, config: Path, *extra) -> int:
-    code = tokgen("train-prior", "--tokens", tokens, "--out", out, "--config", config, "--quiet", *extra)
+def train_prior(tokens: Path, out: Path, config: Path | None, *extra) -> int:
+    given = ("--config", config) if config is not None else ()
+    code = tokgen("train-prior", "--tokens", tokens, "--out", out, *given, "--quiet", *extra)
     _reset_accelerate()
     return code
 
@@ -259,6 +260,22 @@ def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, ca
     # and the comparison has teeth: the step-3 weights differ from the final ones
     at3 = load_file(str(whole / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert any(not torch.allclose(at3[k], a[k]) for k in a)
+
+
+def test_train_prior_other_arch_from_flag_or_config(tokens_dir, tmp_path):
+    """The default preset sizes a transformer: `--arch pixelcnn`, or a config file naming another arch, starts
+    from that arch's own defaults instead of failing on the transformer's fields."""
+    from stage2_prior.pixelcnn import GatedPixelCNNPrior
+
+    assert train_prior(tokens_dir, tmp_path / "flag", None, "--arch", "pixelcnn", "--max-steps", 1,
+                       "--batch-size", 4) == 0
+    assert GatedPixelCNNPrior.from_pretrained(tmp_path / "flag" / "model").config.channels == 128  # its default
+    config = tmp_path / "pixelcnn.json"
+    config.write_text(json.dumps({**TINY_PRIOR, "arch": "pixelcnn",
+                                  "model": {"channels": 8, "num_layers": 2, "head_channels": 8}}))
+    assert train_prior(tokens_dir, tmp_path / "file", config) == 0
+    prior = GatedPixelCNNPrior.from_pretrained(tmp_path / "file" / "model")
+    assert prior.config.channels == 8 and prior.config.num_layers == 2
 
 
 def test_train_prior_errors(tokens_dir, tmp_path, capsys):

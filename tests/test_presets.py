@@ -58,3 +58,26 @@ def test_demo_presets_use_the_cheap_first_stage():
     photos = config_from_dict(TokenizerTrainConfig, preset("tokenizer-photos")).model_config
     assert video.patch == (1, 2, 2) and audio.patch is not None and photos.patch == (2, 2)
     assert preset("prior-moving-digits")["model"]["relative_bias"] is True
+
+
+def test_three_level_audio_config_trains_with_jukebox_hops(tmp_path):
+    """`tokenizer-audio-3level`: a 3-level audio VQ-VAE-2 with hops 8 / 32 / 128 (top level coarsest),
+    trained for 2 steps on a WAV folder (the STFT term and level dropout included), then tokenizing."""
+    import numpy as np
+    import soundfile as sf
+
+    from stage1_tokenizer.evaluate import load_tokenizer
+    from stage1_tokenizer.train import train
+
+    (tmp_path / "wavs").mkdir()
+    t = np.arange(12000) / 16000
+    for i, f in enumerate((220, 330, 440)):
+        sf.write(tmp_path / "wavs" / f"tone{i}.wav", (0.5 * np.sin(2 * np.pi * f * t)).astype(np.float32), 16000)
+    cfg = config_from_dict(TokenizerTrainConfig, {**preset("tokenizer-audio-3level"), "data": str(tmp_path / "wavs"),
+                                                  "batch_size": 2, "max_steps": 2, "checkpoint_every": 2,
+                                                  "image_every": 0, "warmup_steps": 1, "level_dropout_steps": 2})
+    model = load_tokenizer(train(cfg, tmp_path / "run", quiet=True)).eval()
+    assert model.config.factors == ((8,), (4,), (4,)) and model.config.sample_rate == 16000
+    with torch.no_grad():
+        codes = model.encode_levels(torch.rand(1, 1, 8192) * 2 - 1)
+    assert [tuple(c.shape[1:]) for c in codes] == [(64,), (256,), (1024,)]  # hops 128, 32, 8: top first

@@ -264,3 +264,20 @@ def test_sample_long_conv_prior_takes_the_whole_grid():
     out = pipe.sample_long(200, batch_size=3, generator=gen(1))
     assert out.samples.shape == (3, 1, 200) and out.codes[0].shape == (3, 25)
     assert float(out.samples.abs().max()) <= 1
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's "In Python" block, run as written against a pipeline shaped like the digits demo's."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("### In Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    tokenizer = VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
+                                  quantizer=QuantizerConfig(codebook_size=32, dim=8))).eval()
+    prior = TransformerPrior(TransformerPriorConfig(grid_shape=(8, 8), vocab_size=32, num_classes=10, null_class=True,
+                                                    dim=16, num_layers=1, num_heads=2)).eval()
+    pipe = TokgenPipeline(tokenizer, [prior], (1, 32, 32), class_names=[str(c) for c in range(10)])
+    pipe.save_pretrained(tmp_path / "demo_out" / "pipeline")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})

@@ -4,10 +4,12 @@ from the tokens as ``tokgen train-prior``). A preset with a field that no longer
 not divide the factors, fails here instead of minutes into a demo."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from pipelines.config import preset
+from pipelines.config import CONFIG_DIR, preset
 from pipelines.demo import DEMOS
 from pipelines.hub import config_from_dict
 from stage1_tokenizer.train import TOKENIZERS, TokenizerTrainConfig
@@ -81,3 +83,21 @@ def test_three_level_audio_config_trains_with_jukebox_hops(tmp_path):
     with torch.no_grad():
         codes = model.encode_levels(torch.rand(1, 1, 8192) * 2 - 1)
     assert [tuple(c.shape[1:]) for c in codes] == [(64,), (256,), (1024,)]  # hops 128, 32, 8: top first
+
+
+@pytest.mark.parametrize("name", sorted(f.stem for f in CONFIG_DIR.glob("prior-*.json")))
+def test_every_prior_config_works_through_the_command_line(name, tmp_path):
+    """`tokgen train-prior --config pipelines/configs/NAME.json`, as the README has users run them: the
+    command resolves the file over the default preset, and the result must build that arch's model."""
+    import argparse
+
+    from stage2_prior.train import add_arguments, parse_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--tokens", "t", "--out", str(tmp_path), "--config", str(CONFIG_DIR / f"{name}.json")])
+    cfg = parse_config(args)
+    assert cfg.arch == preset(name)["arch"]
+    grid = [8] if cfg.arch == "wavenet" else [4, 4]
+    manifest = {"levels": [{"grid_shape": grid, "codebook_size": 16}] * 2, "num_classes": 10}
+    prior_classes(cfg.arch)[0](model_config(replace(cfg, level=1), manifest))  # a conditioned lower level too

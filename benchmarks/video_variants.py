@@ -70,10 +70,10 @@ def prior_variant(demo: Path, out: Path, overrides: dict, per_class: int, temper
     from dataclasses import replace
 
     from pipelines.demo import DEMOS
+    from pipelines.judge import train_judge
     from pipelines.media import write_samples
     from pipelines.pipeline import TokgenPipeline
     from pipelines.sample import generate
-    from pipelines.judge import train_judge
     from stage1_tokenizer.train import TokenizerTrainConfig, build_dataset
     from stage2_prior import train as prior_train
 

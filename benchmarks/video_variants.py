@@ -77,7 +77,8 @@ def prior_variant(demo: Path, out: Path, overrides: dict, per_class: int, temper
     from stage1_tokenizer.train import TokenizerTrainConfig, build_dataset
     from stage2_prior import train as prior_train
 
-    spec = DEMOS[json.loads((demo / "metrics.json").read_text())["dataset"]]
+    dataset = json.loads((demo / "metrics.json").read_text())["dataset"]
+    spec = DEMOS[dataset]
     if len(spec.priors) != 1:
         raise ValueError("prior variants are for single-level demos")
     values = merge(preset(spec.priors[0]), {**overrides, "tokens": str(demo / "tokens"), "level": 0})
@@ -93,7 +94,7 @@ def prior_variant(demo: Path, out: Path, overrides: dict, per_class: int, temper
     modality, rate = pipe.modality, tok_cfg.model_config.sample_rate or 16000
     judge = train_judge(build_dataset(sized, "train"), modality, 10, sample_rate=rate, seed=0)
     labels = torch.arange(10).repeat_interleave(per_class)
-    result = {"dataset": json.loads((demo / "metrics.json").read_text())["dataset"], "train_s": round(train_s, 1),
+    result = {"dataset": dataset, "train_s": round(train_s, 1),
               "bits_per_token": info["bits_per_token"], "num_samples": len(labels), "samples_judged": {},
               "config": json.loads((out / "config.json").read_text())}
     for g in guidances:

@@ -69,7 +69,7 @@ def config(quantizer: dict, steps: int) -> dict:
 def worker(cfg: dict, threads: int) -> dict:
     import torch
 
-    from pipelines.hub import config_from_dict
+    from harness.config import config_from_dict
     from stage1_tokenizer.evaluate import evaluate
     from stage1_tokenizer.train import TokenizerTrainConfig, build_dataset, train
 

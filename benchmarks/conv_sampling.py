@@ -21,9 +21,9 @@ import time
 import torch
 
 from benchmarks.common import interleaved, machine_info, machine_line, median, table, write_result
-from stage2_prior.pixelcnn import GatedPixelCNNConfig, GatedPixelCNNPrior
+from stage2_prior.pixelcnn import GatedPixelCNNPriorConfig, GatedPixelCNNPrior
 from stage2_prior.sampling import sample
-from stage2_prior.wavenet import WaveNetConfig, WaveNetPrior
+from stage2_prior.wavenet import WaveNetPriorConfig, WaveNetPrior
 
 NAME = "conv_sampling"
 
@@ -76,9 +76,9 @@ def wavenet_step_bytes(prior: WaveNetPrior, batch: int) -> float:
 
 def build(quick: bool):
     torch.manual_seed(0)
-    px = GatedPixelCNNConfig(grid_shape=(16, 16) if quick else (32, 32), vocab_size=512, channels=128,
+    px = GatedPixelCNNPriorConfig(grid_shape=(16, 16) if quick else (32, 32), vocab_size=512, channels=128,
                              num_layers=15, kernel_size=5)
-    wn = WaveNetConfig(grid_shape=(256,) if quick else (2048,), vocab_size=512, channels=64, skip_channels=128,
+    wn = WaveNetPriorConfig(grid_shape=(256,) if quick else (2048,), vocab_size=512, channels=64, skip_channels=128,
                        kernel_size=2, layers_per_cycle=10, num_cycles=3)
     return {
         "pixelcnn": (GatedPixelCNNPrior(px).eval(), pixelcnn_step_bytes, "15 layers, 128 ch, 5x5, V 512"),

@@ -3,7 +3,7 @@
 Issue goals: ``export_tokens`` images/s >= 0.8x ``tokenizer.encode`` alone on the same images (reading
 and writing must not dominate); the export's peak memory stays flat when the dataset grows 10x.
 
-Method: a random-init tokenizer of the digits preset (``pipelines/configs/tokenizer-digits.json``: 1
+Method: a random-init tokenizer of the digits preset (``harness/presets/tokenizer-digits.json``: 1
 channel, 32x32 -> 8x8 codes, codebook 128). A temporary folder holds N 32x32 grayscale PNGs (the
 scikit-learn digits, upsampled, cycled, in 10 label subfolders), read through ``data.build_dataset(folder)``.
 Five contenders run in interleaved rounds on the same images, batch 64, for N = 500 and N = 5,000, and we
@@ -40,8 +40,8 @@ BATCH = 64
 
 
 def make_tokenizer():
-    from pipelines.config import preset
-    from pipelines.hub import config_from_dict
+    from harness.config import preset
+    from harness.config import config_from_dict
     from stage1_tokenizer.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def dataset(folder: Path):
 
 def worker(folder: str, out: str) -> dict:
     from benchmarks.common import PeakRSS, apply_threads
-    from stage2_prior.export import export_tokens
+    from stage1_tokenizer.export import export_tokens
 
     apply_threads()
     import tqdm.auto  # noqa: F401  (imported by export_tokens; not data-dependent memory)
@@ -92,7 +92,7 @@ def worker(folder: str, out: str) -> dict:
 
 def run(quick: bool = False) -> dict:
     from data import collate_samples
-    from stage2_prior.export import export_tokens
+    from stage1_tokenizer.export import export_tokens
 
     n = 100 if quick else 500
     plan = [(n, 2 if quick else 5, 1), (10 * n, 1 if quick else 3, 0)]  # (images, rounds, warm-up rounds)
@@ -122,8 +122,8 @@ def run(quick: bool = False) -> dict:
 
             def seeded_read_encode(ds=ds):
                 # export's own input path: every item loaded under its own seed through SeededDataset
-                from pipelines.runs import SeededDataset
-                from stage2_prior.export import item_seed
+                from harness.data_order import SeededDataset
+                from stage1_tokenizer.export import item_seed
 
                 plan = [[(i, item_seed(0, i)) for i in range(b, min(len(ds), b + BATCH))]
                         for b in range(0, len(ds), BATCH)]

@@ -36,9 +36,9 @@ def with_noise(x: torch.Tensor, snr_db: float, generator: torch.Generator) -> to
 def judge_demo(demo: Path, seed: int = 0) -> dict:
     from data import collate_samples
     from pipelines.demo import DEMOS
-    from pipelines.hub import config_from_dict
+    from harness.config import config_from_dict
     from pipelines.judge import train_judge
-    from stage1_tokenizer.evaluate import load_tokenizer
+    from stage1_tokenizer.registry import load_tokenizer
     from stage1_tokenizer.train import TokenizerTrainConfig, build_dataset
 
     metrics = json.loads((demo / "metrics.json").read_text())

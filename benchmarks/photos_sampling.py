@@ -20,8 +20,8 @@ import torch
 
 from benchmarks.common import interleaved, machine_info, machine_line, median, table, write_result
 from benchmarks.conv_sampling import _Stop, bandwidth, pixelcnn_step_bytes
-from pipelines.config import preset
-from pipelines.hub import config_from_dict
+from harness.config import preset
+from harness.config import config_from_dict
 from pipelines.pipeline import TokgenPipeline
 from stage2_prior.sampling import sample
 
@@ -29,15 +29,15 @@ from stage2_prior.sampling import sample
 def random_photos_pipeline() -> TokgenPipeline:
     """The photos demo architecture (tokenizer and both PixelCNN priors) with random weights."""
     from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
-    from stage2_prior.pixelcnn import GatedPixelCNNConfig, GatedPixelCNNPrior
+    from stage2_prior.pixelcnn import GatedPixelCNNPriorConfig, GatedPixelCNNPrior
 
     torch.manual_seed(0)
     tok = HierarchicalVQVAE(config_from_dict(HierarchicalVQVAEConfig, preset("tokenizer-photos")["model"]))
     top_shape, bottom_shape = tok.code_shapes((3, 64, 64))
     k = tok.codebook_sizes
-    top = GatedPixelCNNPrior(GatedPixelCNNConfig(grid_shape=top_shape, vocab_size=k[0],
+    top = GatedPixelCNNPrior(GatedPixelCNNPriorConfig(grid_shape=top_shape, vocab_size=k[0],
                                                  **preset("prior-photos-top")["model"]))
-    bottom = GatedPixelCNNPrior(GatedPixelCNNConfig(grid_shape=bottom_shape, vocab_size=k[1], cond_grid_shape=top_shape,
+    bottom = GatedPixelCNNPrior(GatedPixelCNNPriorConfig(grid_shape=bottom_shape, vocab_size=k[1], cond_grid_shape=top_shape,
                                                     cond_vocab_size=k[0], **preset("prior-photos-bottom")["model"]))
     return TokgenPipeline(tok, [top, bottom], (3, 64, 64))
 

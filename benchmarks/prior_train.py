@@ -1,6 +1,6 @@
 """Prior training throughput on CPU: tokens/s of a training step for the shipped prior presets.
 
-Method: a random-init tokenizer of the digits preset (``pipelines/configs/tokenizer-digits.json``: 32x32
+Method: a random-init tokenizer of the digits preset (``harness/presets/tokenizer-digits.json``: 32x32
 inputs -> an 8x8 grid; codebook 128, and a copy with codebook 512 for the default preset, which is sized
 for the 512-code image tokenizer) exports the built-in ``digits`` set with ``export_tokens``; then
 ``stage2_prior.train.build`` builds each prior preset (``prior-digits.json``: dim 128, 3 layers;
@@ -25,10 +25,10 @@ PRESETS = {"prior-digits": 128, "prior-default": 512}  # preset -> codebook size
 
 def export_digits_tokens(out: Path, codebook_size: int) -> Path:
     from data import build_dataset
-    from pipelines.config import preset
-    from pipelines.hub import config_from_dict
+    from harness.config import preset
+    from harness.config import config_from_dict
     from stage1_tokenizer.vqvae import VQVAE, VQVAEConfig
-    from stage2_prior.export import export_tokens
+    from stage1_tokenizer.export import export_tokens
 
     values = preset("tokenizer-digits")["model"]
     values["quantizer"]["codebook_size"] = codebook_size
@@ -41,8 +41,8 @@ def export_digits_tokens(out: Path, codebook_size: int) -> Path:
 
 def run(quick: bool = False) -> dict:
     from pipelines import runs
-    from pipelines.config import preset
-    from pipelines.hub import config_from_dict
+    from harness.config import preset
+    from harness.config import config_from_dict
     from stage2_prior.train import PriorTrainConfig, build, collate, train_step
 
     repeats = 2 if quick else 10

@@ -91,7 +91,7 @@ def run(quick: bool = False, pipeline: Path | None = None, data: str = "digits",
     from data import build_dataset
     from pipelines.compress import coder_for, data_peak, model_nll_bits
     from pipelines.pipeline import TokgenPipeline
-    from stage2_prior.evaluate import dataset_options, iterate
+    from pipelines.evaluate import dataset_options, iterate
 
     pipeline = Path(pipeline or DEFAULT_PIPELINE)
     if not (pipeline / "pipeline.json").is_file():

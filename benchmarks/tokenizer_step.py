@@ -3,7 +3,7 @@
 Issue goals: report train-step images/s and peak memory at 64x64 and 256x256 on CPU; the quantizer's
 share of a training step <= 10%.
 
-Method: the ``pipelines/configs/tokenizer-image.json`` preset (3 channels, widths 64/128/128, 2 res blocks,
+Method: the ``harness/presets/tokenizer-image.json`` preset (3 channels, widths 64/128/128, 2 res blocks,
 factors 8x8, codebook 512) at 64x64 (batch 16) and 256x256 (batch 4), each size in a fresh subprocess.
 A step is ``stage1_tokenizer.train.train_step`` as training runs it: forward, loss, backward, gradient
 clipping, AdamW step, LR schedule (built by ``stage1_tokenizer.train.build``), on a fixed batch of real
@@ -81,8 +81,8 @@ def worker(size: int, batch: int, warmup: int, steps: int, device: str) -> dict:
     from benchmarks.common import PeakRSS, apply_threads
     from data import collate_samples
     from pipelines import runs
-    from pipelines.config import preset
-    from pipelines.hub import config_from_dict
+    from harness.config import preset
+    from harness.config import config_from_dict
     from stage1_tokenizer.train import TokenizerTrainConfig, build, train_step
 
     apply_threads()

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine_info
-from pipelines.config import merge, preset
-from pipelines.hub import config_from_dict
+from harness.config import merge, preset
+from harness.config import config_from_dict
 
 
 def _judge(tokenizer_cfg):
@@ -44,7 +44,8 @@ def _judge(tokenizer_cfg):
 def tokenizer_variant(out: Path, overrides: dict) -> dict:
     from data import collate_samples
     from stage1_tokenizer import train as tok_train
-    from stage1_tokenizer.evaluate import evaluate, load_tokenizer
+    from stage1_tokenizer.evaluate import evaluate
+    from stage1_tokenizer.registry import load_tokenizer
 
     cfg = config_from_dict(tok_train.TokenizerTrainConfig, merge(preset("tokenizer-moving-digits"), overrides))
     started = time.perf_counter()
@@ -71,7 +72,7 @@ def prior_variant(demo: Path, out: Path, overrides: dict, per_class: int, temper
 
     from pipelines.demo import DEMOS
     from pipelines.judge import train_judge
-    from pipelines.media import write_samples
+    from data.pictures import write_samples
     from pipelines.pipeline import TokgenPipeline
     from pipelines.sample import generate
     from stage1_tokenizer.train import TokenizerTrainConfig, build_dataset

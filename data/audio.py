@@ -20,16 +20,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
+import torchaudio.functional as AF
 from torch.utils.data import Dataset
 
 from .common import make_sample
-from .modalities import DEFAULT_SAMPLE_RATE, SkippingDataset, check_split, folder_labels, list_media_files
-from .webdataset_io import WebDatasetImages
+from .folders import SkippingDataset, check_split, folder_labels, list_media_files
+from .webdataset_io import WebDatasetImages, is_shard_source, sample_label
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 AUDIO_KEYS = ("wav", "flac", "mp3", "ogg")
 AUDIO_BUILTINS = ("spoken-digits",)
+DEFAULT_SAMPLE_RATE = 16000  # the rate used when a tokenizer says 0 (and spoken-digits' own rate)
 
 _ACCEPTED_FORMS = (
     "accepted audio sources: 'spoken-digits' (built-in, needs espeak-ng); an existing directory of audio files "
@@ -42,8 +45,6 @@ _ACCEPTED_FORMS = (
 
 def decode_audio(source: str | os.PathLike | bytes) -> tuple[torch.Tensor, int]:
     """File path or encoded bytes -> (float32 (channels, T), sample_rate); raises on unreadable/empty audio."""
-    import soundfile as sf
-
     try:
         data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else str(source),
                              dtype="float32", always_2d=True)
@@ -67,8 +68,6 @@ def to_mono(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
     """(channels, T) at ``rate`` -> (1, T') at ``sample_rate``: channel mean, then resample; in [-1, 1]."""
     wave = wave.float().mean(0, keepdim=True)
     if rate != sample_rate:
-        import torchaudio.functional as AF
-
         wave = AF.resample(wave, rate, sample_rate)
     return wave.clamp_(-1.0, 1.0)
 
@@ -81,8 +80,6 @@ def resample_many(waves: list[torch.Tensor], rate: int, sample_rate: int) -> lis
     waves = [w.float().mean(0) for w in waves]
     if rate == sample_rate or not waves:
         return [w[None].clamp(-1.0, 1.0) for w in waves]
-    import torchaudio.functional as AF
-
     batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
     out = AF.resample(batch, rate, sample_rate).clamp_(-1.0, 1.0)
     lengths = [-(-w.shape[-1] * sample_rate // rate) for w in waves]  # ceil, as torchaudio does
@@ -178,8 +175,6 @@ class WebDatasetAudio(WebDatasetImages):
         self.sample_rate = sample_rate
 
     def decode(self, sample: dict) -> dict:
-        from .webdataset_io import sample_label
-
         key = next((k for k in AUDIO_KEYS if k in sample), None)
         if key is None:
             raise ValueError(f"no audio entry (have {sorted(k for k in sample if not k.startswith('__'))})")
@@ -196,7 +191,7 @@ SPOKEN_TRAIN_VOICES = ("en-us+m1", "en-us+f2", "en-gb+m3", "en-gb+f1", "en-gb-sc
 SPOKEN_EVAL_VOICES = ("en-us-nyc+m6", "en-gb-x-gbcwmd+f5")  # held out: never in train
 SPOKEN_SPEEDS = (120, 145, 170, 195, 220)  # words per minute
 SPOKEN_PITCHES = (25, 40, 55, 70)  # 0..99
-SPOKEN_SAMPLE_RATE = 16000
+SPOKEN_SAMPLE_RATE = DEFAULT_SAMPLE_RATE
 _SPOKEN_VERSION = 2  # bump when the recipe changes: the cache is then regenerated
 
 
@@ -249,8 +244,6 @@ def generate_spoken_digits(target: Path | None = None, workers: int = 4) -> Path
     Written into a temporary sibling folder and renamed into place, so a crash or a concurrent
     process never leaves a half-written dataset. Returns the folder.
     """
-    import soundfile as sf
-
     exe = _espeak()
     target = Path(target or spoken_digits_dir())
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -333,8 +326,6 @@ class SpokenDigitsDataset(Dataset):
     """
 
     def __init__(self, *, split: str = "train", size: int = 8192, sample_rate: int = SPOKEN_SAMPLE_RATE):
-        import soundfile as sf
-
         check_split(split)
         self.train, self.size, self.sample_rate = split == "train", size, sample_rate
         voices = set(SPOKEN_TRAIN_VOICES if self.train else SPOKEN_EVAL_VOICES)
@@ -371,15 +362,6 @@ class SpokenDigitsDataset(Dataset):
 # ---------------------------------------------------------------- entry point
 
 
-def describe_audio_source(source: str) -> str:
-    if source == "spoken-digits":
-        return (f"built-in spoken-digits (espeak-ng, {SPOKEN_SAMPLE_RATE} Hz): train voices "
-                f"{', '.join(SPOKEN_TRAIN_VOICES)}; eval voices {', '.join(SPOKEN_EVAL_VOICES)}")
-    if os.path.isdir(source):
-        return f"audio folder {os.path.abspath(source)}"
-    return f"audio webdataset {source}" if ".tar" in source else f"unrecognised audio source {source!r}"
-
-
 def build_audio_dataset(source: str, *, split: str = "train", size: int = 16000,
                         sample_rate: int = DEFAULT_SAMPLE_RATE, seed: int = 0, process_index: int = 0,
                         num_processes: int = 1, **options):
@@ -392,7 +374,7 @@ def build_audio_dataset(source: str, *, split: str = "train", size: int = 16000,
         return SpokenDigitsDataset(**common, **options)
     if os.path.isdir(source):
         return AudioFolderDataset(source, **common, **options)
-    if ".tar" in source:
+    if is_shard_source(source):
         return WebDatasetAudio(source, **common, seed=seed, process_index=process_index,
                                num_processes=num_processes, **options)
     raise ValueError(f"unknown audio source {source!r}; {_ACCEPTED_FORMS}")

@@ -40,11 +40,11 @@ def digits_indices(split: str, total: int = 1797) -> list[int]:
 
 
 @functools.lru_cache(maxsize=1)
-def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """-> images (1797, 1, 8, 8) float in [0, 1], labels (1797,) long."""
-    from sklearn.datasets import load_digits
+    from sklearn import datasets  # only the built-in sets need scikit-learn (0.9 s to import)
 
-    bunch = load_digits()
+    bunch = datasets.load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
     return images, torch.as_tensor(bunch.target, dtype=torch.long)
 
@@ -56,7 +56,7 @@ class DigitsDataset(Dataset):
     """
 
     def __init__(self, *, split: str = "train", size: int = 32, channels: int = 3):
-        images, labels = _load_digits()
+        images, labels = load_digits()
         self.indices = digits_indices(split, len(labels))
         idx = torch.tensor(self.indices)
         # Rendered once: 1797 x 32 x 32 floats is ~7 MB.
@@ -78,7 +78,7 @@ class DigitsDataset(Dataset):
 @functools.lru_cache(maxsize=None)
 def _photo_uint8(name: str) -> torch.Tensor:
     """Bundled scikit-image photo -> uint8 (3, H, W); cached (kept uint8 to save memory)."""
-    import skimage.data
+    import skimage.data  # only the built-in photos need scikit-image
 
     if name not in PHOTOS_TRAIN + PHOTOS_EVAL:
         raise ValueError(f"unknown photo {name!r}; choose from {PHOTOS_TRAIN + PHOTOS_EVAL}")

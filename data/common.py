@@ -71,14 +71,14 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """(C, H, W) with C in {1, 3} -> (channels, H, W): replicate gray or take luminance."""
+    """(C, *S) with C in {1, 3} -> (channels, *S): replicate gray or take BT.601 luminance."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if x.shape[0] == channels:
         return x
     if channels == 3:
-        return x.expand(3, -1, -1).contiguous()
-    weights = torch.tensor(_LUMA, dtype=x.dtype).view(3, 1, 1)
+        return x.expand(3, *x.shape[1:]).contiguous()
+    weights = torch.tensor(_LUMA, dtype=x.dtype).view(3, *([1] * (x.dim() - 1)))
     return (x * weights).sum(0, keepdim=True)
 
 

@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .common import crop_square, make_sample, resize_shorter
-from .modalities import DEFAULT_FRAMES, SkippingDataset, check_split, folder_labels, list_media_files
-from .webdataset_io import WebDatasetImages
+from .builtin import digits_indices, load_digits
+from .common import crop_square, make_sample, match_channels, resize_shorter
+from .folders import SkippingDataset, check_split, folder_labels, list_media_files
+from .webdataset_io import WebDatasetImages, is_shard_source, sample_label
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".avi", ".mov", ".mkv")
 VIDEO_KEYS = ("mp4", "webm", "gif", "avi", "mov", "mkv")
 VIDEO_BUILTINS = ("moving-digits",)
-_LUMA = (0.299, 0.587, 0.114)
+DEFAULT_FRAMES = 16  # frames per clip
 
 _ACCEPTED_FORMS = (
     "accepted video sources: 'moving-digits' (built-in); an existing directory of videos "
@@ -107,18 +108,7 @@ def frames_to_clip(frames: torch.Tensor, size: int | None, channels: int, train:
     if size is not None:
         x = resize_shorter(x.reshape(t * c, h, w), size)  # frames as channels: one interpolate call
         x = crop_square(x, size, train).reshape(t, c, size, size)
-    return match_video_channels(x.permute(1, 0, 2, 3), channels).clamp_(0.0, 1.0).contiguous()
-
-
-def match_video_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """(C, T, H, W) with C in {1, 3} -> (channels, T, H, W): replicate gray or take BT.601 luma."""
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if x.shape[0] == channels:
-        return x
-    if channels == 3:
-        return x.expand(3, *x.shape[1:])
-    return (x * torch.tensor(_LUMA, dtype=x.dtype).view(3, 1, 1, 1)).sum(0, keepdim=True)
+    return match_channels(x.permute(1, 0, 2, 3), channels).clamp_(0.0, 1.0).contiguous()
 
 
 def clip_span(frames: int, frame_step: int) -> int:
@@ -216,8 +206,6 @@ class WebDatasetVideo(WebDatasetImages):
         self.frames, self.frame_step = frames, frame_step
 
     def decode(self, sample: dict) -> dict:
-        from .webdataset_io import sample_label
-
         key = next((k for k in VIDEO_KEYS if k in sample), None)
         if key is None:
             raise ValueError(f"no video entry (have {sorted(k for k in sample if not k.startswith('__'))})")
@@ -253,15 +241,13 @@ class MovingDigitsDataset(Dataset):
 
     def __init__(self, *, split: str = "train", size: int = MOVING_CANVAS, channels: int = 1,
                  frames: int = DEFAULT_FRAMES, length: int | None = None, max_digits: int = 2):
-        from .builtin import _load_digits, digits_indices
-
         check_split(split)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.split, self.size, self.channels, self.frames = split, size, channels, frames
         self.length = MOVING_LENGTH[split] if length is None else length
         self.max_digits = max_digits
-        images, labels = _load_digits()
+        images, labels = load_digits()
         self.pool = digits_indices(split, len(labels))
         self.images, self.digit_labels = images, labels
 
@@ -302,18 +288,10 @@ class MovingDigitsDataset(Dataset):
             raise IndexError(i)
         x, digits = self.render(i)
         key = f"moving-digits/{self.split}/{i}:" + "-".join(f"{index}:{label}" for index, label in digits)
-        return make_sample(match_video_channels(x, self.channels).contiguous(), digits[0][1], key)
+        return make_sample(match_channels(x, self.channels).contiguous(), digits[0][1], key)
 
 
 # ---------------------------------------------------------------- entry point
-
-
-def describe_video_source(source: str) -> str:
-    if source == "moving-digits":
-        return "built-in moving-digits (Moving-MNIST recipe with scikit-learn digits, eval = held-out digits)"
-    if os.path.isdir(source):
-        return f"video folder {os.path.abspath(source)}"
-    return f"video webdataset {source}" if ".tar" in source else f"unrecognised video source {source!r}"
 
 
 def build_video_dataset(source: str, *, split: str = "train", size: int = 64, channels: int = 3,
@@ -330,7 +308,7 @@ def build_video_dataset(source: str, *, split: str = "train", size: int = 64, ch
         return MovingDigitsDataset(**common, **options)
     if os.path.isdir(source):
         return VideoFolderDataset(source, **common, frame_stride=frame_stride, frame_step=frame_step, **options)
-    if ".tar" in source:
+    if is_shard_source(source):
         return WebDatasetVideo(source, **common, frame_step=frame_step, seed=seed, process_index=process_index,
                                num_processes=num_processes, **options)
     raise ValueError(f"unknown video source {source!r}; {_ACCEPTED_FORMS}")

@@ -15,9 +15,12 @@ import random
 import warnings
 from typing import Iterator
 
+import braceexpand
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .common import image_to_tensor, make_sample
 
@@ -39,13 +42,16 @@ def _split_top_level(text: str, sep: str = ",") -> list[str]:
 
 def expand_shards(source: str) -> list[str]:
     """Shard spec (path, comma/'::'-separated list, brace pattern) -> list of shard URLs."""
-    import braceexpand
-
     shards = []
     for part in (p.strip() for chunk in source.split("::") for p in _split_top_level(chunk)):
         if part:
             shards.extend(braceexpand.braceexpand(part))
     return shards
+
+
+def is_shard_source(source: str) -> bool:
+    """Whether a ``--data`` value names WebDataset shards (rather than a built-in set or a folder)."""
+    return ".tar" in source
 
 
 def _is_local(url: str) -> bool:
@@ -117,8 +123,6 @@ class WebDatasetImages(IterableDataset):
 
     def _epoch_shards(self) -> list[str]:
         """This worker's shards for the current epoch (shuffled identically across workers when training)."""
-        import webdataset as wds
-
         shards = list(self.shards)
         if self.train:
             info = get_worker_info()
@@ -130,8 +134,6 @@ class WebDatasetImages(IterableDataset):
 
     def _open_shards(self, log: _SkipLog) -> Iterator[dict]:
         """{"url", "stream"} per shard of this worker; each stream is closed once its shard is consumed."""
-        import webdataset as wds
-
         for url in self._epoch_shards():
             log.current_shard = url  # lets the handler name the shard being read
             try:
@@ -146,9 +148,6 @@ class WebDatasetImages(IterableDataset):
 
     def _raw_samples(self, log: _SkipLog) -> Iterator[dict]:
         """Undecoded tar samples (dicts of bytes) of this worker, sample-shuffled when training."""
-        import webdataset as wds
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
         samples = group_by_keys(tar_file_expander(self._open_shards(log), handler=log), handler=log)
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(int(torch.randint(2**62, (1,))))  # per-worker seed from the global RNG

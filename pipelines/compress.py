@@ -2,7 +2,7 @@
 
 compress: input file -> tokenizer codes (exactly ``tokgen encode``'s) -> arithmetic coding under the
 prior's conditionals, top level first, each lower level conditioned on the one above -> a small file
-(:mod:`stage2_prior.bitstream`). decompress: the file -> the same codes -> the tokenizer's decoding.
+(:mod:`pipelines.bitstream`). decompress: the file -> the same codes -> the tokenizer's decoding.
 The codec is lossy only through the tokenizer; the codes survive bit for bit.
 
 Exactness. The decoder must rebuild every integer CDF bit for bit, so both sides compute the logits
@@ -41,12 +41,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stage2_prior import bitstream
-from stage2_prior.arithmetic import ArithmeticDecoder, ArithmeticEncoder, precision_for, quantize_cdf
-from stage2_prior.bitstream import BitstreamError
+from data.codes import save_codes
+from data.files import write_output
+from data.modalities import value_span
+from pipelines import bitstream
+from pipelines.arithmetic import ArithmeticDecoder, ArithmeticEncoder, precision_for, quantize_cdf
+from pipelines.bitstream import BitstreamError
+from pipelines.pipeline import TokgenPipeline
+from stage1_tokenizer.codec import read_file
+from stage1_tokenizer.metrics import psnr
+from stage2_prior.base import check_class_labels, walk_levels
 
 __all__ = ["CODING_DTYPE", "CHECK_BITS", "PriorCoder", "Decompressed", "coder_for", "compress", "compress_batch",
-           "decompress", "decompress_batch", "model_nll_bits", "codes_content", "compress_main", "decompress_main"]
+           "decompress", "decompress_batch", "codes_content", "compress_main", "decompress_main"]
 
 CODING_DTYPE = torch.float64  # the priors run in this dtype for coding (see the module docstring)
 CHECK_BITS = 8  # bits of the codes' CRC coded after them (a decoder out of step is caught)
@@ -126,23 +133,8 @@ class PriorCoder:
         return shapes
 
     def _labels(self, batch: int, class_labels) -> torch.Tensor | None:
-        if self.num_classes == 0:
-            if class_labels is not None:
-                raise ValueError("this pipeline is unconditional: do not pass a class label")
-            return None
-        if class_labels is None:
-            raise ValueError(f"this pipeline is class-conditional ({self.num_classes} classes): pass a class label")
-        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten().cpu()
-        if labels.numel() == 1:
-            labels = labels.expand(batch).clone()
-        if labels.numel() != batch:
-            raise ValueError(f"got {labels.numel()} class labels for {batch} samples")
-        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
-        return labels
-
-    def _prior_labels(self, prior, labels):
-        return labels if prior.config.num_classes else None
+        labels = check_class_labels(class_labels, batch, self.num_classes, who="this pipeline")
+        return labels.cpu().clone() if labels is not None else None
 
     # ---- encoding ----------------------------------------------------------------------------------
     def encode(self, codes: list[torch.Tensor], input_shape, class_labels=None) -> list[Encoded]:
@@ -166,10 +158,9 @@ class PriorCoder:
         qbits = np.zeros((batch, len(codes)))
         priors = self.priors_for(input_shape)
         with deterministic_cpu():
-            for level, (prior, c) in enumerate(zip(priors, codes)):
-                cond = codes[level - 1] if level else None
-                state = prior.start_state(batch, self._prior_labels(prior, labels), cond)
-                flat = c.flatten(1)
+            for level, prior, cond, prior_labels in walk_levels(priors, codes, labels):
+                state = prior.start_state(batch, prior_labels, cond)
+                flat = codes[level].flatten(1)
                 lo_l = np.empty((batch, flat.shape[1]), dtype=np.int64)
                 hi_l = np.empty_like(lo_l)
                 for t in range(flat.shape[1]):
@@ -224,10 +215,11 @@ class PriorCoder:
         decoders = [ArithmeticDecoder(c.payload, self.precision) for c in containers]
         codes: list[torch.Tensor] = []
         with deterministic_cpu():
-            for level, (prior, shape) in enumerate(zip(priors, shapes)):
+            for level, prior, cond, prior_labels in walk_levels(priors, codes, labels):
+                shape = shapes[level]
                 n = math.prod(shape)
                 out = torch.zeros(batch, n, dtype=torch.long)
-                state = prior.start_state(batch, self._prior_labels(prior, labels), codes[-1] if level else None)
+                state = prior.start_state(batch, prior_labels, cond)
                 for t in range(n):
                     logits = prior.step(state, out[:, t - 1] if t else None)
                     cdf = quantize_cdf(logits, self.precision).numpy()
@@ -286,9 +278,7 @@ def _as_codes(pipe, x_or_codes, input_shape=None) -> tuple[list[torch.Tensor], t
         input_shape = tuple(pipe.input_shape)
         shapes = tok.code_shapes(input_shape)
         if [tuple(c.shape[1:]) for c in codes] != [tuple(s) for s in shapes]:
-            from pipelines.codec import downsampling
-
-            spatial = tuple(n * f for n, f in zip(codes[0].shape[1:], downsampling(tok)))
+            spatial = tuple(n * f for n, f in zip(codes[0].shape[1:], tok.downsampling))
             input_shape = (int(tok.config.in_channels), *spatial)
     return codes, tuple(input_shape)
 
@@ -326,35 +316,6 @@ def decompress(pipe, blob: bytes) -> Decompressed:
     return coder_for(pipe).decode([blob])[0]
 
 
-# ---- measuring ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def model_nll_bits(pipe, codes: list[torch.Tensor], class_labels=None) -> np.ndarray:
-    """The float model's exact NLL in bits, (B, levels): the pipeline's priors as they are (full forward)."""
-    device = pipe.device
-    codes = [c.to(device) for c in codes]
-    labels = None
-    if pipe.num_classes:
-        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten().to(device)
-        if labels.numel() == 1:
-            labels = labels.expand(codes[0].shape[0])
-    out = []
-    for level, (prior, c) in enumerate(zip(pipe.priors, codes)):
-        cond = codes[level - 1] if level else None
-        nats = prior.nll(c, labels if prior.config.num_classes else None, cond)
-        out.append(nats.double().cpu().numpy() / math.log(2))
-    return np.stack(out, 1)
-
-
-def psnr_db(x: torch.Tensor, y: torch.Tensor, peak: float) -> float:
-    mse = float((x.double().cpu() - y.double().cpu()).pow(2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
-def data_peak(modality: str) -> float:
-    """The data range PSNR is measured against: audio lies in [-1, 1], everything else in [0, 1]."""
-    return 2.0 if modality == "audio" else 1.0
-
-
 # ---- CLI ---------------------------------------------------------------------------------------------
 def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", type=Path, help="pipeline folder (pipeline.json)")
@@ -369,13 +330,7 @@ def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", type=Path, help="the pipeline folder that compressed the file")
     p.add_argument("file", type=Path, help="file from `tokgen compress`")
     p.add_argument("--out", required=True, type=Path, help="decoded output (e.g. .png)")
-    p.add_argument("--codes-out", type=Path, help="also save the codes, as `tokgen encode` does (.npy/.npz)")
-
-
-def _load(path: Path):
-    from pipelines.pipeline import TokgenPipeline
-
-    return TokgenPipeline.from_pretrained(path)
+    p.add_argument("--codes-out", type=Path, help="also save the codes, as `tokgen encode` does (.npz)")
 
 
 def compress_main(argv=None, args=None) -> dict:
@@ -384,13 +339,8 @@ def compress_main(argv=None, args=None) -> dict:
         parser = argparse.ArgumentParser(prog="tokgen compress")
         add_compress_arguments(parser)
         args = parser.parse_args(argv)
-    from pipelines.codec import downsampling
-    from pipelines.media import read_input
-
-    pipe = _load(args.pipeline)
-    tok = pipe.tokenizer
-    sample_rate = getattr(tok.config, "sample_rate", 0)
-    x = read_input(pipe.modality, args.input, tok.config.in_channels, downsampling(tok), args.size, sample_rate)
+    pipe = TokgenPipeline.from_pretrained(args.pipeline)
+    x = read_file(pipe.tokenizer, args.input, args.size)
     coder = coder_for(pipe)
     try:
         sized = pipe.with_input_shape(tuple(x.shape))
@@ -404,7 +354,7 @@ def compress_main(argv=None, args=None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(encoded.blob)
 
-    nll = model_nll_bits(sized, codes, labels)[0]
+    nll = sized.nll_bits(codes, labels)[0].cpu().numpy()
     dims = math.prod(x.shape)
     recon = pipe.decode(codes)[0].cpu()
     nbytes = len(encoded.blob)
@@ -420,7 +370,8 @@ def compress_main(argv=None, args=None) -> dict:
         "nll_bits_quantized_per_level": [float(v) for v in encoded.quantized_bits],
         "bits_per_dim": 8 * nbytes / dims, "nll_bits_per_dim": float(nll.sum()) / dims,
         "overhead_bits": 8 * nbytes - float(nll.sum()), "precision": coder.precision, "check_bits": CHECK_BITS,
-        "psnr_db": psnr_db(recon, x, data_peak(pipe.modality)), "psnr_peak": data_peak(pipe.modality),
+        "psnr_db": float(psnr(recon[None], x[None], value_span(pipe.modality))[0]),
+        "psnr_peak": value_span(pipe.modality),
     }
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -436,9 +387,6 @@ def decompress_main(argv=None, args=None) -> list[torch.Tensor]:
         parser = argparse.ArgumentParser(prog="tokgen decompress")
         add_decompress_arguments(parser)
         args = parser.parse_args(argv)
-    from pipelines.codec import save_codes_file
-    from pipelines.media import write_output
-
     if not args.file.is_file():
         raise FileNotFoundError(f"compressed file {args.file} not found")
     blob = args.file.read_bytes()
@@ -446,15 +394,15 @@ def decompress_main(argv=None, args=None) -> list[torch.Tensor]:
         bitstream.read(blob)  # bad magic etc. before the pipeline loads
     except BitstreamError as err:
         raise BitstreamError(f"{args.file}: {err}") from None
-    pipe = _load(args.pipeline)
+    pipe = TokgenPipeline.from_pretrained(args.pipeline)
     try:
         result = decompress(pipe, blob)
     except BitstreamError as err:
         raise BitstreamError(f"{args.file}: {err}") from None
     x = pipe.decode([c[None] for c in result.codes])[0].cpu()
-    write_output(pipe.modality, x, args.out, getattr(pipe.tokenizer.config, "sample_rate", 0))
+    write_output(pipe.modality, x, args.out, pipe.tokenizer.sample_rate)
     if args.codes_out:
-        save_codes_file(result.codes, pipe.tokenizer.codebook_sizes, args.codes_out)
+        save_codes(args.codes_out, [c[None] for c in result.codes], pipe.tokenizer.codebook_sizes)
     print(f"{args.file} -> {args.out} {tuple(x.shape)}, codes {[tuple(c.shape) for c in result.codes]}")
     return result.codes
 

@@ -2,7 +2,7 @@
 
 Train the tokenizer, evaluate it, export tokens to shards, train a prior per level (top first, each
 lower one conditioned on the level above), save the pipeline, sample, and write pictures and metrics.
-A dataset is a ``DemoSpec``: presets from ``pipelines/configs`` plus how to sample; the flow is shared.
+A dataset is a ``DemoSpec``: presets from ``harness/presets`` plus how to sample; the flow is shared.
 """
 from __future__ import annotations
 
@@ -12,11 +12,23 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pipelines.config import preset
-from pipelines.hub import config_from_dict
+from data import PHOTOS_EVAL, load_photo
+from data.files import center_crop_to_multiple
+from data.modalities import DEFAULT_SAMPLE_RATE, value_range
+from data.pictures import save_comparison, save_image_grid
+from harness.config import config_from_dict, preset
+from pipelines.judge import judge
+from pipelines.pipeline import TokgenPipeline
+from pipelines.sample import generate, write_outputs
+from stage1_tokenizer import train as tok_train
+from stage1_tokenizer.evaluate import evaluate
+from stage1_tokenizer.export import export_tokens
+from stage1_tokenizer.metrics import psnr
+from stage1_tokenizer.registry import load_tokenizer
+from stage2_prior import train as prior_train
+from stage2_prior.sampling import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -79,33 +91,25 @@ class Stages:
 
 
 def _tokenizer_stage(args, spec: DemoSpec, stages: Stages):
-    from stage1_tokenizer import train as tok_train
-    from stage1_tokenizer.evaluate import evaluate, load_tokenizer
-
     cfg = config_from_dict(tok_train.TokenizerTrainConfig, preset(spec.tokenizer))
     cfg = replace(cfg, seed=args.seed, max_steps=args.tokenizer_steps or cfg.max_steps)
     model_dir = stages.run("train tokenizer", tok_train.train, cfg, args.out / "tokenizer_run", quiet=args.quiet)
     tokenizer = load_tokenizer(model_dir)
     metrics = stages.run("evaluate tokenizer", evaluate, tokenizer, tok_train.build_dataset(cfg, "eval"),
-                         lpips=tokenizer.config.modality == "image",
+                         lpips=tokenizer.modality == "image",
                          preview_path=args.out / "reconstructions.png", quiet=args.quiet)
     return cfg, model_dir, tokenizer, metrics
 
 
 def _export_stage(args, spec: DemoSpec, cfg, tokenizer, stages: Stages) -> Path:
-    from stage1_tokenizer.train import build_dataset
-    from stage2_prior.export import export_tokens
-
     sized = replace(cfg, size=spec.export_size or cfg.size)
-    datasets = {split: build_dataset(sized, split) for split in ("train", "eval")}
+    datasets = {split: tok_train.build_dataset(sized, split) for split in ("train", "eval")}
     stages.run("export tokens", export_tokens, tokenizer, datasets, args.out / "tokens", batch_size=64,
                shard_size=1000, progress=not args.quiet, seed=args.seed, source=cfg.data)
     return args.out / "tokens"
 
 
 def _prior_stage(args, spec: DemoSpec, tokens: Path, stages: Stages) -> list[Path]:
-    from stage2_prior import train as prior_train
-
     runs = []
     for level, name in enumerate(spec.priors):
         cfg = config_from_dict(prior_train.PriorTrainConfig, {**preset(name), "tokens": str(tokens), "level": level})
@@ -118,8 +122,6 @@ def _prior_stage(args, spec: DemoSpec, tokens: Path, stages: Stages) -> list[Pat
 
 
 def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages):
-    from pipelines.sample import generate
-
     if pipe.num_classes:
         per_class = args.samples_per_class or spec.samples_per_class
         labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
@@ -129,16 +131,13 @@ def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages):
     num = len(labels) if labels is not None else (args.num_samples or spec.num_samples)
     temperature = args.temperature or spec.temperature
     guidance = spec.guidance if args.guidance is None else args.guidance
-    samples, codes, seconds = stages.run("sample", generate, pipe, num, labels, args.seed, 100, quiet=args.quiet,
-                                         temperature=temperature, guidance=guidance)
+    options = SamplingOptions(temperature=temperature, guidance=guidance)
+    samples, codes, seconds = stages.run("sample", generate, pipe, num, labels, args.seed, 100, options,
+                                         quiet=args.quiet)
     return samples, codes, labels, seconds, nrow, {"temperature": temperature, "guidance": guidance}
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pipelines.media import write_samples
-    from pipelines.pipeline import TokgenPipeline
-    from pipelines.sample import save_codes
-
     spec = DEMOS[args.dataset]
     out, stages, started = args.out, Stages(args.quiet), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -157,17 +156,14 @@ def run(args: argparse.Namespace) -> dict:
     judged = None
     if labels is not None:
         judged = stages.run("judge samples", _judge, spec, cfg, samples, labels, num_classes, args.seed, out)
-    write_samples(pipe.modality, samples, out, nrow=nrow, sample_rate=getattr(tokenizer.config, "sample_rate", 0))
-    save_codes(codes, out, tokenizer.codebook_sizes)
-    if labels is not None:
-        np.save(out / "labels.npy", labels.numpy(), allow_pickle=False)
+    write_outputs(pipe, out, codes, labels, samples, nrow=nrow)
     metrics = {
         "dataset": args.dataset,
         "modality": pipe.modality,
         "tokenizer": _tokenizer_summary(tok_metrics),
         "prior": _prior_summary(prior_runs),
         "sampling": {"num_samples": samples.shape[0], "seconds": seconds, **settings,
-                     "tokens_per_s": samples.shape[0] * sum(p.num_tokens for p in pipe.priors) / seconds,
+                     "tokens_per_s": samples.shape[0] * pipe.num_tokens / seconds,
                      **({"judge": judged} if judged else {})},
         "timing": {**stages.times, "total_s": round(time.perf_counter() - started, 2)},
     }
@@ -179,16 +175,12 @@ def _judge(spec: DemoSpec, cfg, samples: torch.Tensor, labels: torch.Tensor, num
            out: Path) -> dict:
     """A classifier trained on the real training items labels the samples (see ``pipelines.judge``);
     ``samples_vs_real.png`` shows each sample below a held-out real item of the class it was asked for."""
-    from pipelines.judge import judge
-    from pipelines.media import save_comparison
-    from stage1_tokenizer.train import build_dataset
-
     sized = replace(cfg, size=spec.export_size or cfg.size)  # the items the prior learned and samples
-    eval_set = build_dataset(sized, "eval")
+    eval_set = tok_train.build_dataset(sized, "eval")
     held_out = [eval_set[i] for i in range(len(eval_set))]  # read once: the judge and the picture share them
     m = cfg.model_config
-    rate = m.sample_rate or 16000
-    result = judge(build_dataset(sized, "train"), held_out, samples, labels, m.modality, num_classes,
+    rate = m.sample_rate or DEFAULT_SAMPLE_RATE
+    result = judge(tok_train.build_dataset(sized, "train"), held_out, samples, labels, m.modality, num_classes,
                    sample_rate=rate, seed=seed).to_dict()
     by_class: dict[int, list[int]] = {}
     for i, item in enumerate(held_out):
@@ -201,7 +193,7 @@ def _judge(spec: DemoSpec, cfg, samples: torch.Tensor, labels: torch.Tensor, num
         real.append(held_out[pool[seen.get(c, 0) * len(pool) // asked.count(c)]]["x"])
         seen[c] = seen.get(c, 0) + 1
     real_x = torch.stack(real).to(samples.dtype)
-    save_comparison(real_x, samples.clamp(-1 if m.modality == "audio" else 0, 1), out / "samples_vs_real.png",
+    save_comparison(real_x, samples.clamp(*value_range(m.modality)), out / "samples_vs_real.png",
                     modality=m.modality, sample_rate=rate)
     return result
 
@@ -209,14 +201,9 @@ def _judge(spec: DemoSpec, cfg, samples: torch.Tensor, labels: torch.Tensor, num
 @torch.no_grad()
 def _full_photo(tokenizer, out: Path) -> dict:
     """Encode and decode a held-out photo at its full size; save it beside its reconstruction."""
-    from data import PHOTOS_EVAL, load_photo
-    from pipelines.codec import downsampling
-    from pipelines.media import center_crop_to_multiple, save_image_grid
-    from stage1_tokenizer.evaluate import psnr
-
     name = PHOTOS_EVAL[0]
-    x = center_crop_to_multiple(load_photo(name), downsampling(tokenizer))[None]
-    recon = tokenizer.decode_levels(tokenizer.encode_levels(x)).clamp(0, 1)
+    x = center_crop_to_multiple(load_photo(name), tokenizer.downsampling)[None]
+    recon = tokenizer.reconstruct(x)
     save_image_grid(torch.cat([x, recon]), out / "reconstruction_full.png", nrow=2)
     return {"full_photo": {"name": name, "shape": list(x.shape[1:]), "psnr_db": float(psnr(recon, x)[0]),
                            "codes": [list(c.shape[1:]) for c in tokenizer.encode_levels(x)]}}

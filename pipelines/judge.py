@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+import torchaudio
 from torch import nn
 
+from data.modalities import DEFAULT_SAMPLE_RATE
 from stage1_tokenizer.modules import CONV
 
 MAX_SIDE = 32  # inputs are average-pooled to at most this many positions per axis: the class is coarse
@@ -43,15 +45,13 @@ class JudgeResult:
 def log_mel_db(x: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """(N, 1, T) waveforms -> (N, 1, 64, frames) log-mel power in dB, floored ``DYNAMIC_RANGE_DB`` below
     each clip's peak (so digital silence and a faint hiss look alike, as they sound)."""
-    import torchaudio
-
     mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=512, hop_length=128, n_mels=64)
     db = 10 * (mel(x) + 1e-10).log10()
     peak = db.amax(dim=(-2, -1), keepdim=True)
     return torch.maximum(db, peak - DYNAMIC_RANGE_DB)
 
 
-def features(x: torch.Tensor, modality: str, sample_rate: int = 16000) -> torch.Tensor:
+def features(x: torch.Tensor, modality: str, sample_rate: int = DEFAULT_SAMPLE_RATE) -> torch.Tensor:
     """(N, C, *S) as the tokenizer sees it -> views (N, V, C', *S') with every axis of S' <= ``MAX_SIDE``.
 
     audio (N, 1, T) -> (N, 1, 1, 64, frames) dB log-mel; image (N, C, H, W) -> (N, 1, C, H, W);
@@ -119,7 +119,7 @@ class Judge:
         return (self.log_probs(x).argmax(-1) == labels).float()
 
 
-def train_judge(train_set, modality: str, num_classes: int, sample_rate: int = 16000, steps: int = 600,
+def train_judge(train_set, modality: str, num_classes: int, sample_rate: int = DEFAULT_SAMPLE_RATE, steps: int = 600,
                 batch_size: int = 32, seed: int = 0, max_items: int = 2000) -> Judge:
     """Train on the views of ``train_set``'s real labelled items, ``batch_size`` random views per step.
     Deterministic for a seed."""
@@ -147,7 +147,7 @@ def train_judge(train_set, modality: str, num_classes: int, sample_rate: int = 1
 
 
 def judge(train_set, eval_set, samples: torch.Tensor, labels: torch.Tensor, modality: str, num_classes: int,
-          sample_rate: int = 16000, steps: int = 600, batch_size: int = 32, seed: int = 0,
+          sample_rate: int = DEFAULT_SAMPLE_RATE, steps: int = 600, batch_size: int = 32, seed: int = 0,
           max_items: int = 2000) -> JudgeResult:
     """Train on ``train_set`` (real items), then score ``eval_set`` and ``samples`` (N, C, *S) asked for
     ``labels`` (N,). Deterministic for a seed."""

@@ -2,8 +2,8 @@
 
 ``pipe(batch_size=..., class_labels=...)`` samples codes ancestrally (the top level from its prior,
 then each lower level from its prior conditioned on the level above) and decodes them.
-``likelihood(x)`` gives exact bits per dimension; ``complete(x, known_fraction)`` keeps the codes of
-the known part (top rows, first frames, start of a clip) and samples the rest.
+``bits_per_dim(x)`` gives the exact code length of x's tokens; ``complete(x, known_fraction)`` keeps the
+codes of the known part (top rows, first frames, start of a clip) and samples the rest.
 """
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from pathlib import Path
 
 import torch
 
-from pipelines.hub import atomic_write_dir
-from stage2_prior.registry import load_prior
-from stage2_prior.sampling import sample
+from harness.folders import atomic_write_dir
+from stage1_tokenizer.base import Tokenizer
+from stage1_tokenizer.registry import load_tokenizer
+from stage2_prior.base import Prior, check_class_labels, walk_levels
+from stage2_prior.registry import load_prior, read_prior_run
+from stage2_prior.sampling import SamplingOptions, sample
 
 FORMAT = "tokgen-pipeline"
 VERSION = 1
@@ -33,7 +36,11 @@ class PipelineOutput:
 
 
 class TokgenPipeline:
-    def __init__(self, tokenizer, priors: list, input_shape: tuple[int, ...], class_names: list[str] | None = None):
+    """A tokenizer and one prior per level (top first) that belong together: the priors model the
+    tokenizer's code grids for inputs of ``input_shape`` (C, *S). ``class_names`` name the class labels."""
+
+    def __init__(self, tokenizer: Tokenizer, priors: list[Prior], input_shape: tuple[int, ...],
+                 class_names: list[str] | None = None):
         if len(priors) != tokenizer.num_levels:
             raise ValueError(f"the tokenizer has {tokenizer.num_levels} level(s) but {len(priors)} prior(s) were given")
         self.tokenizer, self.priors = tokenizer.eval(), [p.eval() for p in priors]
@@ -63,11 +70,16 @@ class TokgenPipeline:
 
     @property
     def modality(self) -> str:
-        return self.tokenizer.config.modality
+        return self.tokenizer.modality
 
     @property
     def num_classes(self) -> int:
         return self.priors[0].config.num_classes
+
+    @property
+    def num_tokens(self) -> int:
+        """Codes per input, all levels."""
+        return sum(p.num_tokens for p in self.priors)
 
     @property
     def device(self) -> torch.device:
@@ -90,16 +102,11 @@ class TokgenPipeline:
     @classmethod
     def from_runs(cls, tokenizer_path, prior_paths: list, class_names: list[str] | None = None) -> "TokgenPipeline":
         """Assemble from training runs, checking every prior was trained on this tokenizer's tokens."""
-        from stage1_tokenizer.evaluate import load_tokenizer
-        from stage2_prior.train import INFO_NAME
-
         tokenizer = load_tokenizer(tokenizer_path)
         fp, priors, input_shape = tokenizer.fingerprint(), [], None
-        for path in map(Path, prior_paths):
-            folder = path / "model" if (path / "model").is_dir() else path
-            info_file = folder.parent / INFO_NAME
-            if info_file.is_file():
-                info = json.loads(info_file.read_text())
+        for path in prior_paths:
+            folder, info = read_prior_run(path)
+            if info is not None:
                 if info["tokenizer_fingerprint"] != fp:
                     raise ValueError(f"the prior in {path} was trained on tokens of another tokenizer "
                                      f"({info['tokenizer_fingerprint'][:12]}, not {fp[:12]})")
@@ -124,8 +131,6 @@ class TokgenPipeline:
 
     @classmethod
     def from_pretrained(cls, path, map_location="cpu") -> "TokgenPipeline":
-        from stage1_tokenizer.evaluate import load_tokenizer
-
         path = Path(path)
         meta_file = path / "pipeline.json"
         if not meta_file.is_file():
@@ -140,107 +145,100 @@ class TokgenPipeline:
         return pipe.to(map_location)
 
     # ---- generation ---------------------------------------------------------------------------
-    def _labels(self, batch_size: int, class_labels) -> torch.Tensor | None:
-        if self.num_classes == 0:
-            if class_labels is not None:
-                raise ValueError("this pipeline's prior is unconditional: do not pass class_labels")
-            return None
-        if class_labels is None:
-            raise ValueError(f"this pipeline is class-conditional ({self.num_classes} classes): pass class_labels")
-        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
-        if labels.numel() == 1:
-            labels = labels.expand(batch_size)
-        if labels.numel() != batch_size:
-            raise ValueError(f"got {labels.numel()} class labels for a batch of {batch_size}")
-        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
-        return labels.to(self.device)
+    def labels(self, batch_size: int, class_labels) -> torch.Tensor | None:
+        """``class_labels`` (one label, or one per row) as a (batch_size,) tensor on the device, checked."""
+        labels = check_class_labels(class_labels, batch_size, self.num_classes, who="this pipeline")
+        return labels.to(self.device) if labels is not None else None
 
     @torch.no_grad()
-    def sample_codes(self, batch_size: int = 1, class_labels=None, temperature: float = 1.0, top_k=None,
-                     top_p=None, generator: torch.Generator | None = None, use_cache: bool = True,
-                     prefixes: list[torch.Tensor | None] | None = None, progress=None,
-                     guidance: float = 1.0) -> list[torch.Tensor]:
+    def sample_codes(self, batch_size: int = 1, class_labels=None, options: SamplingOptions | None = None, *,
+                     generator: torch.Generator | None = None, prefixes: list[torch.Tensor | None] | None = None,
+                     progress=None, **knobs) -> list[torch.Tensor]:
         """Codes for every level, top first, each level conditioned on the one above.
 
-        guidance: classifier-free guidance scale for the class-conditional levels (1.0 = none; > 1 needs
-        priors trained with class dropout).
+        options (or its fields as keywords): ``SamplingOptions``; guidance applies to the class-conditional
+        levels. prefixes: per level, (B, P) known codes in raster order (``complete``).
         """
-        labels = self._labels(batch_size, class_labels)
-        if guidance != 1.0 and labels is None:
-            raise ValueError(f"guidance {guidance} is for class-conditional pipelines; this one is unconditional")
+        options = SamplingOptions.of(options, **knobs)
+        labels = self.labels(batch_size, class_labels)
+        if options.guidance != 1.0 and labels is None:
+            raise ValueError(f"guidance {options.guidance} is for class-conditional pipelines; this one is unconditional")
         codes: list[torch.Tensor] = []
-        for level, prior in enumerate(self.priors):
-            cond = codes[-1] if level > 0 else None
+        for level, prior, cond, prior_labels in walk_levels(self.priors, codes, labels):
             prefix = prefixes[level] if prefixes is not None else None
-            conditional = bool(prior.config.num_classes)
-            codes.append(sample(prior, batch_size, labels if conditional else None, cond, temperature, top_k,
-                                top_p, generator, use_cache, prefix, progress, guidance if conditional else 1.0))
+            level_options = options if prior_labels is not None else options.unguided()
+            codes.append(sample(prior, batch_size, prior_labels, cond, level_options, generator=generator,
+                                prefix=prefix, progress=progress))
         return codes
 
     @torch.no_grad()
     def decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        x = self.tokenizer.decode_levels([c.to(self.device) for c in codes])
-        return x.clamp(-1, 1) if self.modality == "audio" else x.clamp(0, 1)
+        """Codes per level (B, *grid), top first -> (B, C, *S) in the data range."""
+        return self.tokenizer.decode_clamped([c.to(self.device) for c in codes])
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.tokenizer.encode_levels(x.to(self.device))
 
-    def __call__(self, batch_size: int = 1, class_labels=None, temperature: float = 1.0, top_k=None, top_p=None,
-                 generator: torch.Generator | None = None, use_cache: bool = True, output_type: str = "decoded",
-                 progress=None, guidance: float = 1.0) -> PipelineOutput:
+    def __call__(self, batch_size: int = 1, class_labels=None, options: SamplingOptions | None = None, *,
+                 generator: torch.Generator | None = None, output_type: str = "decoded", progress=None,
+                 **knobs) -> PipelineOutput:
+        """Sample ``batch_size`` inputs (of ``class_labels`` for a class-conditional pipeline); ``options`` or its
+        fields as keywords (``temperature``, ``top_k``, ``top_p``, ``guidance``, ``use_cache``)."""
         if output_type not in ("decoded", "codes"):
             raise ValueError(f"output_type must be 'decoded' or 'codes', got {output_type!r}")
-        codes = self.sample_codes(batch_size, class_labels, temperature, top_k, top_p, generator, use_cache,
-                                  progress=progress, guidance=guidance)
+        codes = self.sample_codes(batch_size, class_labels, options, generator=generator, progress=progress, **knobs)
         return PipelineOutput(self.decode(codes) if output_type == "decoded" else None, codes)
 
     @torch.no_grad()
-    def sample_long(self, length: int, batch_size: int = 1, class_labels=None, temperature: float = 1.0,
-                    top_k=None, top_p=None, generator=None, overlap: float = 0.5, progress=None,
-                    guidance: float = 1.0) -> PipelineOutput:
+    def sample_long(self, length: int, batch_size: int = 1, class_labels=None, options: SamplingOptions | None = None,
+                    *, overlap: float = 0.5, generator=None, progress=None, **knobs) -> PipelineOutput:
         """Samples longer than the training inputs along the first axis (video frames, audio samples).
 
         Convolutional priors take the longer grid directly; a transformer, whose positions are learned
         for the training length, slides a window over time: each new window keeps the last ``overlap``
         of the previous one as its prefix and samples the rest (VideoGPT-style).
         """
+        options = SamplingOptions.of(options, **knobs)
         shape = (self.input_shape[0], length, *self.input_shape[2:])
         if all(p.shape_agnostic for p in self.priors):
-            return self.with_input_shape(shape)(batch_size, class_labels, temperature, top_k, top_p, generator,
-                                                progress=progress, guidance=guidance)
+            return self.with_input_shape(shape)(batch_size, class_labels, options, generator=generator,
+                                                progress=progress)
         if len(self.priors) != 1:
             raise ValueError("sliding-window sampling needs a single-level pipeline (or convolutional priors)")
+        if not options.use_cache:
+            raise ValueError("sampling beyond the training length runs with the cache only")
         total = self.tokenizer.code_shapes(shape)[0][0]
-        prior, labels = self.priors[0], self._labels(batch_size, class_labels)
+        prior, labels = self.priors[0], self.labels(batch_size, class_labels)
         window = prior.config.grid_shape[0]
         keep = int(window * overlap)
         if not 0 < keep < window:
             raise ValueError(f"overlap {overlap} leaves no context or no new steps in a window of {window}")
-        codes = sample(prior, batch_size, labels, None, temperature, top_k, top_p, generator, progress=progress,
-                       guidance=guidance)
+        codes = sample(prior, batch_size, labels, None, options, generator=generator, progress=progress)
         while codes.shape[1] < total:
-            prefix = codes[:, -keep:].flatten(1)
-            new = sample(prior, batch_size, labels, None, temperature, top_k, top_p, generator, prefix=prefix,
-                         progress=progress, guidance=guidance)
+            new = sample(prior, batch_size, labels, None, options, generator=generator,
+                         prefix=codes[:, -keep:].flatten(1), progress=progress)
             codes = torch.cat([codes, new[:, keep:]], dim=1)
         codes = [codes[:, :total]]
         return PipelineOutput(self.decode(codes), codes)
 
+    # ---- likelihoods --------------------------------------------------------------------------
     @torch.no_grad()
-    def likelihood(self, x: torch.Tensor, class_labels=None) -> torch.Tensor:
-        """Exact -log2 p(codes of x) per dimension of x, (B,): the lossless code length of the tokens."""
-        codes = self.encode(x)
-        labels = self._labels(x.shape[0], class_labels)
-        bits = torch.zeros(x.shape[0], device=self.device)
-        for level, (prior, c) in enumerate(zip(self.priors, codes)):
-            cond = codes[level - 1] if level > 0 else None
-            bits += prior.nll(c, labels if prior.config.num_classes else None, cond) / math.log(2)
-        return bits / math.prod(x.shape[1:])
+    def nll_bits(self, codes: list[torch.Tensor], class_labels=None) -> torch.Tensor:
+        """Exact -log2 p(codes) per level under the priors (full forward), float64 (B, levels)."""
+        codes = [c.to(self.device) for c in codes]
+        labels = self.labels(codes[0].shape[0], class_labels)
+        bits = [prior.nll(codes[level], prior_labels, cond).double() / math.log(2)
+                for level, prior, cond, prior_labels in walk_levels(self.priors, codes, labels)]
+        return torch.stack(bits, 1)
 
-    def complete(self, x: torch.Tensor, known_fraction: float = 0.5, class_labels=None, temperature: float = 1.0,
-                 top_k=None, top_p=None, generator=None, guidance: float = 1.0) -> PipelineOutput:
+    @torch.no_grad()
+    def bits_per_dim(self, x: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """Exact -log2 p(codes of x) per dimension of x, (B,): the lossless code length of the tokens."""
+        return (self.nll_bits(self.encode(x), class_labels).sum(1) / math.prod(x.shape[1:])).float()
+
+    def complete(self, x: torch.Tensor, known_fraction: float = 0.5, class_labels=None,
+                 options: SamplingOptions | None = None, *, generator=None, **knobs) -> PipelineOutput:
         """Keep the first ``known_fraction`` of x along its first axis (image rows, video frames, audio
         time), sample the rest of every level's codes, and decode."""
         if not 0 <= known_fraction <= 1:
@@ -250,6 +248,5 @@ class TokgenPipeline:
         for c in codes:
             rows = int(c.shape[1] * known_fraction)
             prefixes.append(c.flatten(1)[:, : rows * math.prod(c.shape[2:])])
-        out = self.sample_codes(x.shape[0], class_labels, temperature, top_k, top_p, generator, True, prefixes,
-                                guidance=guidance)
+        out = self.sample_codes(x.shape[0], class_labels, options, generator=generator, prefixes=prefixes, **knobs)
         return PipelineOutput(self.decode(out), out)

@@ -1,4 +1,9 @@
-"""``tokgen sample PIPELINE --num N --out DIR``: sample, decode, and write files people open."""
+"""``tokgen sample PIPELINE --num N --out DIR``: sample, decode, and write files people open.
+
+DIR gets ``codes.npz`` (the codes layout of :mod:`data.codes`: ``tokgen decode`` reads it), ``labels.npy``
+for class-conditional pipelines, the decoded samples (``samples.png`` / ``sample_*.wav`` / ``sample_*.mp4``,
+``samples.npy``) and ``sampling.json``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +15,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.media import write_samples
+from data.codes import save_codes
+from data.pictures import write_samples
 from pipelines.pipeline import TokgenPipeline
+from stage2_prior.sampling import SamplingOptions
+
+CODES_FILE = "codes.npz"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,53 +54,45 @@ def class_labels_for(pipe: TokgenPipeline, num: int, class_label: int | None) ->
     return torch.arange(num) % pipe.num_classes
 
 
-def generate(pipe: TokgenPipeline, num: int, labels, seed: int, batch_size: int, decode: bool = True,
-             quiet: bool = False, length: int | None = None,
-             **kwargs) -> tuple[torch.Tensor | None, list[torch.Tensor], float]:
+def generate(pipe: TokgenPipeline, num: int, labels, seed: int, batch_size: int, options: SamplingOptions,
+             decode: bool = True, quiet: bool = False,
+             length: int | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor], float]:
     """Samples in batches with one seeded generator; returns (samples, codes per level, seconds).
 
     length: generate this many frames/samples along the first axis (``TokgenPipeline.sample_long``).
     """
-    if length is not None and length != pipe.input_shape[1]:
-        return _generate_long(pipe, num, labels, seed, batch_size, quiet, length, **kwargs)
+    long = length is not None and length != pipe.input_shape[1]
     generator = torch.Generator().manual_seed(seed)
-    total = num * sum(p.num_tokens for p in pipe.priors)
-    bar = tqdm(total=total, desc="sample (tokens)", disable=quiet, unit="tok")
+    bar = tqdm(total=num if long else num * pipe.num_tokens, desc="sample", disable=quiet,
+               unit="sample" if long else "tok")
     chunks, codes, started = [], [], time.perf_counter()
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         lab = labels[start : start + n] if labels is not None else None
-        out = pipe.sample_codes(n, lab, generator=generator, progress=lambda k: bar.update(k * n), **kwargs)
-        codes.append(out)
-        if decode:
-            chunks.append(pipe.decode(out).cpu())
+        if long:
+            out = pipe.sample_long(length, n, lab, options, generator=generator)
+            bar.update(n)
+        else:
+            out = pipe(n, lab, options, generator=generator, output_type="decoded" if decode else "codes",
+                       progress=lambda k: bar.update(k * n))
+        codes.append(out.codes)
+        if out.samples is not None:
+            chunks.append(out.samples.cpu())
     bar.close()
     seconds = time.perf_counter() - started
-    levels = [torch.cat([c[level] for c in codes]).cpu() for level in range(len(pipe.priors))]
-    return (torch.cat(chunks) if decode else None), levels, seconds
-
-
-def _generate_long(pipe, num, labels, seed, batch_size, quiet, length, use_cache=True, **kwargs):
-    if not use_cache:
-        raise ValueError("--length beyond the training length samples with the cache only")
-    generator = torch.Generator().manual_seed(seed)
-    samples, codes, started = [], [], time.perf_counter()
-    for start in tqdm(range(0, num, batch_size), desc="sample (batches)", disable=quiet):
-        n = min(batch_size, num - start)
-        lab = labels[start : start + n] if labels is not None else None
-        out = pipe.sample_long(length, n, lab, generator=generator, **kwargs)
-        samples.append(out.samples.cpu())
-        codes.append(out.codes)
     levels = [torch.cat([c[level] for c in codes]).cpu() for level in range(len(codes[0]))]
-    return torch.cat(samples), levels, time.perf_counter() - started
+    return (torch.cat(chunks) if chunks else None), levels, seconds
 
 
-def save_codes(codes: list[torch.Tensor], out: Path, sizes: list[int]) -> None:
-    from stage2_prior.export import code_dtype
-
-    for level, (c, k) in enumerate(zip(codes, sizes)):
-        name = "codes.npy" if len(codes) == 1 else f"codes_{level}.npy"
-        np.save(out / name, c.numpy().astype(code_dtype(k)), allow_pickle=False)
+def write_outputs(pipe: TokgenPipeline, out: Path, codes: list[torch.Tensor], labels: torch.Tensor | None,
+                  samples: torch.Tensor | None, nrow: int = 10) -> None:
+    """codes.npz, labels.npy and the decoded samples' files in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_codes(out / CODES_FILE, codes, pipe.tokenizer.codebook_sizes)
+    if labels is not None:
+        np.save(out / "labels.npy", labels.numpy(), allow_pickle=False)
+    if samples is not None:
+        write_samples(pipe.modality, samples, out, nrow=nrow, sample_rate=pipe.tokenizer.sample_rate)
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> dict:
@@ -106,17 +107,12 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         if pipe.modality != "image":
             raise ValueError("--size is for images; use --length for audio and video")
         pipe = pipe.with_input_shape((pipe.input_shape[0], args.size, args.size))
+    options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              guidance=args.guidance, use_cache=not args.no_cache)
     labels = class_labels_for(pipe, args.num, args.class_label)
-    samples, codes, seconds = generate(pipe, args.num, labels, args.seed, args.batch_size, not args.codes_only,
-                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       guidance=args.guidance,
-                                       use_cache=not args.no_cache, length=args.length)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_codes(codes, args.out, pipe.tokenizer.codebook_sizes)
-    if labels is not None:
-        np.save(args.out / "labels.npy", labels.numpy(), allow_pickle=False)
-    if samples is not None:
-        write_samples(pipe.modality, samples, args.out, sample_rate=getattr(pipe.tokenizer.config, "sample_rate", 0))
+    samples, codes, seconds = generate(pipe, args.num, labels, args.seed, args.batch_size, options,
+                                       decode=not args.codes_only, length=args.length)
+    write_outputs(pipe, args.out, codes, labels, samples)
     tokens = sum(c.numel() for c in codes)
     report = {"num": args.num, "seconds": seconds, "tokens_per_s": tokens / seconds, "cache": not args.no_cache}
     (args.out / "sampling.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -5,31 +5,12 @@ Both take waveforms (B, 1, T) or (B, T) in [-1, 1] and always compute in fp32, a
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
+from data.spectrogram import fft_size_for, log_mel_spectrogram, waves_2d
+
 _EPS = 1e-7
-
-
-def _waves(x: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T) or (B, T) -> float32 (B, T)."""
-    if x.dim() == 3:
-        if x.shape[1] != 1:
-            raise ValueError(f"expected mono audio (B, 1, T), got shape {tuple(x.shape)}")
-        x = x[:, 0]
-    if x.dim() != 2:
-        raise ValueError(f"expected audio (B, 1, T) or (B, T), got shape {tuple(x.shape)}")
-    return x.float()
-
-
-def _fft_size_for(length: int, largest: int) -> int:
-    """The largest power of two <= min(length, largest) (at least 16)."""
-    n = 16
-    while n * 2 <= min(length, largest):
-        n *= 2
-    return n
 
 
 def stft_magnitude(x: torch.Tensor, fft_size: int, hop: int, window: torch.Tensor) -> torch.Tensor:
@@ -60,12 +41,12 @@ class MultiResolutionSTFTLoss(nn.Module):
     def resolutions(self, length: int) -> list[int]:
         """FFT sizes used for clips of ``length`` samples."""
         fits = [n for n in self.fft_sizes if n <= length]
-        return fits or [_fft_size_for(length, self.fft_sizes[0])]
+        return fits or [fft_size_for(length, self.fft_sizes[0])]
 
     def per_item(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B,) loss per item."""
         with torch.autocast(device_type=input.device.type, enabled=False):
-            x, y = _waves(input), _waves(target)
+            x, y = waves_2d(input), waves_2d(target)
             if x.shape != y.shape:
                 raise ValueError(f"input {tuple(x.shape)} and target {tuple(y.shape)} differ")
             total = x.new_zeros(x.shape[0])
@@ -82,27 +63,6 @@ class MultiResolutionSTFTLoss(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.per_item(input, target).mean()
-
-
-@functools.lru_cache(maxsize=8)
-def _mel_transform(sample_rate: int, fft_size: int, n_mels: int):
-    import torchaudio
-
-    return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=fft_size, hop_length=fft_size // 4,
-                                                n_mels=n_mels, power=2.0, center=True)
-
-
-def log_mel_spectrogram(x: torch.Tensor, sample_rate: int, n_mels: int = 64, fft_size: int = 1024) -> torch.Tensor:
-    """Waves (B, 1, T) or (B, T) -> log-mel power in dB (B, n_mels, frames), fp32.
-
-    The FFT shrinks to the largest power of two <= T for short clips (hop = FFT // 4), and the
-    number of mel bands to at most FFT // 8.
-    """
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        waves = _waves(x)
-        n = _fft_size_for(waves.shape[-1], fft_size)
-        mel = _mel_transform(int(sample_rate), n, min(n_mels, n // 8)).to(waves.device)  # no empty mel bands
-        return 10.0 * torch.log10(mel(waves).clamp_min(1e-10))
 
 
 def mel_distance(x: torch.Tensor, y: torch.Tensor, sample_rate: int, n_mels: int = 64) -> torch.Tensor:

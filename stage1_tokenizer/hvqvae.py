@@ -12,49 +12,38 @@ Codes come and go top level first, as the priors sample them.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipelines.hub import PretrainedMixin
-from stage1_tokenizer.modules import CONV, Decoder, Encoder, conv_factors
-from stage1_tokenizer.quantizer import QuantizerConfig, VectorQuantizer
-from stage1_tokenizer.vqvae import MODALITY_DIMS
+from stage1_tokenizer.base import Tokenizer, TokenizerConfig
+from stage1_tokenizer.modules import CONV, Decoder, Encoder
+from stage1_tokenizer.quantizer import VectorQuantizer
 
 
 @dataclass
-class HierarchicalVQVAEConfig:
-    modality: str = "image"
-    in_channels: int = 3
-    channels: tuple[int, ...] = (64, 128)  # widths of the bottom encoder and the final decoder
+class HierarchicalVQVAEConfig(TokenizerConfig):
+    """``channels`` are the widths of the bottom encoder and the final decoder; ``quantizer`` is the template
+    of every level's quantizer; ``patch`` folds the bottom level's first downsampling (divides factors[0])."""
+
     hidden: int = 128  # width of the upper encoders and the level-to-level decoders
-    num_res_blocks: int = 2
     factors: tuple[tuple[int, ...], ...] = ((4, 4), (2, 2))  # per level, bottom first
-    patch: tuple[int, ...] | None = None  # the bottom level's first downsampling by folding (divides factors[0])
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # template for every level
     codebook_sizes: tuple[int, ...] = ()  # per level, top first; () = the template's size everywhere
-    recon_loss: str = "mse"
-    sample_rate: int = 0
     # Training only: the probability that a sample's lower levels are blanked (zeros) so the decoder has
     # to reconstruct from the levels above. Without it the bottom level, which sees the encoder features
     # directly, can carry everything and the upper levels collapse to a few near-constant codes. The
     # trainer can anneal it (``level_dropout_steps``) so training ends on the full path only.
     level_dropout: float = 0.0
 
+    @property
+    def level_factors(self) -> list[tuple[int, ...]]:
+        return [tuple(f) for f in self.factors]
+
     def __post_init__(self):
-        if self.modality not in MODALITY_DIMS:
-            raise ValueError(f"modality must be one of {sorted(MODALITY_DIMS)}, got {self.modality!r}")
         if len(self.factors) < 2:
             raise ValueError("a hierarchical VQ-VAE needs at least 2 levels (use VQVAE for one)")
-        dims = MODALITY_DIMS[self.modality]
-        if any(len(f) != dims for f in self.factors):
-            raise ValueError(f"{self.modality} needs {dims} factors per level, got {self.factors}")
-        if self.patch is not None:
-            self.patch = tuple(self.patch)
-            conv_factors(tuple(self.factors[0]), self.patch)  # clear error for a patch that does not divide
+        super().__post_init__()
         if self.codebook_sizes and len(self.codebook_sizes) != len(self.factors):
             raise ValueError(f"codebook_sizes {self.codebook_sizes} must give one size per level ({len(self.factors)})")
         if not 0.0 <= self.level_dropout <= 1.0:
@@ -63,10 +52,6 @@ class HierarchicalVQVAEConfig:
     @property
     def num_levels(self) -> int:
         return len(self.factors)
-
-    @property
-    def total_factors(self) -> tuple[int, ...]:
-        return tuple(math.prod(f) for f in zip(*self.factors))
 
 
 @dataclass
@@ -85,7 +70,7 @@ class HierarchicalVQVAEOutput:
         return self.recon_loss + self.codebook_loss + self.commitment_loss
 
 
-class HierarchicalVQVAE(PretrainedMixin, nn.Module):
+class HierarchicalVQVAE(Tokenizer):
     config_class = HierarchicalVQVAEConfig
     model_type = "hvqvae"
 
@@ -117,59 +102,19 @@ class HierarchicalVQVAE(PretrainedMixin, nn.Module):
         d = self.config.quantizer.dim
         return d if level == self.config.num_levels - 1 else 2 * d
 
-    # ---- shapes -------------------------------------------------------------------------------
-    @property
-    def dims(self) -> int:
-        return MODALITY_DIMS[self.config.modality]
-
-    @property
-    def num_levels(self) -> int:
-        return self.config.num_levels
-
     @property
     def codebook_sizes(self) -> list[int]:
         """Per level, top first."""
         return list(self.config.codebook_sizes) or [self.config.quantizer.codebook_size] * self.num_levels
 
-    def code_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-        """Input (C, *S) -> code grid shapes, top first."""
-        self._check_input_shape(tuple(input_shape))
-        shapes, size = [], tuple(input_shape[1:])
-        for f in self.config.factors:
-            size = tuple(s // k for s, k in zip(size, f))
-            shapes.append(size)
-        return shapes[::-1]
-
-    def _check_input_shape(self, shape: tuple[int, ...]) -> None:
-        c, spatial = shape[0], shape[1:]
-        if len(spatial) != self.dims or c != self.config.in_channels:
-            raise ValueError(f"this {self.config.modality} tokenizer takes (B, {self.config.in_channels}, "
-                             f"{', '.join('*' * self.dims)}) inputs, got (B, {shape})")
-        total = self.config.total_factors
-        if any(s % f for s, f in zip(spatial, total)):
-            raise ValueError(f"input size {spatial} must be divisible by the total downsampling {total}")
-
-    def _check_batch(self, x: torch.Tensor) -> None:
-        if x.dim() != self.dims + 2:
-            raise ValueError(f"expected a batch with {self.dims} spatial dims, got shape {tuple(x.shape)}")
-        self._check_input_shape(tuple(x.shape[1:]))
-
-    # ---- value range (as VQVAE) ---------------------------------------------------------------
-    def _to_model(self, x):
-        return x if self.config.modality == "audio" else x * 2 - 1
-
-    def _from_model(self, y):
-        return y if self.config.modality == "audio" else (y + 1) / 2
-
     # ---- the top-down pass --------------------------------------------------------------------
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features per level, bottom first."""
-        feats, h = [], self._to_model(x)
+        feats, h = [], self.to_model(x)
         for enc in self.encoders:
             h = enc(h)
             feats.append(h)
         return feats
-
     def _descend(self, feats, quantize):
         """Top-down: ``quantize(level, z)`` gives (z_q, extra) per level; returns the bottom context
         (input of the final decoder) and the extras, top first."""
@@ -185,7 +130,7 @@ class HierarchicalVQVAE(PretrainedMixin, nn.Module):
 
     def encode_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (B, C, *S) -> code grids, top first."""
-        self._check_batch(x)
+        self.check_batch(x)
         feats = self._features(x)
 
         def quantize(k, z):
@@ -196,11 +141,7 @@ class HierarchicalVQVAE(PretrainedMixin, nn.Module):
 
     def decode_levels(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """Code grids, top first -> x (B, C, *S), not clamped."""
-        if len(codes) != self.num_levels:
-            raise ValueError(f"expected {self.num_levels} code grids (top first), got {len(codes)}")
-        for c in codes:
-            if c.dim() != self.dims + 1:
-                raise ValueError(f"expected code grids (B, {'*, ' * (self.dims - 1)}*), got shape {tuple(c.shape)}")
+        self.check_codes(codes)
         context = None
         for k in reversed(range(self.num_levels)):
             z_q = self.quantizers[k].lookup(codes[self.num_levels - 1 - k].long())
@@ -210,7 +151,7 @@ class HierarchicalVQVAE(PretrainedMixin, nn.Module):
             context = z_q if context is None else torch.cat([z_q, context], dim=1)
             if k > 0:
                 context = self.up[k - 1](context)
-        return self._from_model(self.decoder(context))
+        return self.from_model(self.decoder(context))
 
     encode = encode_levels
     decode = decode_levels
@@ -227,7 +168,7 @@ class HierarchicalVQVAE(PretrainedMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, level_dropout: float | None = None) -> HierarchicalVQVAEOutput:
         """Training forward; ``level_dropout`` overrides the config's rate (the trainer anneals it)."""
-        self._check_batch(x)
+        self.check_batch(x)
         feats = self._features(x)
         p = self.config.level_dropout if level_dropout is None else level_dropout
         keep = self._level_keep_masks(x.shape[0], x.device, p)
@@ -237,12 +178,11 @@ class HierarchicalVQVAE(PretrainedMixin, nn.Module):
             return out.z_q * keep[k].to(out.z_q.dtype), out
 
         context, outs = self._descend(feats, quantize)
-        recon = self._from_model(self.decoder(context))
-        loss_fn = F.mse_loss if self.config.recon_loss == "mse" else F.l1_loss
+        recon = self.from_model(self.decoder(context))
         return HierarchicalVQVAEOutput(
             recon=recon,
             codes=[q.codes for q in outs],
-            recon_loss=loss_fn(recon.float(), x.float()),
+            recon_loss=self.recon_loss(recon, x),
             codebook_loss=sum(q.codebook_loss for q in outs),
             commitment_loss=sum(q.commitment_loss for q in outs),
             perplexity=[q.perplexity for q in outs],

@@ -12,6 +12,7 @@ all-reduced, and restarts and k-means init are computed on rank 0 and broadcast.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -22,10 +23,12 @@ from torch import nn
 
 @dataclass
 class QuantizerConfig:
+    renamed_fields: ClassVar[dict[str, str]] = {"beta": "commitment_weight"}  # tokgen 0.1 called it beta
+
     codebook_size: int = 512
     dim: int = 64  # channels of the encoder features it quantizes
     code_dim: int | None = None  # lookup in a lower-dimensional space (factorized codes); None = dim
-    beta: float = 0.25  # commitment loss weight
+    commitment_weight: float = 0.25  # weight of the commitment loss ||z - sg(e)||^2
     ema: bool = True  # EMA codebook updates; False = gradient codebook loss
     decay: float = 0.99
     eps: float = 1e-5  # Laplace smoothing of cluster sizes
@@ -146,7 +149,7 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 self._update(flat.detach(), codes, counts)
             codebook_loss = F.mse_loss(q, flat.detach()) if not self.config.ema else flat.new_zeros(())
-            commitment_loss = self.config.beta * F.mse_loss(flat, q.detach())
+            commitment_loss = self.config.commitment_weight * F.mse_loss(flat, q.detach())
             q = flat + (q - flat).detach()  # straight-through estimator
             if self.out_proj is not None:
                 q = F.linear(q, self.out_proj.weight.float(), self.out_proj.bias.float())
@@ -282,3 +285,16 @@ class CodebookStats:
     @property
     def perplexity(self) -> float:
         return float(perplexity(self.counts))
+
+
+def check_codebooks_in_sync(accelerator, model) -> str:
+    """All-gather each quantizer's checksum across processes; raise when ranks disagree, else say so."""
+    quantizers = [m for m in accelerator.unwrap_model(model).modules() if isinstance(m, VectorQuantizer)]
+    local = torch.stack([q.checksum() for q in quantizers]).to(accelerator.device)
+    gathered = accelerator.gather(local[None]).view(accelerator.num_processes, -1)
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(
+            f"codebooks differ across {accelerator.num_processes} ranks (checksums {gathered.tolist()}): "
+            "the EMA statistics are no longer synchronised; stopping"
+        )
+    return f"codebooks in sync across {accelerator.num_processes} ranks"

@@ -6,24 +6,26 @@ reconstruction grids and the final ``model/`` folder all go into the run folder.
 from __future__ import annotations
 
 import argparse
-import math
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pipelines import runs
-from pipelines.config import load_config_file, merge, preset, resolve
-from pipelines.media import save_comparison
-from pipelines.hub import config_from_dict
-from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
-from stage1_tokenizer.vqvae import VQVAE, VQVAEConfig
-
-TOKENIZERS = {"vqvae": (VQVAE, VQVAEConfig), "hvqvae": (HierarchicalVQVAE, HierarchicalVQVAEConfig)}
+from data import build_dataset as build_data, collate_samples
+from data.pictures import save_comparison
+from harness import loop
+from harness.config import config_from_dict, load_config_file, merge, preset, resolve
+from harness.schedule import warmup_cosine
+from stage1_tokenizer.audio_loss import MultiResolutionSTFTLoss
+from stage1_tokenizer.base import TokenizerConfig
+from stage1_tokenizer.perceptual import PerceptualLoss
+from stage1_tokenizer.quantizer import VectorQuantizer, check_codebooks_in_sync
+from stage1_tokenizer.registry import TOKENIZERS, tokenizer_classes
 
 
 @dataclass
-class TokenizerTrainConfig(runs.TrainingConfig):
+class TokenizerTrainConfig(loop.TrainingConfig):
     arch: str = "vqvae"  # vqvae | hvqvae (hierarchical)
     model: dict = field(default_factory=dict)  # fields of VQVAEConfig / HierarchicalVQVAEConfig
     data: str = "digits"  # built-in name, folder, or WebDataset shard pattern
@@ -41,14 +43,13 @@ class TokenizerTrainConfig(runs.TrainingConfig):
     level_dropout_steps: int = 0
 
     def __post_init__(self):
-        if self.arch not in TOKENIZERS:
-            raise ValueError(f"unknown tokenizer arch {self.arch!r}; choose one of {sorted(TOKENIZERS)}")
+        tokenizer_classes(self.arch)  # a clear error for an unknown arch
         self.model_config  # validate the model fields now, not after the data is loaded
         if self.level_dropout_steps and self.arch != "hvqvae":
             raise ValueError("level_dropout_steps anneals a hierarchical tokenizer's level_dropout: use arch hvqvae")
 
     @property
-    def model_config(self) -> VQVAEConfig | HierarchicalVQVAEConfig:
+    def model_config(self) -> TokenizerConfig:
         return config_from_dict(TOKENIZERS[self.arch][1], self.model)
 
 
@@ -56,7 +57,7 @@ class TokenizerTrainConfig(runs.TrainingConfig):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="built-in name (digits, photos), image folder, or .tar shard pattern")
     p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--config", help="JSON training config (see pipelines/configs)")
+    p.add_argument("--config", help="JSON training config, or the name of a preset in harness/presets")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--batch-size", type=int)
@@ -80,7 +81,7 @@ def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
     saved = args.out / "config.json"
     if args.resume and saved.is_file():
         # A resumed run keeps its own config; only the step budget may grow.
-        return resolve(TokenizerTrainConfig, runs_config(saved), None, {"max_steps": args.max_steps})
+        return resolve(TokenizerTrainConfig, json.loads(saved.read_text()), {"max_steps": args.max_steps})
     flags = {k: getattr(args, k) for k in ("data", "max_steps", "checkpoint_every", "batch_size", "lr", "seed",
                                             "mixed_precision", "grad_accum", "num_workers", "lpips_weight", "stft_weight",
                                             "bad_input")}
@@ -89,13 +90,7 @@ def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
         base = merge(base, load_config_file(args.config))
     if args.data and base.get("data") not in (None, args.data):
         base = {**base, "data_options": {}}  # reader options belong to the source they were written for
-    return resolve(TokenizerTrainConfig, base, None, flags)
-
-
-def runs_config(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
+    return resolve(TokenizerTrainConfig, base, flags)
 
 
 # ---- build ------------------------------------------------------------------------------------
@@ -111,37 +106,20 @@ class TrainState:
 
 
 def build_dataset(cfg: TokenizerTrainConfig, split: str, process_index: int = 0, num_processes: int = 1):
-    from data import build_dataset as build
-
+    """The run's data: ``cfg.data``'s ``split``, as the model takes it."""
     m = cfg.model_config
     options = {"frames": cfg.frames} if m.modality == "video" else {}
     options.update(cfg.data_options)
-    return build(cfg.data, modality=m.modality, split=split, size=cfg.size, channels=m.in_channels, seed=cfg.seed,
+    return build_data(cfg.data, modality=m.modality, split=split, size=cfg.size, channels=m.in_channels, seed=cfg.seed,
                  process_index=process_index, num_processes=num_processes, sample_rate=m.sample_rate, **options)
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up then cosine decay to 10%."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def _perceptual(cfg: TokenizerTrainConfig, device) -> torch.nn.Module | None:
     """The modality's perceptual loss, when its weight is set: LPIPS for images, STFT for audio."""
     modality = cfg.model_config.modality
     if cfg.lpips_weight > 0 and modality == "image":
-        from stage1_tokenizer.perceptual import PerceptualLoss
-
         return PerceptualLoss().to(device)
     if cfg.stft_weight > 0 and modality == "audio":
-        from stage1_tokenizer.audio_loss import MultiResolutionSTFTLoss
-
         return MultiResolutionSTFTLoss().to(device)
     if (cfg.lpips_weight > 0 and modality != "image") or (cfg.stft_weight > 0 and modality != "audio"):
         raise ValueError(f"lpips_weight applies to images and stft_weight to audio, not to {modality}")
@@ -149,12 +127,10 @@ def _perceptual(cfg: TokenizerTrainConfig, device) -> torch.nn.Module | None:
 
 
 def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
-    from data import collate_samples
-
     torch.manual_seed(cfg.seed)
     model = TOKENIZERS[cfg.arch][0](cfg.model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps))
     perceptual = _perceptual(cfg, accelerator.device)
     dataset = build_dataset(cfg, "train", accelerator.process_index, accelerator.num_processes)
     preview_set = build_dataset(cfg, "eval")
@@ -164,7 +140,7 @@ def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
 
 
 # ---- train ------------------------------------------------------------------------------------
-def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepGuard) -> dict | None:
+def train_step(state: TrainState, batch: dict, accelerator, guard: loop.BadStepGuard) -> dict | None:
     """One micro-batch: forward, loss, backward, and (at accumulation boundaries) an optimizer step.
 
     Returns the logged values, or None when the step was skipped for a non-finite loss.
@@ -181,7 +157,7 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: runs.BadStepG
             if state.perceptual is not None:
                 perceptual = state.perceptual(out.recon, x).mean()
                 loss = loss + (state.cfg.lpips_weight or state.cfg.stft_weight) * perceptual
-        if not runs.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
+        if not loop.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
                                    state.cfg.grad_clip):
             return None
     logs = {"loss": loss.item(), "recon_loss": out.recon_loss.item(), "commitment_loss": out.commitment_loss.item(),
@@ -210,8 +186,6 @@ def _lowest_level(value):
 def active_codes(model) -> float:
     """Fraction of codes whose EMA cluster size is above the restart threshold (recent usage);
     the lowest level's fraction for hierarchical tokenizers."""
-    from stage1_tokenizer.quantizer import VectorQuantizer
-
     fractions = [float((q.cluster_size >= max(q.config.restart_threshold, 1e-3)).float().mean())
                  for q in model.modules() if isinstance(q, VectorQuantizer)]
     return min(fractions)
@@ -223,10 +197,9 @@ def save_preview(state: TrainState, accelerator, path: Path) -> None:
     was_training = model.training
     model.eval()
     x = state.preview.to(accelerator.device)
-    m = state.cfg.model_config
-    recon = model.decode_levels(model.encode_levels(x)).clamp(-1 if m.modality == "audio" else 0, 1)
+    recon = model.reconstruct(x)
     model.train(was_training)
-    save_comparison(x.cpu(), recon.cpu(), path, modality=m.modality, sample_rate=m.sample_rate)
+    save_comparison(x.cpu(), recon.cpu(), path, modality=model.modality, sample_rate=model.sample_rate)
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> Path:
@@ -240,26 +213,24 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
 def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
     """Train (or resume) into ``run_dir``; returns the saved model folder."""
-    from data import collate_samples
-
     run_dir = Path(run_dir)
-    accelerator = runs.open_run(run_dir, cfg, "tokenizer")
+    accelerator = loop.open_run(run_dir, cfg, "tokenizer")
     state = build(cfg, accelerator)
 
     def every_step(step: int) -> None:
         if cfg.image_every and step % cfg.image_every == 0 and accelerator.is_main_process:
             save_preview(state, accelerator, run_dir / "images" / f"recon_{step:08d}.png")
 
-    def hooks(guard: runs.BadStepGuard) -> runs.LoopHooks:
-        return runs.LoopHooks(
+    def hooks(guard: loop.BadStepGuard) -> loop.LoopHooks:
+        return loop.LoopHooks(
             step=lambda batch: train_step(state, batch, accelerator, guard),
             extra_logs=lambda: {"usage": active_codes(accelerator.unwrap_model(state.model))},
             every_step=every_step,
-            sync_check=lambda: runs.check_codebooks_in_sync(accelerator, state.model),
+            sync_check=lambda: check_codebooks_in_sync(accelerator, state.model),
         )
 
     state.model.train()
-    runs.train_loop(accelerator, run_dir, cfg, state.dataset, collate_samples, hooks, resume=resume, quiet=quiet,
+    loop.train_loop(accelerator, run_dir, cfg, state.dataset, collate_samples, hooks, resume=resume, quiet=quiet,
                     desc="train-tokenizer", bad_input=cfg.bad_input)
     model = accelerator.unwrap_model(state.model)
     if accelerator.is_main_process:

@@ -1,14 +1,16 @@
-"""What every prior shares: the interface the sampler, the pipeline and the coder rely on.
+"""What every prior shares: its config fields, the interface the sampler, the pipeline and the coder rely on,
+and the checks of what it is given.
 
 A prior models codes (B, *grid) in raster order (last axis fastest). ``forward`` gives logits for every
-position at once (teacher forcing, training, likelihoods); ``start``/``step`` give them one position at
+position at once (teacher forcing, training, likelihoods); ``start_state``/``step`` give them one position at
 a time from a cache, which is what sampling and arithmetic decoding use. Both paths compute the same
 numbers (tests hold them to 1e-5).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +22,97 @@ from torch import nn
 NULL_CLASS = -1
 
 
-def class_embedding(config, dim: int) -> nn.Embedding | None:
+@dataclass
+class PriorConfig:
+    """The fields every prior config has: what it models and what it is conditioned on. ``tokgen train-prior``
+    fills them from the token manifest; each architecture's config adds its network's size."""
+
+    grid_shape: tuple[int, ...] = (8, 8)
+    vocab_size: int = 512
+    num_classes: int = 0  # 0 = unconditional
+    null_class: bool = False  # one more class embedding, for NULL_CLASS (classifier-free guidance)
+    cond_grid_shape: tuple[int, ...] | None = None  # upper-level code grid (hierarchies)
+    cond_vocab_size: int = 0  # 0 = no upper-level conditioning
+
+    def __post_init__(self):
+        self.grid_shape = tuple(self.grid_shape)
+        if self.cond_grid_shape is not None:
+            self.cond_grid_shape = tuple(self.cond_grid_shape)
+        if self.null_class and not self.num_classes:
+            raise ValueError("null_class needs a class-conditional prior (num_classes > 0)")
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.num_classes or self.cond_vocab_size)
+
+
+class Prior(Protocol):
+    """The interface of every prior, as the sampler, the pipeline and the coder use it."""
+
+    config: PriorConfig
+    model_type: str
+    shape_agnostic: bool  # True when no weight depends on the grid size (convolutional priors)
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def __call__(self, codes: torch.Tensor, class_labels: torch.Tensor | None = None,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (B, *grid) -> logits (B, *grid, V); position t sees codes before t only."""
+
+    def start_state(self, batch: int, class_labels: torch.Tensor | None = None,
+                    cond: torch.Tensor | None = None) -> Any:
+        """The cache for sampling or coding ``batch`` rows from position 0."""
+
+    def step(self, state: Any, prev: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, V) for the next position; ``prev`` (B,) is the code at the position before (None at 0)."""
+
+    def nll(self, codes: torch.Tensor, class_labels: torch.Tensor | None = None,
+            cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Negative log-likelihood in nats per sample, (B,)."""
+
+    def with_grid(self, grid_shape: tuple[int, ...], cond_grid_shape: tuple[int, ...] | None = None) -> "Prior": ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
+def check_class_labels(labels, batch: int, num_classes: int, *, null_class: bool = False, who: str = "this prior",
+                       expand: bool = True) -> torch.Tensor | None:
+    """``labels`` as a (batch,) LongTensor in [0, num_classes) (or NULL_CLASS with ``null_class``), or None for
+    an unconditional model; a clear ValueError otherwise. With ``expand`` one label serves the whole batch."""
+    if not num_classes:
+        if labels is not None:
+            raise ValueError(f"{who} is unconditional: do not pass class_labels")
+        return None
+    if labels is None:
+        raise ValueError(f"{who} is class-conditional ({num_classes} classes): pass class_labels")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if expand and labels.numel() == 1:
+        labels = labels.reshape(1).expand(batch)
+    if labels.shape != (batch,):
+        raise ValueError(f"got {labels.numel()} class labels for a batch of {batch}: class_labels must be ({batch},)")
+    low = NULL_CLASS if null_class else 0
+    if batch and (int(labels.min()) < low or int(labels.max()) >= num_classes):
+        null = f", or {NULL_CLASS} for no class" if null_class else ""
+        raise ValueError(f"class_labels must lie in [0, {num_classes}){null}, got {labels.tolist()}")
+    return labels
+
+
+def walk_levels(priors: list, codes: list[torch.Tensor], labels: torch.Tensor | None):
+    """(level, prior, cond, labels for that prior) for every level, top first: ``cond`` is the level above's
+    codes (``codes[level - 1]``, None at the top), so ``codes`` may be filled while the walk goes on (sampling)."""
+    for level, prior in enumerate(priors):
+        yield level, prior, (codes[level - 1] if level else None), (labels if prior.config.num_classes else None)
+
+
+def class_embedding(config: PriorConfig, dim: int) -> nn.Embedding | None:
     """The class embedding of a prior: ``num_classes`` rows, plus one for NULL_CLASS with ``null_class``."""
-    if config.null_class and not config.num_classes:
-        raise ValueError("null_class needs a class-conditional prior (num_classes > 0)")
     return nn.Embedding(config.num_classes + int(config.null_class), dim) if config.num_classes else None
 
 
 class PriorMixin:
-    """Needs ``config.grid_shape``, ``config.vocab_size``, ``config.num_classes``, ``config.null_class``,
-    ``config.cond_grid_shape`` and ``config.cond_vocab_size``, and ``self.class_emb`` from
-    ``class_embedding``."""
+    """The shared implementation: checks, class embedding lookup, NLL and resizing. Needs ``self.config``
+    (a PriorConfig) and ``self.class_emb`` from ``class_embedding``."""
 
     shape_agnostic = False  # True when no weight depends on the grid size (convolutional priors)
 
@@ -38,12 +120,11 @@ class PriorMixin:
         """The same weights for another grid size: a conv prior trained on crops samples whole images."""
         grid_shape = tuple(grid_shape)
         cond_grid_shape = tuple(cond_grid_shape) if cond_grid_shape is not None else None
-        if grid_shape == tuple(self.config.grid_shape) and cond_grid_shape == (
-                tuple(self.config.cond_grid_shape) if self.config.cond_grid_shape else None):
+        if grid_shape == tuple(self.config.grid_shape) and cond_grid_shape == self.config.cond_grid_shape:
             return self
         if not self.shape_agnostic:
-            raise ValueError(f"a {self.model_type} has weights for {tuple(self.config.grid_shape)} grids and cannot "
-                             f"model {grid_shape}: train it at that size, or use a convolutional prior")
+            raise ValueError(f"a {self.model_type} prior has weights for {tuple(self.config.grid_shape)} grids and "
+                             f"cannot model {grid_shape}: train it at that size, or use a convolutional prior")
         device = next(self.parameters()).device
         resized = type(self)(replace(self.config, grid_shape=grid_shape, cond_grid_shape=cond_grid_shape))
         resized.load_state_dict(self.state_dict(), strict=True)
@@ -70,14 +151,7 @@ class PriorMixin:
                     "they come from a tokenizer with another codebook"
                 )
             batch = codes.shape[0]
-        if cfg.num_classes:
-            if class_labels is None:
-                raise ValueError(f"this prior is class-conditional ({cfg.num_classes} classes): pass class_labels")
-            low = NULL_CLASS if cfg.null_class else 0
-            if class_labels.shape != (batch,) or int(class_labels.min()) < low or int(class_labels.max()) >= cfg.num_classes:
-                null = f", or {NULL_CLASS} for no class" if cfg.null_class else ""
-                raise ValueError(f"class_labels must be ({batch},) in [0, {cfg.num_classes}){null}, "
-                                 f"got {class_labels.tolist()}")
+        check_class_labels(class_labels, batch, cfg.num_classes, null_class=cfg.null_class, expand=False)
         if cfg.cond_vocab_size:
             if cond is None:
                 raise ValueError(f"this prior is conditioned on upper-level codes {tuple(cfg.cond_grid_shape)}: pass cond")

@@ -37,19 +37,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from pipelines.hub import PretrainedMixin
-from stage2_prior.base import PriorMixin, class_embedding
+from harness.folders import PretrainedMixin
+from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
 from stage2_prior.causal_conv import HorizontalConv, VerticalConv, gate, linear_step, shift_down
 
 
 @dataclass
-class GatedPixelCNNConfig:
-    grid_shape: tuple[int, ...] = (8, 8)  # (H, W): 2-D grids only
-    vocab_size: int = 512
-    num_classes: int = 0  # 0 = unconditional
-    null_class: bool = False  # one more class embedding, for NULL_CLASS (classifier-free guidance)
-    cond_grid_shape: tuple[int, ...] | None = None  # upper-level code grid (hierarchies)
-    cond_vocab_size: int = 0  # 0 = no upper-level conditioning
+class GatedPixelCNNPriorConfig(PriorConfig):
+    """``grid_shape`` and ``cond_grid_shape`` are 2-D, (H, W)."""
+
     channels: int = 128
     num_layers: int = 15
     kernel_size: int = 5  # odd: vertical convs are (k//2+1) x k, horizontal 1 x (k//2+1)
@@ -58,12 +54,10 @@ class GatedPixelCNNConfig:
     attn_heads: int = 4
 
     def __post_init__(self):
-        self.grid_shape = tuple(self.grid_shape)
+        super().__post_init__()
         if len(self.grid_shape) != 2:
             raise ValueError(f"the PixelCNN prior models 2-D code grids (H, W), got grid_shape {self.grid_shape}: "
                              "use the wavenet prior for 1-D sequences or the transformer for any rank")
-        if self.cond_grid_shape is not None:
-            self.cond_grid_shape = tuple(self.cond_grid_shape)
         if self.cond_vocab_size and (self.cond_grid_shape is None or len(self.cond_grid_shape) != 2):
             raise ValueError(f"cond_grid_shape must be a 2-D grid for a PixelCNN prior, got {self.cond_grid_shape}")
         if self.kernel_size < 3 or self.kernel_size % 2 == 0:
@@ -71,13 +65,9 @@ class GatedPixelCNNConfig:
         if self.attn_every and self.channels % self.attn_heads:
             raise ValueError(f"channels {self.channels} must be divisible by attn_heads {self.attn_heads}")
 
-    @property
-    def conditional(self) -> bool:
-        return bool(self.num_classes or self.cond_vocab_size)
-
 
 class GatedLayer(nn.Module):
-    def __init__(self, cfg: GatedPixelCNNConfig, first: bool):
+    def __init__(self, cfg: GatedPixelCNNPriorConfig, first: bool):
         super().__init__()
         c, k = cfg.channels, cfg.kernel_size
         self.first = first
@@ -104,7 +94,7 @@ class GatedLayer(nn.Module):
 class CausalSelfAttention(nn.Module):
     """Pre-norm multi-head attention over raster positions <= t, with a residual connection."""
 
-    def __init__(self, cfg: GatedPixelCNNConfig):
+    def __init__(self, cfg: GatedPixelCNNPriorConfig):
         super().__init__()
         self.heads = cfg.attn_heads
         self.norm = nn.LayerNorm(cfg.channels)
@@ -140,11 +130,14 @@ class PixelCNNState:
 
 
 class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
-    config_class = GatedPixelCNNConfig
-    model_type = "pixelcnn_prior"
+    """Gated PixelCNN prior over 2-D code grids (see the module docstring)."""
+
+    config_class = GatedPixelCNNPriorConfig
+    model_type = "pixelcnn"
+    legacy_model_types = ("pixelcnn_prior",)
     shape_agnostic = True  # no parameter depends on the grid size: train on crops, sample bigger
 
-    def __init__(self, config: GatedPixelCNNConfig):
+    def __init__(self, config: GatedPixelCNNPriorConfig):
         super().__init__()
         self.config = config
         c, n = config.channels, config.num_layers

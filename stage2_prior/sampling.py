@@ -6,9 +6,49 @@ length and exists to verify the cache and to benchmark it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+
 import torch
 
-from stage2_prior.base import NULL_CLASS
+from stage2_prior.base import NULL_CLASS, Prior
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How codes are drawn from a prior's conditionals.
+
+    temperature: logits / T; top_k / top_p: keep the k most likely codes / the smallest set reaching
+    probability p (None = all); guidance: classifier-free guidance scale for class-conditional priors
+    (1 = none; > 1 needs a prior trained with class dropout); use_cache: incremental steps (False =
+    a full forward per position, to check the cache and to benchmark it).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance: float = 1.0
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None for all codes), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (or None), got {self.top_p}")
+
+    @classmethod
+    def of(cls, options: "SamplingOptions | None" = None, **knobs) -> "SamplingOptions":
+        """``options`` (default: the defaults) with the given knobs replaced; an unknown knob is an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(knobs) - names
+        if unknown:
+            raise ValueError(f"unknown sampling options {sorted(unknown)} (known: {sorted(names)})")
+        return replace(options or cls(), **knobs)
+
+    def unguided(self) -> "SamplingOptions":
+        """The same without guidance (for unconditional levels)."""
+        return replace(self, guidance=1.0)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -29,7 +69,7 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return logits
 
 
-def _guided_inputs(prior, batch_size: int, class_labels, cond, guidance: float):
+def _guided_inputs(prior: Prior, class_labels, cond, guidance: float):
     """With guidance, every row is run twice, with its class and with NULL_CLASS (conditional rows first)."""
     if guidance == 1.0:
         return class_labels, cond, 1
@@ -55,16 +95,16 @@ def guide(logits: torch.Tensor, guidance: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(prior, batch_size: int, class_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None, use_cache: bool = True,
-           prefix: torch.Tensor | None = None, progress=None, guidance: float = 1.0) -> torch.Tensor:
+def sample(prior: Prior, batch_size: int, class_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+           options: SamplingOptions | None = None, *, generator: torch.Generator | None = None,
+           prefix: torch.Tensor | None = None, progress=None, **knobs) -> torch.Tensor:
     """Codes (B, *grid) drawn position by position.
 
+    options (or its fields as keywords, e.g. ``temperature=0.8``): see ``SamplingOptions``.
     prefix: (B, P) known codes in raster order (completion): kept as given, sampling starts at P.
     progress: optional callable(n) told after each position.
-    guidance: classifier-free guidance scale (1.0 = none; needs a prior with ``null_class``).
     """
+    options = SamplingOptions.of(options, **knobs)
     grid, n = tuple(prior.config.grid_shape), prior.num_tokens
     device = next(prior.parameters()).device
     codes = torch.zeros(batch_size, n, dtype=torch.long, device=device)
@@ -73,18 +113,18 @@ def sample(prior, batch_size: int, class_labels: torch.Tensor | None = None, con
         if prefix.shape[0] != batch_size or known > n:
             raise ValueError(f"prefix must be ({batch_size}, <= {n}), got {tuple(prefix.shape)}")
         codes[:, :known] = prefix.to(device)
-    labels, cond, copies = _guided_inputs(prior, batch_size, class_labels, cond, guidance)
+    labels, cond, copies = _guided_inputs(prior, class_labels, cond, options.guidance)
     rows = batch_size * copies
-    state = prior.start_state(rows, labels, cond) if use_cache else None
+    state = prior.start_state(rows, labels, cond) if options.use_cache else None
     for t in range(n):
-        if use_cache:
+        if options.use_cache:
             logits = prior.step(state, codes[:, t - 1].repeat(copies) if t else None)
         elif t >= known:
             logits = prior(codes.repeat(copies, 1).view(rows, *grid), labels, cond).flatten(1, -2)[:, t]
         if t >= known:
             if copies == 2:
-                logits = guide(logits, guidance)
-            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+                logits = guide(logits, options.guidance)
+            probs = filter_logits(logits, options.temperature, options.top_k, options.top_p).softmax(-1)
             codes[:, t] = torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(device)
         if progress is not None:
             progress(1)

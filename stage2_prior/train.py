@@ -16,19 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from pipelines import runs
-from pipelines.config import load_config_file, merge, preset, resolve
-from pipelines.hub import config_from_dict
-from stage1_tokenizer.train import lr_lambda
-from stage2_prior.base import NULL_CLASS
-from stage2_prior.registry import prior_classes
-from stage2_prior.tokens import load_all, read_manifest
-
-INFO_NAME = "prior.json"  # beside model/: which tokens, tokenizer and level this prior belongs to
+from data.tokens import load_all, read_manifest
+from harness import loop
+from harness.config import config_from_dict, load_config_file, merge, preset, resolve
+from harness.schedule import warmup_cosine
+from stage2_prior.base import NULL_CLASS, PriorConfig
+from stage2_prior.registry import prior_classes, write_prior_run
 
 
 @dataclass
-class PriorTrainConfig(runs.TrainingConfig):
+class PriorTrainConfig(loop.TrainingConfig):
     tokens: str = ""  # folder written by `tokgen export-tokens`
     level: int = 0  # 0 = top level; level k is conditioned on level k-1
     arch: str = "transformer"  # transformer | pixelcnn | wavenet
@@ -78,7 +75,7 @@ def collate(samples: list[dict]) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", help="token folder from `tokgen export-tokens`")
     p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--config", help="JSON training config (see pipelines/configs/prior-*.json)")
+    p.add_argument("--config", help="JSON training config, or the name of a preset in harness/presets (prior-*)")
     p.add_argument("--level", type=int, help="which level to model (0 = top); lower levels see the one above")
     p.add_argument("--arch", choices=["transformer", "pixelcnn", "wavenet"])
     p.add_argument("--max-steps", type=int)
@@ -96,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def parse_config(args: argparse.Namespace) -> PriorTrainConfig:
     saved = args.out / "config.json"
     if args.resume and saved.is_file():
-        return resolve(PriorTrainConfig, json.loads(saved.read_text()), None, {"max_steps": args.max_steps})
+        return resolve(PriorTrainConfig, json.loads(saved.read_text()), {"max_steps": args.max_steps})
     flags = {k: getattr(args, k) for k in ("tokens", "level", "arch", "max_steps", "checkpoint_every",
                                             "batch_size", "lr", "seed", "mixed_precision", "grad_accum")}
     if args.unconditional:
@@ -104,14 +101,14 @@ def parse_config(args: argparse.Namespace) -> PriorTrainConfig:
     base, file = preset("prior-default"), load_config_file(args.config) if args.config else {}
     if (args.arch or file.get("arch", base["arch"])) != base["arch"]:
         base = {**base, "model": {}}  # the default network sizes are a transformer's: another arch starts from its own
-    cfg = resolve(PriorTrainConfig, merge(base, file), None, flags)
+    cfg = resolve(PriorTrainConfig, merge(base, file), flags)
     if not cfg.tokens:
         raise ValueError("--tokens is required (a folder written by `tokgen export-tokens`)")
     return cfg
 
 
 # ---- build ------------------------------------------------------------------------------------
-def model_config(cfg: PriorTrainConfig, manifest: dict):
+def model_config(cfg: PriorTrainConfig, manifest: dict) -> PriorConfig:
     """The prior's config: network size from ``cfg.model``, shapes from the token manifest."""
     _, config_cls = prior_classes(cfg.arch)
     levels = manifest["levels"]
@@ -158,7 +155,7 @@ def build(cfg: PriorTrainConfig, accelerator) -> PriorState:
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps))
     train_set = load_split(cfg, "train")
     if train_set is None:
         raise ValueError(f"{cfg.tokens} has no 'train' split")
@@ -181,7 +178,7 @@ def drop_labels(labels: torch.Tensor | None, rate: float) -> torch.Tensor | None
 
 
 # ---- train ------------------------------------------------------------------------------------
-def train_step(state: PriorState, batch: dict, accelerator, guard: runs.BadStepGuard) -> dict | None:
+def train_step(state: PriorState, batch: dict, accelerator, guard: loop.BadStepGuard) -> dict | None:
     model = accelerator.unwrap_model(state.model)
     codes, labels, cond = _inputs(batch, model, accelerator.device)
     if model.config.null_class:
@@ -190,7 +187,7 @@ def train_step(state: PriorState, batch: dict, accelerator, guard: runs.BadStepG
         with accelerator.autocast():
             logits = state.model(codes, labels, cond)
             loss = F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten())
-        if not runs.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
+        if not loop.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
                                    state.cfg.grad_clip):
             return None
     return {"loss": loss.item(), "bits_per_token": loss.item() / math.log(2), "lr": state.scheduler.get_last_lr()[0]}
@@ -225,7 +222,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
     """Train (or resume) into ``run_dir``; returns the saved prior folder."""
     run_dir = Path(run_dir)
-    accelerator = runs.open_run(run_dir, cfg, "prior")
+    accelerator = loop.open_run(run_dir, cfg, "prior")
     state = build(cfg, accelerator)
 
     def every_step(step: int) -> None:
@@ -236,11 +233,11 @@ def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: boo
             accelerator.print(f"step {step}: held-out {metrics['bits_per_token']:.4f} bits/token, "
                               f"{metrics['bits_per_dim']:.4f} bits/dim")
 
-    def hooks(guard: runs.BadStepGuard) -> runs.LoopHooks:
-        return runs.LoopHooks(step=lambda batch: train_step(state, batch, accelerator, guard), every_step=every_step)
+    def hooks(guard: loop.BadStepGuard) -> loop.LoopHooks:
+        return loop.LoopHooks(step=lambda batch: train_step(state, batch, accelerator, guard), every_step=every_step)
 
     state.model.train()
-    runs.train_loop(accelerator, run_dir, cfg, state.train_set, collate, hooks, resume=resume, quiet=quiet,
+    loop.train_loop(accelerator, run_dir, cfg, state.train_set, collate, hooks, resume=resume, quiet=quiet,
                     desc=f"train-prior (level {cfg.level})")
     model = accelerator.unwrap_model(state.model)
     if accelerator.is_main_process:
@@ -257,4 +254,4 @@ def _write_info(cfg: PriorTrainConfig, state: PriorState, model, run_dir: Path) 
             "tokens": str(cfg.tokens), "input_shape": manifest["input_shape"], "arch": cfg.arch}
     if state.eval_set is not None:
         info["eval"] = evaluate(model, state.eval_set, state.dims_per_sample)
-    runs.write_json(run_dir / INFO_NAME, info)
+    write_prior_run(run_dir, info)

@@ -21,21 +21,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from pipelines.hub import PretrainedMixin
-from stage2_prior.base import PriorMixin, class_embedding
+from harness.folders import PretrainedMixin
+from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
 
 
 BIAS_SCALE = 10.0  # relative attention bias = BIAS_SCALE * its parameter (see attention_bias)
 
 
 @dataclass
-class TransformerPriorConfig:
-    grid_shape: tuple[int, ...] = (8, 8)
-    vocab_size: int = 512
-    num_classes: int = 0  # 0 = unconditional
-    null_class: bool = False  # one more class embedding, for NULL_CLASS (classifier-free guidance)
-    cond_grid_shape: tuple[int, ...] | None = None  # upper-level code grid (hierarchies)
-    cond_vocab_size: int = 0  # 0 = no upper-level conditioning
+class TransformerPriorConfig(PriorConfig):
     dim: int = 256
     num_layers: int = 6
     num_heads: int = 8
@@ -44,6 +38,7 @@ class TransformerPriorConfig:
     relative_bias: bool = False  # learned per-head attention bias per (query - key) offset along each axis
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
 
@@ -106,8 +101,11 @@ class TransformerState:
 
 
 class TransformerPrior(PriorMixin, PretrainedMixin, nn.Module):
+    """GPT-style prior over a code grid of any rank (see the module docstring)."""
+
     config_class = TransformerPriorConfig
-    model_type = "transformer_prior"
+    model_type = "transformer"
+    legacy_model_types = ("transformer_prior",)
 
     def __init__(self, config: TransformerPriorConfig):
         super().__init__()

@@ -20,19 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.hub import PretrainedMixin
-from stage2_prior.base import PriorMixin, class_embedding
+from harness.folders import PretrainedMixin
+from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
 from stage2_prior.causal_conv import CausalConv1d, ConvQueue, gate, linear_step
 
 
 @dataclass
-class WaveNetConfig:
-    grid_shape: tuple[int, ...] = (1024,)  # (T,): 1-D sequences only
-    vocab_size: int = 512
-    num_classes: int = 0  # 0 = unconditional
-    null_class: bool = False  # one more class embedding, for NULL_CLASS (classifier-free guidance)
-    cond_grid_shape: tuple[int, ...] | None = None  # upper-level code sequence (hierarchies)
-    cond_vocab_size: int = 0  # 0 = no upper-level conditioning
+class WaveNetPriorConfig(PriorConfig):
+    grid_shape: tuple[int, ...] = (1024,)  # (T,): 1-D sequences only; cond_grid_shape too
     channels: int = 64  # residual channels
     skip_channels: int = 128
     head_channels: int = 256
@@ -41,12 +36,10 @@ class WaveNetConfig:
     num_cycles: int = 3
 
     def __post_init__(self):
-        self.grid_shape = tuple(self.grid_shape)
+        super().__post_init__()
         if len(self.grid_shape) != 1:
             raise ValueError(f"the WaveNet prior models 1-D code sequences (T,), got grid_shape {self.grid_shape}: "
                              "use the pixelcnn prior for 2-D grids or the transformer for any rank")
-        if self.cond_grid_shape is not None:
-            self.cond_grid_shape = tuple(self.cond_grid_shape)
         if self.cond_vocab_size and (self.cond_grid_shape is None or len(self.cond_grid_shape) != 1):
             raise ValueError(f"cond_grid_shape must be 1-D for a WaveNet prior, got {self.cond_grid_shape}")
         if self.kernel_size < 2:
@@ -60,13 +53,9 @@ class WaveNetConfig:
     def receptive_field(self) -> int:
         return 1 + (self.kernel_size - 1) * sum(self.dilations)
 
-    @property
-    def conditional(self) -> bool:
-        return bool(self.num_classes or self.cond_vocab_size)
-
 
 class ResidualLayer(nn.Module):
-    def __init__(self, cfg: WaveNetConfig, dilation: int):
+    def __init__(self, cfg: WaveNetPriorConfig, dilation: int):
         super().__init__()
         c = cfg.channels
         self.conv = CausalConv1d(c, 2 * c, cfg.kernel_size, dilation)
@@ -97,11 +86,14 @@ class WaveNetState:
 
 
 class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
-    config_class = WaveNetConfig
-    model_type = "wavenet_prior"
+    """WaveNet-style prior over 1-D code sequences (see the module docstring)."""
+
+    config_class = WaveNetPriorConfig
+    model_type = "wavenet"
+    legacy_model_types = ("wavenet_prior",)
     shape_agnostic = True  # no parameter depends on the grid size: train on crops, sample bigger
 
-    def __init__(self, config: WaveNetConfig):
+    def __init__(self, config: WaveNetPriorConfig):
         super().__init__()
         self.config = config
         c = config.channels

@@ -27,9 +27,9 @@ class CheckpointCrash(Exception):
 def crash_after_checkpoint(monkeypatch):
     """``arm(step)`` makes the next training run die with ``arm.error`` (``CheckpointCrash``) right after it
     has saved its step-``step`` checkpoint (a kill at the worst moment for resume); ``arm`` returns ``disarm``."""
-    from pipelines import runs
+    from harness import loop
 
-    original = runs.save_checkpoint
+    original = loop.save_checkpoint
 
     def arm(step: int):
         def save_then_crash(accelerator, run_dir, at, *args, **kwargs):
@@ -38,8 +38,8 @@ def crash_after_checkpoint(monkeypatch):
                 raise CheckpointCrash
             return folder
 
-        monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
-        return lambda: monkeypatch.setattr(runs, "save_checkpoint", original)
+        monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+        return lambda: monkeypatch.setattr(loop, "save_checkpoint", original)
 
     arm.error = CheckpointCrash
     return arm

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stage2_prior.arithmetic import (
+from pipelines.arithmetic import (
     MAX_PRECISION,
     PRECISION,
     ArithmeticDecoder,
@@ -15,7 +15,7 @@ from stage2_prior.arithmetic import (
     precision_for,
     quantize_cdf,
 )
-from stage2_prior.bitstream import (
+from pipelines.bitstream import (
     MAGIC,
     VERSION,
     BitstreamError,

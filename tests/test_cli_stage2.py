@@ -61,15 +61,21 @@ def tokgen(*args) -> int:
     return main([str(a) for a in args])
 
 
+def level0(path) -> np.ndarray:
+    """The top level of a codes file, as stored (its dtype is the smallest for the codebook)."""
+    with np.load(path) as codes:
+        return codes["level_0"]
+
+
 # ---- tokgen sample ---------------------------------------------------------------------------------
 def test_sample(pipe_dir, tmp_path, capsys):
     out = tmp_path / "s"
     assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 1, "--out", out) == 0
-    assert {"samples.png", "samples.npy", "codes.npy", "labels.npy", "sampling.json"} <= {p.name for p in out.iterdir()}
+    assert {"samples.png", "samples.npy", "codes.npz", "labels.npy", "sampling.json"} <= {p.name for p in out.iterdir()}
     samples = np.load(out / "samples.npy")
     assert samples.shape == (6, *INPUT) and samples.dtype == np.float32
     assert samples.min() >= 0 and samples.max() <= 1
-    codes = np.load(out / "codes.npy")
+    codes = level0(out / "codes.npz")
     assert codes.shape == (6, 4, 4) and codes.dtype == np.uint8 and codes.max() < 32
     assert np.load(out / "labels.npy").tolist() == [0, 1, 2, 0, 1, 2]
     with Image.open(out / "samples.png") as img:
@@ -83,13 +89,13 @@ def test_sample(pipe_dir, tmp_path, capsys):
 
     again, no_cache = tmp_path / "again", tmp_path / "nocache"
     assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 1, "--out", again) == 0
-    assert np.array_equal(np.load(again / "codes.npy"), codes)  # same seed, same codes
+    assert np.array_equal(level0(again / "codes.npz"), codes)  # same seed, same codes
     assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 1, "--out", no_cache, "--no-cache") == 0
-    assert np.array_equal(np.load(no_cache / "codes.npy"), codes)
+    assert np.array_equal(level0(no_cache / "codes.npz"), codes)
     assert json.loads((no_cache / "sampling.json").read_text())["cache"] is False
     other = tmp_path / "other"
     assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 2, "--out", other, "--codes-only") == 0
-    assert not np.array_equal(np.load(other / "codes.npy"), codes)
+    assert not np.array_equal(level0(other / "codes.npz"), codes)
     assert not (other / "samples.npy").exists()
 
 
@@ -120,7 +126,7 @@ def test_sample_video_longer_than_training(tmp_path):
     out = tmp_path / "long"
     assert tokgen("sample", tmp_path / "pipe", "--num", 2, "--length", 10, "--out", out) == 0
     assert np.load(out / "samples.npy").shape == (2, 10, 1, 8, 8)  # (N, T, C, H, W)
-    assert np.load(out / "codes.npy").shape == (2, 5, 2, 2)
+    assert level0(out / "codes.npz").shape == (2, 5, 2, 2)
     assert any((out / f"sample_001.{ext}").is_file() for ext in ("mp4", "gif"))
 
 
@@ -128,16 +134,16 @@ def test_sample_video_longer_than_training(tmp_path):
 def test_encode_decode(pipe_dir, tmp_path, capsys):
     pixels = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
     Image.fromarray(pixels, mode="L").save(tmp_path / "img.png")
-    assert tokgen("encode", pipe_dir, tmp_path / "img.png", "--out", tmp_path / "c.npy") == 0
-    codes = np.load(tmp_path / "c.npy")
+    assert tokgen("encode", pipe_dir, tmp_path / "img.png", "--out", tmp_path / "c.npz") == 0
+    codes = level0(tmp_path / "c.npz")
     tokenizer = TokgenPipeline.from_pretrained(pipe_dir).tokenizer
     x = torch.from_numpy(pixels).float().div(255)[None, None]
     with torch.no_grad():
         expected = tokenizer.encode(x)[0]
-    assert codes.shape == (4, 4) and codes.dtype == np.uint8
-    assert np.array_equal(codes, expected.numpy())
+    assert codes.shape == (1, 4, 4) and codes.dtype == np.uint8
+    assert np.array_equal(codes[0], expected.numpy())
 
-    assert tokgen("decode", pipe_dir, tmp_path / "c.npy", "--out", tmp_path / "r.png") == 0
+    assert tokgen("decode", pipe_dir, tmp_path / "c.npz", "--out", tmp_path / "r.png") == 0
     with Image.open(tmp_path / "r.png") as img:
         assert img.size == (16, 16)
         decoded = np.asarray(img.convert("L"), dtype=np.float32) / 255
@@ -146,37 +152,48 @@ def test_encode_decode(pipe_dir, tmp_path, capsys):
     assert np.abs(decoded - reference).max() <= 1 / 255 + 1e-6
 
     capsys.readouterr()
-    np.save(tmp_path / "bad.npy", np.full((4, 4), 40, dtype=np.uint8))
-    assert tokgen("decode", pipe_dir, tmp_path / "bad.npy", "--out", tmp_path / "bad.png") == 2
+    np.savez(tmp_path / "bad.npz", level_0=np.full((1, 4, 4), 40, dtype=np.uint8))
+    assert tokgen("decode", pipe_dir, tmp_path / "bad.npz", "--out", tmp_path / "bad.png") == 2
     assert "[0, 32)" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
-    np.save(tmp_path / "float.npy", np.full((4, 4), 3.7))
-    assert tokgen("decode", pipe_dir, tmp_path / "float.npy", "--out", tmp_path / "float.png") == 2
+    np.savez(tmp_path / "float.npz", level_0=np.full((1, 4, 4), 3.7))
+    assert tokgen("decode", pipe_dir, tmp_path / "float.npz", "--out", tmp_path / "float.png") == 2
     assert "not integer codes" in capsys.readouterr().err
-    assert tokgen("encode", pipe_dir, tmp_path / "missing.png", "--out", tmp_path / "m.npy") == 2
+    np.savez(tmp_path / "other.npz", codes=np.zeros((1, 4, 4), dtype=np.uint8))
+    assert tokgen("decode", pipe_dir, tmp_path / "other.npz", "--out", tmp_path / "other.png") == 2
+    assert "level_0" in capsys.readouterr().err
+    assert tokgen("encode", pipe_dir, tmp_path / "img.png", "--out", tmp_path / "c.npy") == 2
+    assert "c.npz" in capsys.readouterr().err  # codes files have one suffix
+    assert tokgen("encode", pipe_dir, tmp_path / "missing.png", "--out", tmp_path / "m.npz") == 2
     assert "missing.png" in capsys.readouterr().err
-    assert tokgen("decode", pipe_dir, tmp_path / "missing.npy", "--out", tmp_path / "m.png") == 2
-    assert "missing.npy" in capsys.readouterr().err
+    assert tokgen("decode", pipe_dir, tmp_path / "missing.npz", "--out", tmp_path / "m.png") == 2
+    assert "missing.npz" in capsys.readouterr().err
 
 
 def test_encode_crops_and_matches_channels(pipe_dir, tmp_path):
     """An RGB 18x19 image is made gray and center-cropped to a multiple of the downsampling (16x16)."""
     rgb = np.random.default_rng(1).integers(0, 256, (18, 19, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    assert tokgen("encode", pipe_dir, tmp_path / "rgb.png", "--out", tmp_path / "c.npy") == 0
-    assert np.load(tmp_path / "c.npy").shape == (4, 4)
+    assert tokgen("encode", pipe_dir, tmp_path / "rgb.png", "--out", tmp_path / "c.npz") == 0
+    assert level0(tmp_path / "c.npz").shape == (1, 4, 4)
 
 
 def test_decode_sampled_codes(pipe_dir, tmp_path, capsys):
-    """`tokgen sample --num 1` codes (a batch of one) decode with `tokgen decode`; a batch of 3 is refused."""
+    """`tokgen sample` codes decode with `tokgen decode`: one item to --out, a batch of 3 to three numbered files
+    that are the samples `tokgen sample` decoded itself."""
     assert tokgen("sample", pipe_dir, "--num", 1, "--out", tmp_path / "s", "--codes-only") == 0
-    assert tokgen("decode", pipe_dir, tmp_path / "s" / "codes.npy", "--out", tmp_path / "one.png") == 0
+    assert tokgen("decode", pipe_dir, tmp_path / "s" / "codes.npz", "--out", tmp_path / "one.png") == 0
     with Image.open(tmp_path / "one.png") as img:
         assert img.size == (16, 16)
-    assert tokgen("sample", pipe_dir, "--num", 3, "--out", tmp_path / "s3", "--codes-only") == 0
-    capsys.readouterr()
-    assert tokgen("decode", pipe_dir, tmp_path / "s3" / "codes.npy", "--out", tmp_path / "three.png") == 2
-    assert "batch of 3" in capsys.readouterr().err
+    assert tokgen("sample", pipe_dir, "--num", 3, "--out", tmp_path / "s3") == 0
+    assert tokgen("decode", pipe_dir, tmp_path / "s3" / "codes.npz", "--out", tmp_path / "three.png") == 0
+    samples = np.load(tmp_path / "s3" / "samples.npy")
+    for i in range(3):
+        with Image.open(tmp_path / f"three_{i:03d}.png") as img:
+            decoded = np.asarray(img.convert("L"), dtype=np.float32) / 255
+        assert np.abs(decoded - samples[i, 0]).max() <= 1 / 255 + 1e-6
+    assert tokgen("decode", pipe_dir, tmp_path / "s3" / "codes.npz", "--out", tmp_path / "folder") == 0
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["000.png", "001.png", "002.png"]
 
 
 # ---- tokgen train-prior -------------------------------------------------------------------------------
@@ -193,7 +210,7 @@ class TinyImages(Dataset):
 
 @pytest.fixture(scope="module")
 def tokens_dir(tmp_path_factory) -> Path:
-    from stage2_prior.export import export_tokens
+    from stage1_tokenizer.export import export_tokens
 
     path = tmp_path_factory.mktemp("tokens") / "tokens"
     export_tokens(make_tokenizer(), {"train": TinyImages(64, 0), "eval": TinyImages(16, 1)}, path,
@@ -239,7 +256,7 @@ def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, ca
     for g in ("1", "3"):
         assert tokgen("sample", tmp_path / "pipe", "--num", 3, "--guidance", g, "--codes-only",
                       "--out", tmp_path / f"guided{g}") == 0
-    assert not np.array_equal(np.load(tmp_path / "guided1" / "codes.npy"), np.load(tmp_path / "guided3" / "codes.npy"))
+    assert not np.array_equal(level0(tmp_path / "guided1" / "codes.npz"), level0(tmp_path / "guided3" / "codes.npz"))
 
     # killed right after the step-3 checkpoint, then resumed: same weights as the straight run
     disarm = crash_after_checkpoint(3)

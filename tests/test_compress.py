@@ -12,12 +12,13 @@ from PIL import Image
 
 from pipelines import compress as C
 from pipelines.cli import main as cli_main
-from pipelines.codec import encode_main, load_codes_file
+from data.codes import load_codes
+from stage1_tokenizer.codec import encode_main
 from pipelines.pipeline import TokgenPipeline
 from stage1_tokenizer.quantizer import QuantizerConfig
 from stage1_tokenizer.vqvae import VQVAE, VQVAEConfig
-from stage2_prior import bitstream
-from stage2_prior.bitstream import BitstreamError
+from pipelines import bitstream
+from pipelines.bitstream import BitstreamError
 from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
 
 SIZE = 32  # inputs (1, 32, 32) -> code grids (8, 8) of 32 codes
@@ -78,7 +79,7 @@ def test_cli_round_trip_matches_encode(pipes, tmp_path):
     xs = images(6, seed=0)
     for i, x in enumerate(xs):
         png = write_png(x, tmp_path / f"in{i}.png")
-        enc_codes = encode_main(args=ns(model=pipes["uncond"], input=png, out=tmp_path / f"enc{i}.npy", size=None))
+        enc_codes = encode_main(args=ns(model=pipes["uncond"], input=png, out=tmp_path / f"enc{i}.npz", size=None))
         report = C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / f"f{i}.tkg",
                                                     tmp_path / f"r{i}.json"))
         blob = (tmp_path / f"f{i}.tkg").read_bytes()
@@ -92,11 +93,11 @@ def test_cli_round_trip_matches_encode(pipes, tmp_path):
         # the issue's bound: compressed size <= model NLL x 1.01 + 16 bytes, header included
         assert len(blob) <= report["nll_bits"] / 8 * 1.01 + 16
         codes = C.decompress_main(args=decompress_args(pipes["uncond"], tmp_path / f"f{i}.tkg",
-                                                       tmp_path / f"out{i}.png", tmp_path / f"dec{i}.npy"))
-        assert torch.equal(codes[0], enc_codes[0])
-        saved = load_codes_file(tmp_path / f"dec{i}.npy")
-        np.testing.assert_array_equal(saved[0], np.load(tmp_path / f"enc{i}.npy"))
-        assert saved[0].dtype == np.load(tmp_path / f"enc{i}.npy").dtype
+                                                       tmp_path / f"out{i}.png", tmp_path / f"dec{i}.npz"))
+        assert torch.equal(codes[0], enc_codes[0][0])
+        assert torch.equal(load_codes(tmp_path / f"dec{i}.npz")[0], load_codes(tmp_path / f"enc{i}.npz")[0])
+        # both files hold the same layout, in the smallest dtype for the codebook
+        assert np.load(tmp_path / f"dec{i}.npz")["level_0"].dtype == np.load(tmp_path / f"enc{i}.npz")["level_0"].dtype
         assert Image.open(tmp_path / f"out{i}.png").size == (SIZE, SIZE)
 
 
@@ -106,9 +107,9 @@ def test_library_batch_round_trips_and_sizes(pipes):
     blobs = C.compress_batch(pipe, x)
     assert len(blobs) == 24
     codes = pipe.encode(x)
-    nll = C.model_nll_bits(pipe, codes).sum(1)
+    nll = pipe.nll_bits(codes).sum(1).numpy()
     # the float model's NLL agrees with the pipeline's own likelihood
-    np.testing.assert_allclose(nll, pipe.likelihood(x).double().numpy() * SIZE**2, rtol=1e-4)
+    np.testing.assert_allclose(nll, pipe.bits_per_dim(x).double().numpy() * SIZE**2, rtol=1e-4)
     out = C.decompress_batch(pipe, blobs)
     for i, (blob, dec) in enumerate(zip(blobs, out)):
         assert torch.equal(dec.codes[0], codes[0][i])
@@ -135,7 +136,7 @@ def test_class_conditional_round_trip(pipes, tmp_path):
         codes = C.decompress_main(args=decompress_args(pipes["cond"], tmp_path / f"c{label}.tkg",
                                                        tmp_path / f"o{label}.png"))
         assert torch.equal(codes[0], encode_main(args=ns(model=pipes["cond"], input=png,
-                                                         out=tmp_path / "e.npy", size=None))[0])
+                                                         out=tmp_path / "e.npz", size=None))[0][0])
         assert report["bytes"] <= report["nll_bits"] / 8 * 1.01 + 16
         reports.append(report)
     assert len({r["nll_bits"] for r in reports}) == 3  # the label conditions the prior
@@ -194,7 +195,7 @@ def test_another_pipeline_is_refused(pipes, tmp_path, capsys):
 
 def test_input_of_another_size(pipes, tmp_path):
     """A transformer prior codes its own grid only; a convolutional prior codes any size (header shape)."""
-    from stage2_prior.pixelcnn import GatedPixelCNNConfig, GatedPixelCNNPrior
+    from stage2_prior.pixelcnn import GatedPixelCNNPriorConfig, GatedPixelCNNPrior
 
     png = write_png(images(1, seed=6, size=48)[0], tmp_path / "big.png")
     with pytest.raises(ValueError, match="--size"):
@@ -204,7 +205,7 @@ def test_input_of_another_size(pipes, tmp_path):
 
     pipe = make_pipeline(0)
     torch.manual_seed(3)
-    conv = GatedPixelCNNPrior(GatedPixelCNNConfig(grid_shape=(8, 8), vocab_size=32, channels=16, num_layers=3,
+    conv = GatedPixelCNNPrior(GatedPixelCNNPriorConfig(grid_shape=(8, 8), vocab_size=32, channels=16, num_layers=3,
                                                   head_channels=16))
     TokgenPipeline(pipe.tokenizer, [conv], (1, SIZE, SIZE)).save_pretrained(tmp_path / "conv")
     report = C.compress_main(args=compress_args(tmp_path / "conv", png, tmp_path / "big.tkg"))
@@ -212,8 +213,8 @@ def test_input_of_another_size(pipes, tmp_path):
     assert bitstream.peek_header((tmp_path / "big.tkg").read_bytes()).input_shape == (48, 48)
     assert report["bytes"] <= report["nll_bits"] / 8 * 1.01 + 16
     codes = C.decompress_main(args=decompress_args(tmp_path / "conv", tmp_path / "big.tkg", tmp_path / "big_out.png"))
-    assert torch.equal(codes[0], encode_main(args=ns(model=tmp_path / "conv", input=png, out=tmp_path / "e.npy",
-                                                     size=None))[0])
+    assert torch.equal(codes[0], encode_main(args=ns(model=tmp_path / "conv", input=png, out=tmp_path / "e.npz",
+                                                     size=None))[0][0])
     assert Image.open(tmp_path / "big_out.png").size == (48, 48)
 
 
@@ -235,7 +236,7 @@ def _modality_pipeline(modality: str) -> TokgenPipeline:
     """image: 2-level hierarchical VQ-VAE + transformer priors (class-conditional); audio: 2-level + WaveNet
     priors; video: 1-level 3-D VQ-VAE + transformer."""
     from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
-    from stage2_prior.wavenet import WaveNetConfig, WaveNetPrior
+    from stage2_prior.wavenet import WaveNetPriorConfig, WaveNetPrior
 
     torch.manual_seed(0)
     q = QuantizerConfig(codebook_size=16, dim=8)
@@ -251,7 +252,7 @@ def _modality_pipeline(modality: str) -> TokgenPipeline:
     for level, grid in enumerate(grids):
         cond = dict(cond_grid_shape=grids[level - 1], cond_vocab_size=16) if level else {}
         if modality == "audio":
-            priors.append(WaveNetPrior(WaveNetConfig(grid_shape=grid, vocab_size=16, channels=8, skip_channels=8,
+            priors.append(WaveNetPrior(WaveNetPriorConfig(grid_shape=grid, vocab_size=16, channels=8, skip_channels=8,
                                                      head_channels=8, layers_per_cycle=3, num_cycles=1, **cond)))
         else:
             priors.append(TransformerPrior(TransformerPriorConfig(grid_shape=grid, vocab_size=16, num_classes=classes,
@@ -269,7 +270,7 @@ def test_every_modality_round_trips(modality):
     labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1]) if pipe.num_classes else None
     codes = pipe.encode(x)
     blobs = C.compress_batch(pipe, x, labels)
-    nll = C.model_nll_bits(pipe, codes, labels).sum(1)
+    nll = pipe.nll_bits(codes, labels).sum(1).numpy()
     for i, dec in enumerate(C.decompress_batch(pipe, blobs)):
         assert all(torch.equal(a, b[i]) for a, b in zip(dec.codes, codes))
         assert dec.class_label == (None if labels is None else int(labels[i]))
@@ -278,7 +279,7 @@ def test_every_modality_round_trips(modality):
     assert all(torch.equal(a, b[0]) for a, b in zip(C.decompress(pipe, single).codes, codes))
     if len(codes) > 1:  # the lower level's probabilities depend on the upper codes
         shifted = [(codes[0] + 1) % 16, *codes[1:]]
-        assert not np.allclose(C.model_nll_bits(pipe, shifted, labels)[:, 1], C.model_nll_bits(pipe, codes, labels)[:, 1])
+        assert not np.allclose(pipe.nll_bits(shifted, labels)[:, 1].numpy(), pipe.nll_bits(codes, labels)[:, 1].numpy())
 
 
 def test_audio_cli_round_trip(tmp_path):
@@ -295,13 +296,13 @@ def test_audio_cli_round_trip(tmp_path):
                                                        tmp_path / f"o{i}.wav", tmp_path / f"c{i}.npz"))
         enc = encode_main(args=ns(model=tmp_path / "pipe", input=tmp_path / f"a{i}.wav", out=tmp_path / f"e{i}.npz",
                                   size=None))
-        assert all(torch.equal(a, b) for a, b in zip(codes, enc))
-        assert [a.tolist() for a in load_codes_file(tmp_path / f"c{i}.npz")] == [b.tolist() for b in enc]
+        assert all(torch.equal(a, b[0]) for a, b in zip(codes, enc))
+        assert [a.tolist() for a in load_codes(tmp_path / f"c{i}.npz")] == [b.tolist() for b in enc]
         assert sf.info(str(tmp_path / f"o{i}.wav")).frames == n
 
 
 def test_evaluate_prior_writes_metrics(pipes, tmp_path):
-    from stage2_prior.evaluate import main as evaluate_main
+    from pipelines.evaluate import main as evaluate_main
 
     data = tmp_path / "data"
     data.mkdir()
@@ -334,7 +335,7 @@ def test_many_round_trips_slow(pipes):
     x = images(200, seed=8)
     codes = pipe.encode(x)
     labels = torch.arange(200) % 3
-    nll = C.model_nll_bits(pipe, codes, labels).sum(1)
+    nll = pipe.nll_bits(codes, labels).sum(1).numpy()
     for i in range(200):
         blob = C.compress(pipe, x[i], class_label=int(labels[i]))
         assert torch.equal(C.decompress(pipe, blob).codes[0], codes[0][i])

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from stage2_prior.causal_conv import CausalConv1d, HorizontalConv, VerticalConv
-from stage2_prior.pixelcnn import GatedPixelCNNConfig, GatedPixelCNNPrior
+from stage2_prior.pixelcnn import GatedPixelCNNPriorConfig, GatedPixelCNNPrior
 from stage2_prior.registry import load_prior
 from stage2_prior.sampling import sample
 from stage2_prior.train import PriorTrainConfig, model_config
-from stage2_prior.wavenet import WaveNetConfig, WaveNetPrior
+from stage2_prior.wavenet import WaveNetPriorConfig, WaveNetPrior
 
 V = 11  # vocabulary
 CLASSES = 3
@@ -32,7 +32,7 @@ def _perturb(prior, seed):
 
 def make_pixelcnn(grid=(4, 5), attn_every=0, conditional=True, seed=0, **kw) -> GatedPixelCNNPrior:
     torch.manual_seed(seed)
-    cfg = GatedPixelCNNConfig(grid_shape=grid, vocab_size=V, num_classes=CLASSES if conditional else 0,
+    cfg = GatedPixelCNNPriorConfig(grid_shape=grid, vocab_size=V, num_classes=CLASSES if conditional else 0,
                               cond_grid_shape=(2, 3) if conditional else None,
                               cond_vocab_size=COND_V if conditional else 0,
                               channels=16, head_channels=16, attn_every=attn_every, attn_heads=2,
@@ -42,7 +42,7 @@ def make_pixelcnn(grid=(4, 5), attn_every=0, conditional=True, seed=0, **kw) -> 
 
 def make_wavenet(length=24, conditional=True, seed=0, **kw) -> WaveNetPrior:
     torch.manual_seed(seed)
-    cfg = WaveNetConfig(grid_shape=(length,), vocab_size=V, num_classes=CLASSES if conditional else 0,
+    cfg = WaveNetPriorConfig(grid_shape=(length,), vocab_size=V, num_classes=CLASSES if conditional else 0,
                         cond_grid_shape=(6,) if conditional else None, cond_vocab_size=COND_V if conditional else 0,
                         channels=16, skip_channels=12, head_channels=16,
                         **{"kernel_size": 3, "layers_per_cycle": 3, "num_cycles": 2, **kw})
@@ -236,7 +236,7 @@ def test_model_config_from_manifest():
     manifest = {"levels": [{"grid_shape": [3, 4], "codebook_size": 7}, {"grid_shape": [6, 8], "codebook_size": 9}],
                 "num_classes": 4}
     cfg = model_config(PriorTrainConfig(arch="pixelcnn", level=1, model={"channels": 8, "num_layers": 2}), manifest)
-    assert cfg == GatedPixelCNNConfig(grid_shape=(6, 8), vocab_size=9, num_classes=4, cond_grid_shape=(3, 4),
+    assert cfg == GatedPixelCNNPriorConfig(grid_shape=(6, 8), vocab_size=9, num_classes=4, cond_grid_shape=(3, 4),
                                       cond_vocab_size=7, channels=8, num_layers=2)
     audio = {"levels": [{"grid_shape": [16], "codebook_size": 7}, {"grid_shape": [64], "codebook_size": 9}]}
     cfg = model_config(PriorTrainConfig(arch="wavenet", level=1, model={"channels": 8}), audio)
@@ -250,14 +250,14 @@ def test_model_config_from_manifest():
 def test_wrong_rank_is_a_clear_error():
     for grid in [(16,), (2, 3, 4)]:
         with pytest.raises(ValueError, match="PixelCNN prior models 2-D"):
-            GatedPixelCNNConfig(grid_shape=grid, vocab_size=V)
+            GatedPixelCNNPriorConfig(grid_shape=grid, vocab_size=V)
     for grid in [(4, 4), (2, 3, 4)]:
         with pytest.raises(ValueError, match="WaveNet prior models 1-D"):
-            WaveNetConfig(grid_shape=grid, vocab_size=V)
+            WaveNetPriorConfig(grid_shape=grid, vocab_size=V)
     with pytest.raises(ValueError, match="cond_grid_shape"):
-        GatedPixelCNNConfig(grid_shape=(4, 4), cond_grid_shape=(8,), cond_vocab_size=3)
+        GatedPixelCNNPriorConfig(grid_shape=(4, 4), cond_grid_shape=(8,), cond_vocab_size=3)
     with pytest.raises(ValueError, match="cond_grid_shape"):
-        WaveNetConfig(grid_shape=(16,), cond_grid_shape=(2, 2), cond_vocab_size=3)
+        WaveNetPriorConfig(grid_shape=(16,), cond_grid_shape=(2, 2), cond_vocab_size=3)
     prior = make_pixelcnn(conditional=False)
     with pytest.raises(ValueError, match="code grids"):
         prior(torch.zeros(1, 20, dtype=torch.long))

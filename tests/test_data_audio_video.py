@@ -14,7 +14,8 @@ from data import build_dataset, collate_samples
 from data.audio import SPOKEN_EVAL_VOICES, SPOKEN_PITCHES, SPOKEN_SPEEDS, SPOKEN_TRAIN_VOICES
 from data.builtin import digits_indices
 from data.video import frames_to_clip, read_frames
-from pipelines.media import read_input, save_comparison, write_output, write_samples
+from data.files import read_input, write_output
+from data.pictures import save_comparison, write_samples
 from stage1_tokenizer.audio_loss import MultiResolutionSTFTLoss, mel_distance
 
 

@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stage1_tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
-from stage2_prior.export import export_tokens, safe_key
-from stage2_prior.tokens import TokenDataset, check_tokenizer, collate_tokens, load_all, read_manifest
+from data.tokens import safe_key
+from stage1_tokenizer.export import export_tokens
+from data.tokens import TokenDataset, check_tokenizer, collate_tokens, load_all, read_manifest
 
 N = 50
 
@@ -57,7 +58,7 @@ def test_export_roundtrip(tmp_path):
     tok, ds = make_tokenizer(), TinyImages(noise=0.0)
     manifest = export_tokens(tok, ds, tmp_path / "tok", batch_size=8, shard_size=16, progress=False)
     assert manifest == read_manifest(tmp_path / "tok")
-    assert manifest["format"] == "tokgen-tokens" and manifest["version"] == 1
+    assert manifest["format"] == "tokgen-tokens" and manifest["version"] == 2
     assert manifest["tokenizer_fingerprint"] == tok.fingerprint()
     assert manifest["modality"] == "image" and manifest["input_shape"] == [1, 16, 16]
     assert manifest["levels"] == [{"grid_shape": [4, 4], "codebook_size": 64, "dtype": "uint8"}]
@@ -75,10 +76,10 @@ def test_export_roundtrip(tmp_path):
 
     with tarfile.open(tmp_path / "tok" / "train-00-000000.tar") as tar:
         names = tar.getnames()
-        assert names[:2] == ["dir_img_000_png.codes.npy", "dir_img_000_png.meta.json"]
-        arr = np.load(io.BytesIO(tar.extractfile(names[0]).read()), allow_pickle=False)
+        assert names[:2] == ["dir_img_000_png.codes.npz", "dir_img_000_png.meta.json"]
+        arr = np.load(io.BytesIO(tar.extractfile(names[0]).read()), allow_pickle=False)["level_0"]
         meta = json.loads(tar.extractfile(names[1]).read())
-    assert arr.dtype == np.uint8 and arr.shape == (4, 4)
+    assert arr.dtype == np.uint8 and arr.shape == (1, 4, 4)
     assert meta == {"label": 0, "key": "dir/img.000.png", "index": 0}
     assert safe_key("a.b/c", 3) == "a_b_c"
 
@@ -224,7 +225,7 @@ def test_multiprocess_export(tmp_path):
 def test_cli_image_folder(tmp_path):
     from PIL import Image
 
-    from stage2_prior.export import main
+    from stage1_tokenizer.export import main
 
     folder = tmp_path / "imgs"
     for c in ("cat", "dog"):

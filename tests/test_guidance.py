@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from stage2_prior.base import NULL_CLASS
-from stage2_prior.pixelcnn import GatedPixelCNNConfig, GatedPixelCNNPrior
+from stage2_prior.pixelcnn import GatedPixelCNNPriorConfig, GatedPixelCNNPrior
 from stage2_prior.registry import load_prior
 from stage2_prior.sampling import guide, sample
 from stage2_prior.train import PriorTrainConfig, drop_labels, model_config
 from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
-from stage2_prior.wavenet import WaveNetConfig, WaveNetPrior
+from stage2_prior.wavenet import WaveNetPriorConfig, WaveNetPrior
 
 V, CLASSES, COND_V = 11, 3, 5
 
@@ -27,10 +27,10 @@ def make(arch: str, null_class: bool = True, seed: int = 0):
         prior = TransformerPrior(TransformerPriorConfig(grid_shape=(2, 3, 2), cond_grid_shape=(1, 2, 1), dim=32,
                                                         num_layers=2, num_heads=4, relative_bias=True, **common))
     elif arch == "pixelcnn":
-        prior = GatedPixelCNNPrior(GatedPixelCNNConfig(grid_shape=(3, 4), cond_grid_shape=(2, 2), channels=16,
+        prior = GatedPixelCNNPrior(GatedPixelCNNPriorConfig(grid_shape=(3, 4), cond_grid_shape=(2, 2), channels=16,
                                                        head_channels=16, num_layers=3, kernel_size=3, **common))
     else:
-        prior = WaveNetPrior(WaveNetConfig(grid_shape=(12,), cond_grid_shape=(3,), channels=16, skip_channels=12,
+        prior = WaveNetPrior(WaveNetPriorConfig(grid_shape=(12,), cond_grid_shape=(3,), channels=16, skip_channels=12,
                                            head_channels=16, layers_per_cycle=3, num_cycles=1, **common))
     with torch.no_grad():
         for p in prior.parameters():
@@ -107,7 +107,7 @@ def test_guidance_and_null_class_errors():
     with pytest.raises(ValueError, match="or -1 for no class"):
         make("wavenet")(torch.zeros(2, 12, dtype=torch.long), torch.tensor([0, -2]), cond_for(make("wavenet"), 2))
     with pytest.raises(ValueError, match="num_classes > 0"):
-        WaveNetPrior(WaveNetConfig(num_classes=0, null_class=True))
+        WaveNetPrior(WaveNetPriorConfig(num_classes=0, null_class=True))
     unconditional = TransformerPrior(TransformerPriorConfig(grid_shape=(4,), vocab_size=V, dim=16, num_layers=1,
                                                             num_heads=2))
     with pytest.raises(ValueError, match="unconditional"):

@@ -141,7 +141,7 @@ def test_class_label_errors(pipe):
     with pytest.raises(ValueError, match="3 class labels for a batch of 2"):
         pipe(batch_size=2, class_labels=[0, 1, 2])
     with pytest.raises(ValueError, match="class-conditional"):
-        pipe.likelihood(images(2))
+        pipe.bits_per_dim(images(2))
     unconditional = make_pipe(num_classes=0)
     assert unconditional(batch_size=2, generator=gen(0)).samples.shape == (2, *INPUT)
     with pytest.raises(ValueError, match="unconditional"):
@@ -151,13 +151,13 @@ def test_class_label_errors(pipe):
 # ---- likelihood and completion ----------------------------------------------------------------------
 def test_likelihood_is_prior_nll_in_bits_per_dim(pipe):
     x, labels = images(3), torch.tensor([0, 2, 1])
-    bpd = pipe.likelihood(x, class_labels=labels)
+    bpd = pipe.bits_per_dim(x, class_labels=labels)
     codes = pipe.tokenizer.encode(x)
     expected = pipe.priors[0].nll(codes, labels) / math.log(2) / math.prod(INPUT)
     assert bpd.shape == (3,)
     assert torch.allclose(bpd, expected, atol=1e-6)
     # another class gives another likelihood: the labels are used
-    assert not torch.allclose(pipe.likelihood(x, class_labels=[1, 0, 2]), bpd)
+    assert not torch.allclose(pipe.bits_per_dim(x, class_labels=[1, 0, 2]), bpd)
 
 
 def test_complete_keeps_known_rows(pipe):
@@ -253,12 +253,12 @@ def test_sample_long_with_guidance():
 
 
 def test_sample_long_conv_prior_takes_the_whole_grid():
-    from stage2_prior.wavenet import WaveNetConfig, WaveNetPrior
+    from stage2_prior.wavenet import WaveNetPriorConfig, WaveNetPrior
 
     torch.manual_seed(0)
     tokenizer = VQVAE(VQVAEConfig(modality="audio", in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(8,),
                                   quantizer=QuantizerConfig(codebook_size=16, dim=8))).eval()
-    prior = WaveNetPrior(WaveNetConfig(grid_shape=(8,), vocab_size=16, channels=8, skip_channels=8,
+    prior = WaveNetPrior(WaveNetPriorConfig(grid_shape=(8,), vocab_size=16, channels=8, skip_channels=8,
                                        head_channels=8, layers_per_cycle=2, num_cycles=1)).eval()
     pipe = TokgenPipeline(tokenizer, [prior], (1, 64))
     out = pipe.sample_long(200, batch_size=3, generator=gen(1))
@@ -267,7 +267,9 @@ def test_sample_long_conv_prior_takes_the_whole_grid():
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
-    """The README's "In Python" block, run as written against a pipeline shaped like the digits demo's."""
+    """The README's "In Python" block, run as written against a pipeline shaped like the digits demo's; every
+    line that documents a shape in a comment (``expr  # (a, b)`` or ``name = ...  # (a, b)``) has that shape."""
+    import re
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -280,4 +282,12 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     pipe = TokgenPipeline(tokenizer, [prior], (1, 32, 32), class_names=[str(c) for c in range(10)])
     pipe.save_pretrained(tmp_path / "demo_out" / "pipeline")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    documented = re.findall(r"^(\w[^#\n]*?)\s+# [^(\n]*\(([\d, ]+)\)", code, flags=re.M)
+    assert len(documented) >= 7  # the block documents the shapes it promises
+    for expression, shape in documented:
+        name = expression.split("=", 1)[0].strip() if re.match(r"^\w+ =", expression) else expression
+        value = eval(name, namespace)
+        value = value[0] if isinstance(value, list) else value
+        assert tuple(value.shape) == tuple(int(n) for n in shape.replace(" ", "").strip(",").split(",")), expression

@@ -9,10 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipelines.config import CONFIG_DIR, preset
+from harness.config import PRESET_DIR, preset
 from pipelines.demo import DEMOS
-from pipelines.hub import config_from_dict
-from stage1_tokenizer.train import TOKENIZERS, TokenizerTrainConfig
+from harness.config import config_from_dict
+from stage1_tokenizer.registry import TOKENIZERS
+from stage1_tokenizer.train import TokenizerTrainConfig
 from stage2_prior.registry import prior_classes
 from stage2_prior.train import PriorTrainConfig, model_config
 
@@ -68,7 +69,7 @@ def test_three_level_audio_config_trains_with_jukebox_hops(tmp_path):
     import numpy as np
     import soundfile as sf
 
-    from stage1_tokenizer.evaluate import load_tokenizer
+    from stage1_tokenizer.registry import load_tokenizer
     from stage1_tokenizer.train import train
 
     (tmp_path / "wavs").mkdir()
@@ -85,9 +86,9 @@ def test_three_level_audio_config_trains_with_jukebox_hops(tmp_path):
     assert [tuple(c.shape[1:]) for c in codes] == [(64,), (256,), (1024,)]  # hops 128, 32, 8: top first
 
 
-@pytest.mark.parametrize("name", sorted(f.stem for f in CONFIG_DIR.glob("prior-*.json")))
+@pytest.mark.parametrize("name", sorted(f.stem for f in PRESET_DIR.glob("prior-*.json")))
 def test_every_prior_config_works_through_the_command_line(name, tmp_path):
-    """`tokgen train-prior --config pipelines/configs/NAME.json`, as the README has users run them: the
+    """`tokgen train-prior --config harness/presets/NAME.json`, as the README has users run them: the
     command resolves the file over the default preset, and the result must build that arch's model."""
     import argparse
 
@@ -95,7 +96,7 @@ def test_every_prior_config_works_through_the_command_line(name, tmp_path):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--tokens", "t", "--out", str(tmp_path), "--config", str(CONFIG_DIR / f"{name}.json")])
+    args = parser.parse_args(["--tokens", "t", "--out", str(tmp_path), "--config", str(PRESET_DIR / f"{name}.json")])
     cfg = parse_config(args)
     assert cfg.arch == preset(name)["arch"]
     grid = [8] if cfg.arch == "wavenet" else [4, 4]

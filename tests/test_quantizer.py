@@ -104,7 +104,7 @@ def test_gradient_codebook_learns_only_through_codebook_loss():
 
 @pytest.mark.parametrize("ema", [True, False])
 def test_commitment_loss_is_beta_mse(ema):
-    q = make_q(beta=0.4, ema=ema).eval()
+    q = make_q(commitment_weight=0.4, ema=ema).eval()
     z = torch.randn(2, 8, 5, 3)
     out = q(z)
     f = flat_of(z)
@@ -119,7 +119,7 @@ def test_training_forward_quantizes_with_the_codebook_it_searched(ema):
     """z_q and the losses use the codes as they were when the nearest ones were picked, not the codebook
     after this step's EMA update and restarts (a restarted code would hand the decoder some other
     position's features)."""
-    q = make_q(ema=ema, beta=0.5, decay=0.9).train()  # 32 codes, 18 vectors: restarts happen
+    q = make_q(ema=ema, commitment_weight=0.5, decay=0.9).train()  # 32 codes, 18 vectors: restarts happen
     z = torch.randn(2, 8, 3, 3)
     before = q.embed.detach().clone()
     out = q(z)
@@ -377,7 +377,7 @@ def _sync_worker():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from pipelines.runs import check_codebooks_in_sync
+    from stage1_tokenizer.quantizer import check_codebooks_in_sync
 
     AcceleratorState._reset_state(True)  # a forked child must not reuse the parent's single-process state
     GradientState._reset_state()

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines import runs
+from harness import checkpoints
 from stage1_tokenizer import QuantizerConfig, VQVAE, VQVAEConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("stage1_tokenizer", "stage2_prior", "pipelines", "data")
+PACKAGES = ("harness", "data", "stage1_tokenizer", "stage2_prior", "pipelines")
 
 
 # ---- safe loading ---------------------------------------------------------------------------------
@@ -64,11 +64,11 @@ def test_checkpoint_with_a_pickle_payload_is_refused(tmp_path):
     run = tmp_path / "run"
     train.main(["--config", str(_tiny_config(tmp_path)), "--out", str(run), "--max-steps", "4",
                 "--checkpoint-every", "4", "--quiet"])
-    ckpt = runs.list_checkpoints(run)[-1]
+    ckpt = checkpoints.list_checkpoints(run)[-1]
     marker = tmp_path / "pwned"
     torch.save({"state": _Payload(str(marker))}, ckpt / "optimizer.bin")
     # Re-index so the checksum check passes: the loader itself must refuse the pickle.
-    runs.write_json(ckpt / "index.json", runs._index(ckpt))
+    checkpoints.write_json(ckpt / "index.json", checkpoints._index(ckpt))
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|not allowed|unsupported global"):
         train.main(["--out", str(run), "--resume", "--max-steps", "8", "--quiet"])
     assert not marker.exists(), "the checkpoint's pickle payload ran"
@@ -77,12 +77,12 @@ def test_checkpoint_with_a_pickle_payload_is_refused(tmp_path):
 def test_codes_files_with_pickles_are_refused(tmp_path):
     import numpy as np
 
-    from pipelines.codec import load_codes_file
+    from data.codes import load_codes
 
     path = tmp_path / "codes.npy"
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):
-        load_codes_file(path)
+        load_codes(path)
 
 
 # ---- missing LPIPS weights offline ----------------------------------------------------------------
@@ -183,7 +183,7 @@ def _launch_prior(tokens: str, run: str):
 def _make_tokens(tmp_path: Path) -> Path:
     from torch.utils.data import Dataset
 
-    from stage2_prior.export import export_tokens
+    from stage1_tokenizer.export import export_tokens
 
     class Images(Dataset):
         def __len__(self):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.runs import verify_checkpoint
+from harness.checkpoints import verify_checkpoint
 from stage1_tokenizer import evaluate, train
 from stage1_tokenizer.vqvae import VQVAE
 
@@ -297,7 +297,7 @@ def test_data_options_are_dropped_when_data_names_another_source(tmp_path):
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
-    preset = str(Path(__file__).parents[1] / "pipelines" / "configs" / "tokenizer-moving-digits.json")
+    preset = str(Path(__file__).parents[1] / "harness" / "presets" / "tokenizer-moving-digits.json")
     same = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--config", preset]))
     assert same.data == "moving-digits" and same.data_options == {"max_digits": 1}
     other = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--config", preset, "--data", "clips/"]))

@@ -125,7 +125,7 @@ def test_bad_inputs_have_helpful_errors():
 # ---- forward / loss / gradients ----------------------------------------------------------------------
 @pytest.mark.parametrize("ema", [True, False])
 def test_forward_loss_and_gradients(ema):
-    model = make_model(quantizer={"ema": ema, "beta": 0.3}).train()
+    model = make_model(quantizer={"ema": ema, "commitment_weight": 0.3}).train()
     x = torch.rand(4, 3, 16, 16)
     out = model(x)
     assert isinstance(out, VQVAEOutput)
@@ -211,7 +211,7 @@ def test_fingerprint_names_config_and_weights():
     with torch.no_grad():
         b.quantizer.restarts += 1  # a 0-dim buffer counts too
     assert b.fingerprint() != a.fingerprint()
-    c = make_model(0, quantizer={"beta": 0.5})  # same weights, other config
+    c = make_model(0, quantizer={"commitment_weight": 0.5})  # same weights, other config
     assert c.fingerprint() != a.fingerprint()
 
 

@@ -18,6 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset
+
+from data import build_dataset, collate_samples
+from pipelines.bitstream import BitstreamError
+from pipelines.compress import coder_for
+from pipelines.pipeline import TokgenPipeline
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also compress the first N samples, check the round trip and report real sizes")
 
 
-def _labels(pipe, batch: dict) -> torch.Tensor | None:
+def _labels(pipe: TokgenPipeline, batch: dict) -> torch.Tensor | None:
     if pipe.num_classes == 0:
         return None
     labels = batch["label"]
@@ -45,21 +51,11 @@ def _labels(pipe, batch: dict) -> torch.Tensor | None:
     return labels
 
 
-def iterate(dataset):
-    """Samples of a map-style (by index) or iterable dataset."""
-    from torch.utils.data import IterableDataset
-
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-        return iter(dataset)
-    return (dataset[i] for i in range(len(dataset)))
-
-
 def batches(dataset, batch_size: int, limit: int | None):
     """Collated batches from a map-style or iterable dataset, at most ``limit`` samples in all."""
-    from data.common import collate_samples
-
+    items = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
     buf, seen = [], 0
-    for sample in iterate(dataset):
+    for sample in items:
         if limit is not None and seen >= limit:
             break
         buf.append(sample)
@@ -72,11 +68,10 @@ def batches(dataset, batch_size: int, limit: int | None):
 
 
 @torch.no_grad()
-def evaluate_pipeline(pipe, dataset, batch_size: int = 64, limit: int | None = None, compress: int = 0,
-                      progress: bool = False) -> dict:
+def evaluate_pipeline(pipe: TokgenPipeline, dataset, batch_size: int = 64, limit: int | None = None,
+                      compress: int = 0, progress: bool = False) -> dict:
     """Exact NLL of the dataset's codes under the pipeline's priors (and, optionally, real file sizes)."""
-    levels = len(pipe.priors)
-    bits = np.zeros(levels)
+    bits = np.zeros(len(pipe.priors))
     count, shape, sized = 0, None, None
     coded: list[dict] = []
     started = time.perf_counter()
@@ -89,11 +84,7 @@ def evaluate_pipeline(pipe, dataset, batch_size: int = 64, limit: int | None = N
             raise ValueError(f"held-out inputs of different shapes ({shape}, {tuple(x.shape[1:])}): set --size")
         labels = _labels(pipe, batch)
         codes = pipe.encode(x)
-        dev_labels = labels.to(pipe.device) if labels is not None else None
-        for level, (prior, c) in enumerate(zip(sized.priors, codes)):
-            cond = codes[level - 1] if level else None
-            nats = prior.nll(c, dev_labels if prior.config.num_classes else None, cond)
-            bits[level] += float(nats.double().sum()) / math.log(2)
+        bits += sized.nll_bits(codes, labels).sum(0).cpu().numpy()
         if len(coded) < compress:
             coded += _compress_check(pipe, sized, x, codes, labels, compress - len(coded))
         count += x.shape[0]
@@ -101,12 +92,18 @@ def evaluate_pipeline(pipe, dataset, batch_size: int = 64, limit: int | None = N
             print(f"  {count} samples, {bits.sum() / count:.2f} bits/sample", flush=True)
     if count == 0:
         raise ValueError("no held-out samples to evaluate")
-    per_sample = bits / count
-    total = float(per_sample.sum())
-    dims = math.prod(shape)
+    metrics = _nll_metrics(sized, bits / count, shape)
+    metrics.update(num_samples=count, seconds=round(time.perf_counter() - started, 2))
+    if coded:
+        metrics["compression"] = _compression_metrics(coded, math.prod(shape))
+    return metrics
+
+
+def _nll_metrics(sized: TokgenPipeline, per_sample: np.ndarray, shape: tuple[int, ...]) -> dict:
+    """Bits per token, per dimension and per sample, overall and per level, from the bits per sample per level."""
+    total, dims = float(per_sample.sum()), math.prod(shape)
     tokens = [p.num_tokens for p in sized.priors]
-    metrics = {
-        "num_samples": count,
+    return {
         "bits_per_token": total / sum(tokens),
         "bits_per_token_per_level": [float(b / n) for b, n in zip(per_sample, tokens)],
         "bits_per_dim": total / dims,
@@ -118,25 +115,25 @@ def evaluate_pipeline(pipe, dataset, batch_size: int = 64, limit: int | None = N
         "input_shape": list(shape),
         "tokens_per_sample": sum(tokens),
         "dims_per_sample": dims,
-        "seconds": round(time.perf_counter() - started, 2),
     }
-    if coded:
-        sizes = np.array([c["bytes"] for c in coded], dtype=np.float64)
-        nll = np.array([c["nll_bits"] for c in coded])
-        metrics["compression"] = {
-            "num_samples": len(coded),
-            "round_trips_exact": all(c["exact"] for c in coded),
-            "bytes_per_sample": float(sizes.mean()),
-            "bits_per_dim": float(8 * sizes.mean() / dims),
-            "nll_bytes_per_sample": float(nll.mean() / 8),
-            "header_bytes": int(coded[0]["header_bytes"]),
-            "max_excess_bytes": float((sizes - nll / 8 * 1.01).max()),  # the issue's bound: <= 16
-            "within_bound": bool((sizes <= nll / 8 * 1.01 + 16).all()),
-        }
-    return metrics
 
 
-def _sized(pipe, shape: tuple[int, ...]):
+def _compression_metrics(coded: list[dict], dims: int) -> dict:
+    sizes = np.array([c["bytes"] for c in coded], dtype=np.float64)
+    nll = np.array([c["nll_bits"] for c in coded])
+    return {
+        "num_samples": len(coded),
+        "round_trips_exact": all(c["exact"] for c in coded),
+        "bytes_per_sample": float(sizes.mean()),
+        "bits_per_dim": float(8 * sizes.mean() / dims),
+        "nll_bytes_per_sample": float(nll.mean() / 8),
+        "header_bytes": int(coded[0]["header_bytes"]),
+        "max_excess_bytes": float((sizes - nll / 8 * 1.01).max()),  # the issue's bound: <= 16
+        "within_bound": bool((sizes <= nll / 8 * 1.01 + 16).all()),
+    }
+
+
+def _sized(pipe: TokgenPipeline, shape: tuple[int, ...]) -> TokgenPipeline:
     """The pipeline for inputs of this shape (convolutional priors take any size; a transformer refuses)."""
     try:
         return pipe.with_input_shape(shape)
@@ -147,9 +144,6 @@ def _sized(pipe, shape: tuple[int, ...]):
 
 def _compress_check(pipe, sized, x, codes, labels, n: int) -> list[dict]:
     """Compress the first n samples one at a time (as the CLI does), decode them back, compare."""
-    from pipelines.compress import coder_for, model_nll_bits
-    from stage2_prior.bitstream import BitstreamError
-
     coder = coder_for(pipe)
     out = []
     for i in range(min(n, x.shape[0])):
@@ -161,17 +155,16 @@ def _compress_check(pipe, sized, x, codes, labels, n: int) -> list[dict]:
             exact = all(torch.equal(a, b[0]) for a, b in zip(dec.codes, sample))
         except BitstreamError:
             exact = False
-        nll = float(model_nll_bits(sized, sample, lab).sum())
+        nll = float(sized.nll_bits(sample, lab).sum())
         out.append({"bytes": len(enc.blob), "header_bytes": enc.header_bytes, "nll_bits": nll, "exact": exact})
     return out
 
 
-def dataset_options(pipe, split: str = "eval", size: int | None = None) -> dict:
+def dataset_options(pipe: TokgenPipeline, split: str = "eval", size: int | None = None) -> dict:
     """``build_dataset`` keywords giving inputs of the pipeline's shape (``size`` overrides the side/length)."""
-    cfg = pipe.tokenizer.config
     shape = tuple(pipe.input_shape)
     out = {"modality": pipe.modality, "split": split, "size": size or int(shape[-1]),
-           "channels": int(cfg.in_channels), "sample_rate": int(getattr(cfg, "sample_rate", 0) or 0)}
+           "channels": int(pipe.tokenizer.config.in_channels), "sample_rate": pipe.tokenizer.sample_rate}
     if pipe.modality == "video":
         out["frames"] = int(shape[1])
     return out
@@ -182,17 +175,19 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(prog="tokgen evaluate-prior", description=__doc__)
         add_arguments(parser)
         args = parser.parse_args(argv)
-    from data import build_dataset
-    from pipelines.pipeline import TokgenPipeline
-
     pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device)
-    cfg = pipe.tokenizer.config
     dataset = build_dataset(args.data, **dataset_options(pipe, args.split, args.size))
     metrics = evaluate_pipeline(pipe, dataset, args.batch_size, args.limit, args.compress)
     metrics = {"pipeline": str(args.pipeline), "fingerprint": pipe.fingerprint(), "data": args.data,
                "split": args.split, **metrics}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(_summary_line(pipe, metrics))
+    print(f"wrote {args.out / 'metrics.json'}")
+    return metrics
+
+
+def _summary_line(pipe: TokgenPipeline, metrics: dict) -> str:
     line = (f"{metrics['num_samples']} held-out samples: {metrics['bits_per_token']:.4f} bits/token, "
             f"{metrics['bits_per_dim']:.4f} bits/dim, {metrics['bits_per_sample']:.1f} bits/sample")
     if len(pipe.priors) > 1:
@@ -201,6 +196,4 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         c = metrics["compression"]
         line += (f"; compressed {c['num_samples']}: {c['bytes_per_sample']:.1f} bytes/sample vs NLL "
                  f"{c['nll_bytes_per_sample']:.1f}, exact round trips: {c['round_trips_exact']}")
-    print(line)
-    print(f"wrote {args.out / 'metrics.json'}")
-    return metrics
+    return line

@@ -6,7 +6,6 @@ the model with no flags. Weights only ever come from safetensors, never from pic
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -14,55 +13,26 @@ import shutil
 import tempfile
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from harness.config import config_from_dict, config_to_dict, non_default_fields
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
-T = TypeVar("T")
 
-
-def config_to_dict(config: Any) -> dict:
-    """A dataclass config (possibly nested) as a JSON-ready dict; tuples become lists."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def config_from_dict(cls: type[T], values: dict) -> T:
-    """Rebuild a (nested) config dataclass; unknown keys are an error, not silently dropped."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)} (known: {sorted(names)})")
-    kwargs = {}
-    for key, value in values.items():
-        kwargs[key] = _coerce(hints[key], value)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return config_from_dict(hint, value)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(hint):
-            if arg is type(None):
-                continue
-            return _coerce(arg, value)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v) for v in value)
-        return tuple(value)
-    if origin is list and isinstance(value, (list, tuple)):
-        (arg,) = typing.get_args(hint) or (Any,)
-        return [_coerce(arg, v) for v in value]
-    return value
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (a temporary file renamed into place), flushed to disk."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(value, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def atomic_write_dir(final: Path, write: typing.Callable[[Path], None]) -> None:
@@ -84,15 +54,27 @@ def atomic_write_dir(final: Path, write: typing.Callable[[Path], None]) -> None:
         raise
 
 
-class PretrainedMixin:
-    """Adds ``save_pretrained``/``from_pretrained`` to an ``nn.Module`` with a ``config`` dataclass.
+def read_config(path: str | os.PathLike) -> dict:
+    """The config.json of a saved model folder, with a clear error when it is not one."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: {path} is not a saved tokgen model folder")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from err
 
-    Subclasses set ``config_class`` and ``model_type`` (a short name stored in config.json so a folder
-    can say what it holds).
+
+class PretrainedMixin:
+    """Adds ``save_pretrained``/``from_pretrained``/``fingerprint`` to an ``nn.Module`` with a ``config``.
+
+    Subclasses set ``config_class`` and ``model_type`` (the name stored in config.json that says what a
+    folder holds; ``legacy_model_types`` lists names older releases wrote for the same model).
     """
 
     config_class: type
     model_type: str
+    legacy_model_types: tuple[str, ...] = ()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         def write(tmp: Path) -> None:
@@ -104,11 +86,16 @@ class PretrainedMixin:
         atomic_write_dir(Path(path), write)
 
     @classmethod
+    def holds(cls, model_type: str | None) -> bool:
+        """Whether a folder whose config.json says ``model_type`` holds this class's model."""
+        return model_type == cls.model_type or model_type in cls.legacy_model_types
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"):
         path = Path(path)
         config = read_config(path)
         model_type = config.pop("model_type", None)
-        if model_type != cls.model_type:
+        if not cls.holds(model_type):
             raise ValueError(f"{path} holds a {model_type!r} model, not a {cls.model_type!r}")
         model = cls(config_from_dict(cls.config_class, config))
         weights = path / WEIGHTS_NAME
@@ -131,34 +118,3 @@ class PretrainedMixin:
             h.update(name.encode())
             h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
-
-
-def non_default_fields(config: Any) -> dict:
-    """``config_to_dict(config)`` without the fields (nested ones too) that equal the class default."""
-    try:
-        defaults = config_to_dict(type(config)())
-    except (TypeError, ValueError):  # a class without a valid default instance: keep every field
-        defaults = {}
-    return _changed(config_to_dict(config), defaults)
-
-
-def _changed(values: dict, defaults: dict) -> dict:
-    out = {}
-    for key, value in values.items():
-        if key in defaults and value == defaults[key]:
-            continue
-        if key in defaults and isinstance(value, dict) and isinstance(defaults[key], dict):
-            value = _changed(value, defaults[key])
-        out[key] = value
-    return out
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    """The config.json of a saved model folder, with a clear error when it is not one."""
-    file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: {path} is not a saved tokgen model folder")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from err

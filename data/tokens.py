@@ -1,4 +1,15 @@
-"""Reading exported tokens (``tokgen export-tokens``): the data priors train and evaluate on.
+"""Token folders (written by ``tokgen export-tokens``): the data priors train and evaluate on.
+
+Layout of a token folder::
+
+    manifest.json                     written last, atomically, once every process is done
+    train-00-000000.tar               shards of split "train" written by rank 00
+    train-00-000000.tar.json          sidecar: sample count, labels, skipped inputs, settings
+    train-00.done.json                rank 00 finished split "train"
+    eval-00-000000.tar ...
+
+Each sample of a shard holds ``__key__``, ``codes.npz`` (the codes layout of :mod:`data.codes`, N = 1) and
+``meta.json`` ``{"label", "key", "index"}``. Writing is :mod:`data.token_writer`; reading is here:
 
 * :func:`read_manifest` / :func:`check_tokenizer`: what a token folder holds, and whether it was made
   by the tokenizer a prior belongs to.
@@ -9,20 +20,42 @@
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .codes import codes_to_bytes, load_codes
+
 FORMAT = "tokgen-tokens"
-VERSION = 1
+VERSION = 2  # 2: one codes.npz entry per sample (version 1 had codes.npy / codes_K.npy)
 MANIFEST = "manifest.json"
+CODES_ENTRY = "codes.npz"
+META_ENTRY = "meta.json"
+SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<rank>\d{2})-(?P<index>\d{6})\.tar$")
+
+
+def shard_name(split: str, rank: int, index: int) -> str:
+    return f"{split}-{rank:02d}-{index:06d}.tar"
+
+
+def safe_key(key: str, index: int) -> str:
+    """A WebDataset ``__key__``: no dots (they separate key and extension) and no slashes."""
+    key = re.sub(r"[./\\]", "_", str(key)).strip()
+    return key or f"item_{index}"
+
+
+def encode_sample(wkey: str, codes: list[torch.Tensor], codebook_sizes: list[int], label: int, key: str,
+                  index: int) -> dict:
+    """One shard sample: codes per level (*grid), top first, in the codes layout (a batch of one)."""
+    return {"__key__": wkey, CODES_ENTRY: codes_to_bytes([c[None] for c in codes], codebook_sizes),
+            META_ENTRY: json.dumps({"label": int(label), "key": key, "index": int(index)}).encode()}
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -50,6 +83,9 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("version", 0) > VERSION:
         raise ValueError(f"{file} has format version {manifest['version']}; this tokgen reads up to {VERSION}: "
                          "upgrade tokgen")
+    if manifest.get("version", 0) < VERSION:
+        raise ValueError(f"{file} was written by tokgen 0.1 in the old shard layout (version "
+                         f"{manifest.get('version')}): re-export the tokens with `tokgen export-tokens`")
     for field in ("tokenizer_fingerprint", "levels", "splits", "input_shape"):
         if field not in manifest:
             raise ValueError(f"{file} lacks the field {field!r}: re-run `tokgen export-tokens`")
@@ -85,21 +121,14 @@ def _levels(manifest: dict, levels: Sequence[int] | None) -> list[int]:
     return chosen
 
 
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _decode(sample: dict, levels: list[int], num_levels: int, where: str) -> dict:
-    """Raw WebDataset sample (bytes) -> {"codes": [LongTensor], "label", "key", "index"}."""
-    names = ["codes.npy"] if num_levels == 1 else [f"codes_{lv}.npy" for lv in range(num_levels)]
-    codes = []
-    for lv in levels:
-        if names[lv] not in sample:
-            raise ValueError(f"sample {sample.get('__key__')} in {where} lacks {names[lv]}")
-        codes.append(torch.from_numpy(_npy(sample[names[lv]]).astype(np.int64)))
-    meta = json.loads(sample["meta.json"]) if "meta.json" in sample else {}
-    return {"codes": codes, "label": int(meta.get("label", -1)), "key": str(meta.get("key", sample.get("__key__"))),
-            "index": int(meta.get("index", -1))}
+def _decode(sample: dict, levels: list[int], where: str) -> dict:
+    """Raw WebDataset sample (bytes) -> {"codes": [LongTensor (*grid)], "label", "key", "index"}."""
+    if CODES_ENTRY not in sample:
+        raise ValueError(f"sample {sample.get('__key__')} in {where} lacks {CODES_ENTRY}")
+    codes = load_codes(sample[CODES_ENTRY])
+    meta = json.loads(sample[META_ENTRY]) if META_ENTRY in sample else {}
+    return {"codes": [codes[lv][0] for lv in levels], "label": int(meta.get("label", -1)),
+            "key": str(meta.get("key", sample.get("__key__"))), "index": int(meta.get("index", -1))}
 
 
 class TokenDataset(IterableDataset):
@@ -121,7 +150,6 @@ class TokenDataset(IterableDataset):
         self.split = split
         info = _split_info(self.manifest, split, self.path)
         self.levels = _levels(self.manifest, levels)
-        self.num_levels = len(self.manifest["levels"])
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
         self.process_index, self.num_processes = process_index, num_processes
@@ -163,8 +191,6 @@ class TokenDataset(IterableDataset):
 
     # ---- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
-        import webdataset as wds
-
         info = get_worker_info()
         worker = info.id if info is not None else 0
         base = (self.seed + self.epoch) * 1_000_003
@@ -177,7 +203,7 @@ class TokenDataset(IterableDataset):
         ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
                             empty_check=False)
         where = f"{self.path} ({self.split})"
-        ds = ds.map(lambda s: _decode(s, self.levels, self.num_levels, where))
+        ds = ds.map(lambda s: _decode(s, self.levels, where))
         if self.by_sample:
             rank, world = self.process_index, self.num_processes
             ds = ds.select(lambda s: s["index"] % world == rank)
@@ -195,13 +221,10 @@ def load_all(path: str | Path, split: str = "train", levels: Sequence[int] | Non
     Checks every grid against the manifest's shapes and codebook sizes and the count against its
     ``num_samples``.
     """
-    import webdataset as wds
-
     path = Path(path)
     manifest = read_manifest(path)
     info = _split_info(manifest, split, path)
     chosen = _levels(manifest, levels)
-    num_levels = len(manifest["levels"])
     shapes = [tuple(manifest["levels"][lv]["grid_shape"]) for lv in chosen]
     sizes = [int(manifest["levels"][lv]["codebook_size"]) for lv in chosen]
     samples = []
@@ -211,7 +234,7 @@ def load_all(path: str | Path, split: str = "train", levels: Sequence[int] | Non
             raise FileNotFoundError(f"shard {file} listed in {path / MANIFEST} is missing: re-run `tokgen export-tokens`")
         for raw in wds.WebDataset(str(file), shardshuffle=False, nodesplitter=None, workersplitter=None,
                                   empty_check=False):
-            s = _decode(raw, chosen, num_levels, str(file))
+            s = _decode(raw, chosen, str(file))
             for c, shape, lv in zip(s["codes"], shapes, chosen):
                 if tuple(c.shape) != shape:
                     raise ValueError(f"sample {s['key']!r} in {file} has a level-{lv} grid of shape "

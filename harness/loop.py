@@ -1,0 +1,237 @@
+"""The training loop both training scripts run, around Accelerate.
+
+A run folder holds ``config.json`` (the resolved training config), ``checkpoints/`` (:mod:`harness.checkpoints`),
+TensorBoard logs, pictures, ``skipped.txt`` (inputs that could not be read) and the final ``model/``.
+A script plugs its train step, logs and checks into ``train_loop`` through ``LoopHooks``; the loop owns the
+step count, logging, checkpoints, exact resume (:mod:`harness.data_order`) and the guard against
+non-finite losses.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from tqdm.auto import tqdm
+
+from harness.checkpoints import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from harness.config import config_to_dict
+from harness.data_order import batch_stream
+from harness.folders import write_json
+
+
+@dataclass
+class TrainingConfig:
+    """What every training script's config has: the optimiser, the step budget and the run's rhythm.
+
+    ``open_run``, ``train_loop`` and ``optimizer_step`` read these fields; each script's config extends it.
+    """
+
+    batch_size: int = 32  # per process
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+
+
+# ---- accelerator ------------------------------------------------------------------------------
+def make_accelerator(run_dir: Path, mixed_precision: str, grad_accum: int, log: bool = True) -> Accelerator:
+    # torch deprecates broadcast_buffers for forward_sync_buffers, which still syncs at init and is
+    # not in older torch; the behaviour we need (no per-forward broadcast) is the same.
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
+    # Buffers (EMA codebooks) must not be broadcast from rank 0 on every forward: that would hide a
+    # desynchronised codebook instead of letting the checkpoint check catch it.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") in ("1", "true", "True")
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        log_with="tensorboard" if log else None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[ddp],
+        # Our schedules count optimizer steps: Accelerate's default would advance them once per process
+        # per step, so a 2-process run would decay its learning rate twice as fast as a 1-process one.
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def open_run(run_dir: Path, cfg: TrainingConfig, tracker: str) -> Accelerator:
+    """Create the run folder and the Accelerator, write the resolved config, start the trackers."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum)
+    if accelerator.is_main_process:
+        write_json(run_dir / "config.json", config_to_dict(cfg))
+    accelerator.init_trackers(tracker)
+    return accelerator
+
+
+# ---- one optimizer step ---------------------------------------------------------------------------
+class BadStepGuard:
+    """Skips steps whose loss is not finite; stops the run after ``limit`` of them in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def ok(self, accelerator, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        finite = accelerator.reduce(finite, reduction="sum") if accelerator.num_processes > 1 else finite
+        if int(finite.item()) == accelerator.num_processes:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        if self.in_row > self.limit:
+            raise RuntimeError(
+                f"loss was not finite for {self.in_row} steps in a row ({self.total} in all): "
+                "lower the learning rate, check the data, or try --mixed-precision no"
+            )
+        return False
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, loss: torch.Tensor, guard: BadStepGuard,
+                   grad_clip: float) -> bool:
+    """Inside ``accelerator.accumulate``: skip a non-finite loss (False), else backward, clip at
+    accumulation boundaries, step, advance the schedule once per optimizer step, clear gradients."""
+    if not guard.ok(accelerator, loss):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
+class SkipLog:
+    """Counts unreadable inputs and lists them in ``RUN/skipped.txt``; fail-fast raises instead."""
+
+    def __init__(self, run_dir: Path, policy: str, is_main: bool):
+        if policy not in ("skip", "fail"):
+            raise ValueError(f"bad-input policy must be 'skip' or 'fail', got {policy!r}")
+        self.path, self.policy, self.is_main, self.count = Path(run_dir) / "skipped.txt", policy, is_main, 0
+
+    def add(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        if self.policy == "fail":
+            raise RuntimeError(f"unreadable inputs (policy 'fail'): {keys}")
+        self.count += len(keys)
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.writelines(k + "\n" for k in keys)
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+@dataclass
+class LoopHooks:
+    """What a training script plugs into the loop.
+
+    step(batch) -> logs or None (skipped); extra_logs() -> values for the bar/trackers at log time;
+    every_step(step) -> pictures etc.; sync_check() -> a message checked at each checkpoint.
+    """
+
+    step: Callable[[dict], dict | None]
+    extra_logs: Callable[[], dict] = lambda: {}
+    every_step: Callable[[int], None] = lambda step: None
+    sync_check: Callable[[], str] | None = None
+
+
+@dataclass
+class LoopState:
+    """Where a run stands: optimizer steps done, batches consumed, and its two counters."""
+
+    accelerator: Accelerator
+    run_dir: Path
+    cfg: TrainingConfig
+    guard: BadStepGuard
+    skips: SkipLog
+    step: int = 0
+    consumed: int = 0
+
+    def trainer_state(self) -> dict:
+        return {"batches": self.consumed, "bad_steps": self.guard.total, "skipped_inputs": self.skips.count}
+
+
+def train_loop(accelerator, run_dir: Path, cfg: TrainingConfig, dataset, collate,
+               make_hooks: Callable[[BadStepGuard], LoopHooks], *, resume: bool, quiet: bool, desc: str,
+               bad_input: str = "skip") -> int:
+    """Resume (or not), stream the data from the right position, and take optimizer steps until
+    ``cfg.max_steps``: log, picture, checkpoint. Returns the final step."""
+    state = LoopState(accelerator, Path(run_dir), cfg, BadStepGuard(cfg.max_bad_steps),
+                      SkipLog(Path(run_dir), bad_input, accelerator.is_main_process))
+    resume_position(state, resume)
+    stream = batch_stream(dataset, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+                          collate, cfg.num_workers, state.consumed)
+    return run_loop(state, make_hooks(state.guard), stream, desc=desc, quiet=quiet)
+
+
+def run_loop(state: LoopState, hooks: LoopHooks, stream: Iterator[dict], *, desc: str, quiet: bool) -> int:
+    accelerator, cfg = state.accelerator, state.cfg
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=quiet or not accelerator.is_main_process,
+               desc=desc, dynamic_ncols=True)
+    started, seen = time.perf_counter(), 0
+    while state.step < cfg.max_steps:
+        batch = next(stream)
+        state.consumed += 1
+        seen += 1
+        state.skips.add(batch.get("skipped", []))
+        logs = hooks.step(batch)
+        if logs is None or not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        bar.update(1)
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            logs.update(hooks.extra_logs(), skipped_inputs=state.skips.count, bad_steps=state.guard.total,
+                        samples_per_s=seen * cfg.batch_size / (time.perf_counter() - started))
+            accelerator.log(logs, step=state.step)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "usage", "bits_per_token")})
+        hooks.every_step(state.step)
+        if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
+            checkpoint(state, hooks, bar)
+    bar.close()
+    return state.step
+
+
+def checkpoint(state: LoopState, hooks: LoopHooks, bar) -> None:
+    """The script's sync check (when it has one), then an atomic checkpoint."""
+    if hooks.sync_check is not None:
+        message = f"step {state.step}: {hooks.sync_check()}"
+        if state.accelerator.is_main_process:
+            bar.write(message)
+    save_checkpoint(state.accelerator, state.run_dir, state.step, state.trainer_state(),
+                    keep=state.cfg.keep_checkpoints)
+
+
+def resume_position(state: LoopState, resume: bool) -> None:
+    """Restore the step, the consumed batches and the counters from the latest valid checkpoint."""
+    if not resume:
+        return
+    folder = latest_valid_checkpoint(state.run_dir)
+    if folder is None:
+        state.accelerator.print(f"no checkpoint in {state.run_dir}; starting from scratch")
+        return
+    saved = load_checkpoint(state.accelerator, folder)
+    state.guard.total, state.skips.count = saved.get("bad_steps", 0), saved.get("skipped_inputs", 0)
+    state.step, state.consumed = saved["step"], saved["batches"]
+    state.accelerator.print(f"resumed from {folder} at step {saved['step']}")

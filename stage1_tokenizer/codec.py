@@ -1,0 +1,88 @@
+"""``tokgen encode`` / ``tokgen decode``: files to codes and back, with any tokenizer.
+
+Codes files are the one layout of :mod:`data.codes` (``.npz``, ``level_0`` the top level, ``(N, *grid)``).
+``tokgen encode`` writes N = 1; ``tokgen decode`` reads what ``tokgen encode``, ``tokgen sample`` and
+``tokgen decompress --codes-out`` write, any number of items and levels. One item is written to
+``--out``; N items to ``--out`` with ``_000``, ``_001``... before its suffix, or into ``--out`` as a folder
+when it has no suffix.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from data.codes import load_codes, save_codes
+from data.files import OUTPUT_SUFFIX, read_input, write_output
+from stage1_tokenizer.base import Tokenizer
+from stage1_tokenizer.registry import load_tokenizer
+
+
+def add_encode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="pipeline, run or tokenizer folder")
+    p.add_argument("input", type=Path, help="image, audio or video file")
+    p.add_argument("--out", required=True, type=Path, help="codes file to write (.npz)")
+    p.add_argument("--size", type=int, help="resize the shorter side first (audio: keep the first SIZE samples)")
+
+
+def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="pipeline, run or tokenizer folder")
+    p.add_argument("codes", type=Path, help="codes file (.npz) from `tokgen encode`, `tokgen sample` or "
+                                            "`tokgen decompress --codes-out`")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output file (one item) or name pattern / folder (several items)")
+
+
+def read_file(tokenizer: Tokenizer, path: Path, size: int | None = None) -> torch.Tensor:
+    """One input file as ``tokenizer`` takes it, (C, *S), cropped to a multiple of its downsampling."""
+    return read_input(tokenizer.modality, path, tokenizer.config.in_channels, tokenizer.downsampling, size,
+                      tokenizer.sample_rate)
+
+
+def encode_main(argv=None, args=None) -> list[torch.Tensor]:
+    if args is None:
+        parser = argparse.ArgumentParser(prog="tokgen encode")
+        add_encode_arguments(parser)
+        args = parser.parse_args(argv)
+    tokenizer = load_tokenizer(args.model)
+    x = read_file(tokenizer, args.input, args.size)
+    with torch.no_grad():
+        codes = tokenizer.encode_levels(x[None])
+    save_codes(args.out, codes, tokenizer.codebook_sizes)
+    print(f"{args.input} {tuple(x.shape)} -> codes {[tuple(c.shape[1:]) for c in codes]} in {args.out}")
+    return codes
+
+
+def output_paths(out: Path, count: int, modality: str) -> list[Path]:
+    """Where ``count`` decoded items go: ``out`` for one item with a suffix; else numbered beside it or in it."""
+    if out.suffix and count == 1:
+        return [out]
+    if out.suffix:
+        return [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(count)]
+    return [out / f"{i:03d}{OUTPUT_SUFFIX[modality]}" for i in range(count)]
+
+
+def decode_codes(tokenizer: Tokenizer, codes: list[torch.Tensor]) -> torch.Tensor:
+    """Codes per level, (N, *grid) or one item's (*grid), top first -> decoded items (N, C, *S), clamped."""
+    if len(codes) != tokenizer.num_levels:
+        raise ValueError(f"the codes hold {len(codes)} level(s) but the tokenizer has {tokenizer.num_levels}")
+    codes = [c[None] if c.dim() == tokenizer.dims else c for c in codes]
+    if len({c.shape[0] for c in codes}) != 1:
+        raise ValueError(f"the levels hold different numbers of items: {[tuple(c.shape) for c in codes]}")
+    with torch.no_grad():
+        return tokenizer.decode_clamped(codes)
+
+
+def decode_main(argv=None, args=None) -> list[Path]:
+    if args is None:
+        parser = argparse.ArgumentParser(prog="tokgen decode")
+        add_decode_arguments(parser)
+        args = parser.parse_args(argv)
+    tokenizer = load_tokenizer(args.model)
+    x = decode_codes(tokenizer, load_codes(args.codes))
+    paths = [write_output(tokenizer.modality, item, path, tokenizer.sample_rate)
+             for item, path in zip(x, output_paths(args.out, x.shape[0], tokenizer.modality))]
+    where = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]} ...)"
+    print(f"decoded {args.codes} -> {where}, each {tuple(x.shape[1:])}")
+    return paths

@@ -1,0 +1,58 @@
+"""Reconstruction metrics per item: what each modality's users compare tokenizers by.
+
+image: PSNR, SSIM (Wang et al. 2004), LPIPS; video: per-frame PSNR and SSIM; audio: SNR and log-mel distance.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stage1_tokenizer.audio_loss import mel_distance
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, peak: float = 1.0) -> torch.Tensor:
+    """Per-sample PSNR in dB of (B, ...) tensors."""
+    mse = (x - y).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return 10 * torch.log10(peak**2 / mse)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004, Gaussian window) of (B, C, H, W) images in [0, 1]."""
+    c = x.shape[1]
+    window = min(window, x.shape[-1], x.shape[-2])
+    coords = torch.arange(window, dtype=x.dtype, device=x.device) - window // 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = (g / g.sum())[None, :]
+    kernel = (g.t() @ g)[None, None].expand(c, 1, window, window)
+    blur = lambda t: F.conv2d(t, kernel, groups=c)  # noqa: E731  (valid conv, as in the reference)
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)
+
+
+def snr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-clip signal-to-noise ratio in dB of a reconstruction y of x, (B,)."""
+    signal = x.pow(2).flatten(1).sum(1)
+    noise = (x - y).pow(2).flatten(1).sum(1).clamp(min=1e-10)
+    return 10 * torch.log10(signal.clamp(min=1e-10) / noise)
+
+
+def batch_metrics(x: torch.Tensor, recon: torch.Tensor, modality: str, sample_rate: int, perceptual) -> dict:
+    """Per-item metric sums of one batch: what a modality's users compare tokenizers by."""
+    out = {"mse": (recon - x).pow(2).flatten(1).mean(1)}
+    if modality == "audio":
+        out["snr_db"] = snr(x, recon)
+        out["mel_distance"] = mel_distance(recon, x, sample_rate)
+    elif modality == "video":
+        frames = lambda t: t.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B, C, T, H, W) -> (B*T, C, H, W)
+        out["psnr_db"] = psnr(frames(recon), frames(x)).view(x.shape[0], -1).mean(1)  # per-frame PSNR
+        out["ssim"] = ssim(frames(recon), frames(x)).view(x.shape[0], -1).mean(1)
+    else:
+        out["psnr_db"] = psnr(recon, x)
+        out["ssim"] = ssim(recon, x)
+        if perceptual is not None:
+            out["lpips"] = perceptual(recon, x)
+    return {k: float(v.sum()) for k, v in out.items()}

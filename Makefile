@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tokgen demo --dataset $(DATASET) --out $(DEMO_OUT)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports  # the layers and no-cycles contracts in pyproject.toml
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -51,7 +51,7 @@ def decode_audio(source: str | os.PathLike | bytes) -> tuple[torch.Tensor, int]:
         wave = torch.from_numpy(np.ascontiguousarray(data.T))
     except Exception as sf_err:  # libsndfile lacks some codecs (AAC, some MP3s): try FFmpeg
         try:
-            from torchcodec.decoders import AudioDecoder
+            from torchcodec.decoders import AudioDecoder  # optional: needs a system FFmpeg to import
 
             samples = AudioDecoder(source if isinstance(source, bytes) else str(source)).get_all_samples()
             wave, rate = samples.data.float(), int(samples.sample_rate)

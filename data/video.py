@@ -40,7 +40,10 @@ _ACCEPTED_FORMS = (
 
 @functools.lru_cache(maxsize=1)
 def torchcodec_available() -> bool:
-    """torchcodec importable and its FFmpeg libraries loadable (it needs a system FFmpeg)."""
+    """torchcodec importable and its FFmpeg libraries loadable (it needs a system FFmpeg).
+
+    torchcodec and PyAV are imported where they decode: either may be missing, and importing torchcodec
+    without FFmpeg raises."""
     try:
         from torchcodec.decoders import VideoDecoder  # noqa: F401
     except Exception:  # ImportError, or RuntimeError/OSError when the FFmpeg libraries are missing

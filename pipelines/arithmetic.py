@@ -89,6 +89,50 @@ def _check_precision(precision: int) -> int:
 # --------------------------------------------------------------------------- #
 # Probability quantisation
 # --------------------------------------------------------------------------- #
+def _check_logits(x: np.ndarray, precision: int) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"logits must have shape (B, V) or (V,), got {tuple(x.shape)}")
+    batch, vocab = x.shape
+    total = 1 << precision
+    if vocab < 1:
+        raise ValueError("logits must have at least one symbol (V >= 1)")
+    if vocab >= total:
+        raise ValueError(
+            f"alphabet size V={vocab} needs precision > {precision} bits "
+            f"(V must be < 2**precision = {total})"
+        )
+    if batch and not np.isfinite(x).all():
+        raise ValueError("logits contain NaN or inf; cannot build a probability model")
+
+
+def _cdf_rows(x: np.ndarray, precision: int) -> np.ndarray:
+    """float64 logits (B, V) -> int64 CDFs (B, V + 1), row by row (see ``quantize_cdf``)."""
+    batch, vocab = x.shape
+    total = 1 << precision
+    cdf = np.zeros((batch, vocab + 1), dtype=np.int64)
+    if batch == 0:
+        return cdf
+    spare = total - vocab                    # counts left after the 1-per-symbol floor
+    offsets = np.arange(1, vocab + 1, dtype=np.int64)
+    # Row chunks keep temporaries cache-sized; every op below is elementwise or
+    # sequential along a row, so the result for a row is batch-invariant.
+    step = max(1, (1 << 18) // vocab)
+    for start in range(0, batch, step):
+        xs = x[start:start + step]
+        e = xs - xs.max(axis=1, keepdims=True)
+        np.exp(e, out=e)
+        np.cumsum(e, axis=1, out=e)
+        e /= e[:, -1:].copy()                # monotone, in [0, 1], last == 1 exactly
+        e *= spare
+        e += 0.5
+        np.floor(e, out=e)                   # monotone rounding, last == spare
+        q = cdf[start:start + step, 1:]
+        q[...] = e
+        q += offsets
+    cdf[:, vocab] = total
+    return cdf
+
+
 def quantize_cdf(logits: torch.Tensor, precision: int = PRECISION) -> torch.Tensor:
     """Quantise logits ``(B, V)`` (or ``(V,)``) into integer CDFs ``(B, V+1)`` (or ``(V+1,)``).
 
@@ -110,44 +154,8 @@ def quantize_cdf(logits: torch.Tensor, precision: int = PRECISION) -> torch.Tens
     squeeze = x.ndim == 1
     if squeeze:
         x = x[None, :]
-    if x.ndim != 2:
-        raise ValueError(f"logits must have shape (B, V) or (V,), got {tuple(x.shape)}")
-    batch, vocab = x.shape
-    total = 1 << precision
-    if vocab < 1:
-        raise ValueError("logits must have at least one symbol (V >= 1)")
-    if vocab >= total:
-        raise ValueError(
-            f"alphabet size V={vocab} needs precision > {precision} bits "
-            f"(V must be < 2**precision = {total})"
-        )
-    if batch and not np.isfinite(x).all():
-        raise ValueError("logits contain NaN or inf; cannot build a probability model")
-
-    x = np.ascontiguousarray(x)
-    if batch == 0:
-        cdf = np.zeros((0, vocab + 1), dtype=np.int64)
-    else:
-        spare = total - vocab                    # counts left after the 1-per-symbol floor
-        offsets = np.arange(1, vocab + 1, dtype=np.int64)
-        cdf = np.empty((batch, vocab + 1), dtype=np.int64)
-        cdf[:, 0] = 0
-        # Row chunks keep temporaries cache-sized; every op below is elementwise or
-        # sequential along a row, so the result for a row is batch-invariant.
-        step = max(1, (1 << 18) // vocab)
-        for start in range(0, batch, step):
-            xs = x[start:start + step]
-            e = xs - xs.max(axis=1, keepdims=True)
-            np.exp(e, out=e)
-            np.cumsum(e, axis=1, out=e)
-            e /= e[:, -1:].copy()                # monotone, in [0, 1], last == 1 exactly
-            e *= spare
-            e += 0.5
-            np.floor(e, out=e)                   # monotone rounding, last == spare
-            q = cdf[start:start + step, 1:]
-            q[...] = e
-            q += offsets
-        cdf[:, vocab] = total
+    _check_logits(x, precision)
+    cdf = _cdf_rows(np.ascontiguousarray(x), precision)
     out = torch.from_numpy(cdf)
     return out[0] if squeeze else out
 

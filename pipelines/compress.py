@@ -405,7 +405,3 @@ def decompress_main(argv=None, args=None) -> list[torch.Tensor]:
         save_codes(args.codes_out, [c[None] for c in result.codes], pipe.tokenizer.codebook_sizes)
     print(f"{args.file} -> {args.out} {tuple(x.shape)}, codes {[tuple(c.shape) for c in result.codes]}")
     return result.codes
-
-
-main = compress_main
-add_arguments = add_compress_arguments

@@ -11,7 +11,9 @@ import os
 import warnings
 from pathlib import Path
 
+import lpips
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 BACKBONE_FILES = {"alex": "alexnet_features.safetensors", "vgg": "vgg16_features.safetensors"}
@@ -34,8 +36,6 @@ def find_backbone(net: str) -> Path | None:
 
 
 def _quiet_lpips(**kwargs):
-    import lpips
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's deprecation noise about `pretrained`
         return lpips.LPIPS(verbose=False, **kwargs)
@@ -64,8 +64,6 @@ def load_lpips(net: str = "alex") -> nn.Module:
 
 def _load_backbone(backbone: nn.Module, path: Path) -> None:
     """Map torchvision ``features.{i}.*`` keys onto lpips' ``slice{k}.{i}.*`` modules."""
-    from safetensors.torch import load_file
-
     state = load_file(str(path))
     by_index = {name.split(".")[-1]: name for name, m in backbone.named_modules() if "." in name}
     mapped = {}

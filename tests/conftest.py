@@ -1,4 +1,8 @@
-"""Shared test setup."""
+"""Shared test setup: the tiny random models, pipelines and datasets every package's tests build, and the
+fixtures that keep tests apart (one thread, fresh Accelerate state, a crash right after a checkpoint).
+
+Tests are grouped by package (``tests/<package>/``); test modules take ``tiny`` for the factories.
+"""
 import os
 
 import pytest
@@ -6,17 +10,131 @@ import pytest
 # Set before torch loads OpenMP (see pipelines/cli.py): tests run beside subprocesses they start.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import torch  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+from pipelines.pipeline import TokgenPipeline  # noqa: E402
+from stage1_tokenizer import (HierarchicalVQVAE, HierarchicalVQVAEConfig, QuantizerConfig, VQVAE,  # noqa: E402
+                              VQVAEConfig)
+from stage2_prior import TransformerPrior, TransformerPriorConfig  # noqa: E402
+
+
+class TinyImages(Dataset):
+    """``n`` random (channels, size, size) images labelled ``i % classes``, keys ``dir/img.{i:03d}.png``.
+
+    ``noise`` adds torch-RNG noise to every item, as a random training crop would; ``fail_after`` makes the
+    dataset raise after that many items (a simulated kill)."""
+
+    def __init__(self, n: int = 50, *, seed: int = 123, size: int = 16, channels: int = 1, classes: int = 5,
+                 noise: float = 0.0, fail_after: int | None = None):
+        self.images = torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+        self.labels = [i % classes for i in range(n)]
+        self.noise, self.fail_after, self.calls = noise, fail_after, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated kill")
+        x = self.images[i]
+        if self.noise:
+            x = (x + self.noise * torch.rand(x.shape)).clamp(0, 1)
+        return {"x": x, "label": self.labels[i], "key": f"dir/img.{i:03d}.png", "skipped": []}
+
+
+class Tiny:
+    """Factories of tiny random models: seeded (``seed=None`` leaves torch's RNG as it is), in eval mode."""
+
+    images = TinyImages
+
+    @staticmethod
+    def vqvae(seed: int | None = 0, *, codebook_size: int = 32, in_channels: int = 1, factors=(4, 4),
+              modality: str = "image", **config) -> VQVAE:
+        """A VQ-VAE with 8/8 channels, one res block and 8-d codes: 16x16 images -> 4x4 grids of 32 codes."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        quantizer = QuantizerConfig(codebook_size=codebook_size, dim=8, **config.pop("quantizer", {}))
+        return VQVAE(VQVAEConfig(modality=modality, in_channels=in_channels, channels=(8, 8), num_res_blocks=1,
+                                 factors=tuple(factors), quantizer=quantizer, **config)).eval()
+
+    @staticmethod
+    def hvqvae(seed: int | None = 0, *, codebook_size: int = 16, in_channels: int = 1, factors=((4, 4), (2, 2)),
+               modality: str = "image", **config) -> HierarchicalVQVAE:
+        """A 2-level VQ-VAE-2 with 8 channels: 32x32 images -> 4x4 top and 8x8 bottom grids of 16 codes."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        quantizer = QuantizerConfig(codebook_size=codebook_size, dim=8, **config.pop("quantizer", {}))
+        return HierarchicalVQVAE(HierarchicalVQVAEConfig(
+            modality=modality, in_channels=in_channels, channels=(8, 8), hidden=8, num_res_blocks=1,
+            factors=tuple(tuple(f) for f in factors), quantizer=quantizer, **config)).eval()
+
+    @staticmethod
+    def transformer(seed: int | None = 0, *, grid=(4, 4), vocab: int = 32, num_classes: int = 0, dim: int = 16,
+                    num_layers: int = 1, num_heads: int = 2, **config) -> TransformerPrior:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return TransformerPrior(TransformerPriorConfig(grid_shape=tuple(grid), vocab_size=vocab,
+                                                       num_classes=num_classes, dim=dim, num_layers=num_layers,
+                                                       num_heads=num_heads, **config)).eval()
+
+    @staticmethod
+    def scale_up(model, scale: float = 0.3):
+        """Adds N(0, scale^2) noise to every weight (torch's RNG): larger weights than an init's, so that every
+        input visibly moves the outputs. Returns the model, in eval mode."""
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * scale)
+        return model.eval()
+
+    @classmethod
+    def pipeline(cls, seed: int = 0, *, num_classes: int = 3, size: int = 16, class_names: list[str] | None = None,
+                 **prior) -> TokgenPipeline:
+        """A tiny VQ-VAE on (1, size, size) images with a transformer prior over its (size/4)^2 grid; classes are
+        named "0", "1", ... unless ``class_names`` says otherwise."""
+        tokenizer = cls.vqvae(seed)
+        grid = (size // 4, size // 4)
+        names = class_names or [str(c) for c in range(num_classes)] or None
+        return TokgenPipeline(tokenizer, [cls.transformer(seed, grid=grid, num_classes=num_classes, **prior)],
+                              (1, size, size), names)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Tiny:
+    return Tiny()
+
 
 @pytest.fixture
 def one_thread():
     """Tiny models: intra-op threads only add contention on a shared 2-core machine (up to 100x slower).
     Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide singletons (each run builds its own Accelerator)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def accelerate_reset():
+    """``reset_accelerate`` for module-scoped fixtures that train."""
+    return reset_accelerate
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Resets Accelerate's state after the test, so one run's settings do not leak into the next; yields the
+    reset for tests that run several trainings."""
+    yield reset_accelerate
+    reset_accelerate()
 
 
 class CheckpointCrash(Exception):

@@ -28,17 +28,9 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each run builds its own Accelerator; don't let one test's singleton state leak into another."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: extra intra-op threads only contend on a shared machine
-    yield
-    torch.set_num_threads(n)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# Each run builds its own Accelerator (don't let one test's singleton state leak into another); a tiny model's
+# extra intra-op threads only contend on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
 
 
 def write_config(tmp_path: Path, **overrides) -> Path:
@@ -69,19 +61,16 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
+def reference_run(tmp_path_factory, accelerate_reset) -> Path:
     """An uninterrupted 12-step run (checkpoints at 4, 8, 12)."""
     tmp = tmp_path_factory.mktemp("reference")
-    from accelerate.state import AcceleratorState, GradientState
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model_dir = run(tmp / "run", "--config", str(write_config(tmp)))
     finally:
         torch.set_num_threads(n)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        accelerate_reset()
     assert model_dir == tmp / "run" / "model"
     return tmp / "run"
 
@@ -297,7 +286,7 @@ def test_data_options_are_dropped_when_data_names_another_source(tmp_path):
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
-    preset = str(Path(__file__).parents[1] / "harness" / "presets" / "tokenizer-moving-digits.json")
+    preset = str(Path(__file__).parents[2] / "harness" / "presets" / "tokenizer-moving-digits.json")
     same = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--config", preset]))
     assert same.data == "moving-digits" and same.data_options == {"max_digits": 1}
     other = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--config", preset, "--data", "clips/"]))

@@ -10,30 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines.pipeline import TokgenPipeline
-from stage1_tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
-from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
 
 INPUT = (1, 16, 16)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_tokenizer(seed: int = 0) -> VQVAE:
-    torch.manual_seed(seed)
-    return VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
-                             quantizer=QuantizerConfig(codebook_size=32, dim=8))).eval()
-
-
-def make_prior(seed: int = 0, grid=(4, 4), vocab=32, num_classes=3) -> TransformerPrior:
-    torch.manual_seed(seed)
-    return TransformerPrior(TransformerPriorConfig(grid_shape=grid, vocab_size=vocab, num_classes=num_classes,
-                                                   dim=16, num_layers=1, num_heads=2)).eval()
-
-
-def make_pipe(num_classes=3) -> TokgenPipeline:
-    return TokgenPipeline(make_tokenizer(), [make_prior(num_classes=num_classes)], INPUT,
-                          class_names=["a", "b", "c"] if num_classes else None)
 
 
 def images(n=3, seed=5) -> torch.Tensor:
@@ -45,24 +26,24 @@ def gen(seed=0) -> torch.Generator:
 
 
 @pytest.fixture
-def pipe() -> TokgenPipeline:
-    return make_pipe()
+def pipe(tiny) -> TokgenPipeline:
+    return tiny.pipeline(class_names=["a", "b", "c"])
 
 
 # ---- construction ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, what", [({"grid": (4, 5)}, r"\(4, 5\)"), ({"grid": (8, 8)}, r"\(8, 8\)"),
                                           ({"vocab": 64}, "64 codes")])
-def test_rejects_mismatched_prior(kwargs, what):
+def test_rejects_mismatched_prior(kwargs, what, tiny):
     with pytest.raises(ValueError, match=f"do not belong together") as err:
-        TokgenPipeline(make_tokenizer(), [make_prior(**kwargs)], INPUT)
+        TokgenPipeline(tiny.vqvae(), [tiny.transformer(num_classes=3, **kwargs)], INPUT)
     assert err.match(what)
 
 
-def test_rejects_wrong_prior_count_and_input_shape():
+def test_rejects_wrong_prior_count_and_input_shape(tiny):
     with pytest.raises(ValueError, match="level"):
-        TokgenPipeline(make_tokenizer(), [make_prior(), make_prior()], INPUT)
+        TokgenPipeline(tiny.vqvae(), [tiny.transformer(num_classes=3), tiny.transformer(num_classes=3)], INPUT)
     with pytest.raises(ValueError):
-        TokgenPipeline(make_tokenizer(), [make_prior()], (3, 16, 16))  # the tokenizer takes 1 channel
+        TokgenPipeline(tiny.vqvae(), [tiny.transformer(num_classes=3)], (3, 16, 16))  # the tokenizer takes 1 channel
 
 
 # ---- save / load -----------------------------------------------------------------------------------
@@ -131,7 +112,7 @@ def test_one_label_is_broadcast(pipe):
     assert torch.equal(a.codes[0], b.codes[0])
 
 
-def test_class_label_errors(pipe):
+def test_class_label_errors(pipe, tiny):
     with pytest.raises(ValueError, match="class-conditional"):
         pipe(batch_size=2)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
@@ -142,7 +123,7 @@ def test_class_label_errors(pipe):
         pipe(batch_size=2, class_labels=[0, 1, 2])
     with pytest.raises(ValueError, match="class-conditional"):
         pipe.bits_per_dim(images(2))
-    unconditional = make_pipe(num_classes=0)
+    unconditional = tiny.pipeline(num_classes=0)
     assert unconditional(batch_size=2, generator=gen(0)).samples.shape == (2, *INPUT)
     with pytest.raises(ValueError, match="unconditional"):
         unconditional(batch_size=2, class_labels=[0, 1])
@@ -176,8 +157,8 @@ def test_complete_keeps_known_rows(pipe):
 
 
 # ---- from_runs ---------------------------------------------------------------------------------------
-def write_runs(tmp_path, fingerprint: str):
-    tokenizer, prior = make_tokenizer(), make_prior()
+def write_runs(tmp_path, fingerprint: str, tiny):
+    tokenizer, prior = tiny.vqvae(), tiny.transformer(num_classes=3)
     tokenizer.save_pretrained(tmp_path / "tok_run" / "model")
     prior.save_pretrained(tmp_path / "prior_run" / "model")
     info = {"tokenizer_fingerprint": fingerprint, "level": 0, "tokens": "x", "input_shape": list(INPUT),
@@ -186,9 +167,9 @@ def write_runs(tmp_path, fingerprint: str):
     return tokenizer, prior
 
 
-def test_from_runs(tmp_path):
-    tokenizer, prior = make_tokenizer(), make_prior()
-    write_runs(tmp_path, tokenizer.fingerprint())
+def test_from_runs(tmp_path, tiny):
+    tokenizer, prior = tiny.vqvae(), tiny.transformer(num_classes=3)
+    write_runs(tmp_path, tokenizer.fingerprint(), tiny)
     pipe = TokgenPipeline.from_runs(tmp_path / "tok_run", [tmp_path / "prior_run"], class_names=["a", "b", "c"])
     assert pipe.input_shape == INPUT
     assert pipe.fingerprint() == TokgenPipeline(tokenizer, [prior], INPUT).fingerprint()
@@ -197,31 +178,25 @@ def test_from_runs(tmp_path):
     assert pipe.input_shape == INPUT
 
 
-def test_from_runs_rejects_other_tokenizer(tmp_path):
-    write_runs(tmp_path, "0" * 64)
+def test_from_runs_rejects_other_tokenizer(tmp_path, tiny):
+    write_runs(tmp_path, "0" * 64, tiny)
     with pytest.raises(ValueError, match="another tokenizer"):
         TokgenPipeline.from_runs(tmp_path / "tok_run", [tmp_path / "prior_run"])
 
 
 # ---- longer than training: a sliding window over time (transformer), the whole grid (conv priors) ------
-def video_pipe(null_class: bool = False) -> TokgenPipeline:
+def video_pipe(tiny, null_class: bool = False) -> TokgenPipeline:
     """Clips (1, 4, 8, 8) -> codes (2, 2, 2): a window of 2 code steps, 2 frames each."""
-    torch.manual_seed(0)
-    tokenizer = VQVAE(VQVAEConfig(modality="video", in_channels=1, channels=(8, 8), num_res_blocks=1,
-                                  factors=(2, 4, 4), quantizer=QuantizerConfig(codebook_size=16, dim=8))).eval()
-    prior = TransformerPrior(TransformerPriorConfig(grid_shape=(2, 2, 2), vocab_size=16, num_classes=3,
-                                                    null_class=null_class, dim=16, num_layers=1, num_heads=2,
-                                                    relative_bias=True)).eval()
-    with torch.no_grad():  # larger weights than the init, so the prefix visibly moves the next window
-        for p in prior.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    tokenizer = tiny.vqvae(modality="video", factors=(2, 4, 4), codebook_size=16)
+    prior = tiny.transformer(None, grid=(2, 2, 2), vocab=16, num_classes=3, null_class=null_class, relative_bias=True)
+    tiny.scale_up(prior)  # larger weights than the init, so the prefix visibly moves the next window
     return TokgenPipeline(tokenizer, [prior], (1, 4, 8, 8))
 
 
-def test_sample_long_slides_a_window_over_time():
+def test_sample_long_slides_a_window_over_time(tiny):
     from stage2_prior.sampling import sample
 
-    pipe = video_pipe()
+    pipe = video_pipe(tiny)
     labels = torch.tensor([0, 2])
     out = pipe.sample_long(10, batch_size=2, class_labels=labels, generator=gen(3))
     (codes,) = out.codes
@@ -244,20 +219,18 @@ def test_sample_long_slides_a_window_over_time():
             pipe.sample_long(10, 2, labels, overlap=overlap)
 
 
-def test_sample_long_with_guidance():
-    pipe = video_pipe(null_class=True)
+def test_sample_long_with_guidance(tiny):
+    pipe = video_pipe(tiny, null_class=True)
     plain = pipe.sample_long(8, 2, [1, 1], generator=gen(0))
     guided = pipe.sample_long(8, 2, [1, 1], generator=gen(0), guidance=4.0)
     assert guided.samples.shape == plain.samples.shape == (2, 1, 8, 8, 8)
     assert not torch.equal(guided.codes[0], plain.codes[0])
 
 
-def test_sample_long_conv_prior_takes_the_whole_grid():
-    from stage2_prior.wavenet import WaveNetPriorConfig, WaveNetPrior
+def test_sample_long_conv_prior_takes_the_whole_grid(tiny):
+    from stage2_prior.wavenet import WaveNetPrior, WaveNetPriorConfig
 
-    torch.manual_seed(0)
-    tokenizer = VQVAE(VQVAEConfig(modality="audio", in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(8,),
-                                  quantizer=QuantizerConfig(codebook_size=16, dim=8))).eval()
+    tokenizer = tiny.vqvae(modality="audio", factors=(8,), codebook_size=16)
     prior = WaveNetPrior(WaveNetPriorConfig(grid_shape=(8,), vocab_size=16, channels=8, skip_channels=8,
                                        head_channels=8, layers_per_cycle=2, num_cycles=1)).eval()
     pipe = TokgenPipeline(tokenizer, [prior], (1, 64))
@@ -266,19 +239,16 @@ def test_sample_long_conv_prior_takes_the_whole_grid():
     assert float(out.samples.abs().max()) <= 1
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch):
+def test_readme_python_example_runs(tmp_path, monkeypatch, tiny):
     """The README's "In Python" block, run as written against a pipeline shaped like the digits demo's; every
     line that documents a shape in a comment (``expr  # (a, b)`` or ``name = ...  # (a, b)``) has that shape."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     code = readme.split("### In Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    torch.manual_seed(0)
-    tokenizer = VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
-                                  quantizer=QuantizerConfig(codebook_size=32, dim=8))).eval()
-    prior = TransformerPrior(TransformerPriorConfig(grid_shape=(8, 8), vocab_size=32, num_classes=10, null_class=True,
-                                                    dim=16, num_layers=1, num_heads=2)).eval()
+    tokenizer = tiny.vqvae()
+    prior = tiny.transformer(None, grid=(8, 8), num_classes=10, null_class=True)
     pipe = TokgenPipeline(tokenizer, [prior], (1, 32, 32), class_names=[str(c) for c in range(10)])
     pipe.save_pretrained(tmp_path / "demo_out" / "pipeline")
     monkeypatch.chdir(tmp_path)

@@ -15,9 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from harness import checkpoints
-from stage1_tokenizer import QuantizerConfig, VQVAE, VQVAEConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("harness", "data", "stage1_tokenizer", "stage2_prior", "pipelines")
 
 
@@ -180,31 +179,19 @@ def _launch_prior(tokens: str, run: str):
     debug_launcher(_prior_worker, args=(tokens, run), num_processes=2)
 
 
-def _make_tokens(tmp_path: Path) -> Path:
-    from torch.utils.data import Dataset
-
+def _make_tokens(tmp_path: Path, tiny) -> Path:
     from stage1_tokenizer.export import export_tokens
 
-    class Images(Dataset):
-        def __len__(self):
-            return 48
-
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            return {"x": torch.rand(1, 16, 16, generator=g), "label": i % 3, "key": f"img{i}", "skipped": []}
-
-    torch.manual_seed(0)
-    tok = VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
-                            quantizer=QuantizerConfig(codebook_size=16, dim=8))).eval()
-    export_tokens(tok, {"train": Images(), "eval": Images()}, tmp_path / "tokens", batch_size=16, shard_size=100,
-                  progress=False)
+    images = tiny.images(48, seed=0, classes=3)
+    export_tokens(tiny.vqvae(codebook_size=16), {"train": images, "eval": images}, tmp_path / "tokens",
+                  batch_size=16, shard_size=100, progress=False)
     return tmp_path / "tokens"
 
 
-def test_two_process_prior_equals_one_process_at_the_same_global_batch(tmp_path):
+def test_two_process_prior_equals_one_process_at_the_same_global_batch(tmp_path, tiny):
     from stage2_prior.train import train
 
-    tokens = _make_tokens(tmp_path)
+    tokens = _make_tokens(tmp_path, tiny)
     train(_prior_cfg(tokens, 8), tmp_path / "one", quiet=True)
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_reliability as t; "
             f"t._launch_prior({str(tokens)!r}, {str(tmp_path / 'two')!r})")

@@ -1,4 +1,4 @@
-"""Tests for stage2_prior.export (tokgen export-tokens) and stage2_prior.tokens (the reader)."""
+"""Tests for stage1_tokenizer.export (tokgen export-tokens), data.token_writer and data.tokens (the reader)."""
 from __future__ import annotations
 
 import io
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from stage1_tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
+from stage1_tokenizer import VQVAE
 from data.tokens import safe_key
 from stage1_tokenizer.export import export_tokens
 from data.tokens import TokenDataset, check_tokenizer, collate_tokens, load_all, read_manifest
@@ -22,31 +22,7 @@ from data.tokens import TokenDataset, check_tokenizer, collate_tokens, load_all,
 N = 50
 
 
-def make_tokenizer(seed: int = 0) -> VQVAE:
-    torch.manual_seed(seed)
-    cfg = VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
-                      quantizer=QuantizerConfig(codebook_size=64, dim=8))
-    return VQVAE(cfg).eval()
-
-
-class TinyImages(Dataset):
-    """N random 1x16x16 images with labels; adds torch-RNG noise, like a random training crop would."""
-
-    def __init__(self, n: int = N, noise: float = 0.05, fail_after: int | None = None):
-        g = torch.Generator().manual_seed(123)
-        self.images = torch.rand(n, 1, 16, 16, generator=g)
-        self.labels = [i % 5 for i in range(n)]
-        self.noise, self.fail_after, self.calls = noise, fail_after, 0
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise RuntimeError("simulated kill")
-        x = (self.images[i] + self.noise * torch.rand(1, 16, 16)).clamp(0, 1)
-        return {"x": x, "label": self.labels[i], "key": f"dir/img.{i:03d}.png", "skipped": []}
+NOISE = 0.05  # torch-RNG noise on every item, as a random training crop would add
 
 
 def as_dict(path, split="train"):
@@ -54,8 +30,8 @@ def as_dict(path, split="train"):
     return {k: (tuple(c[i].tolist() for c in codes), int(labels[i])) for i, k in enumerate(keys)}
 
 
-def test_export_roundtrip(tmp_path):
-    tok, ds = make_tokenizer(), TinyImages(noise=0.0)
+def test_export_roundtrip(tmp_path, tiny):
+    tok, ds = tiny.vqvae(codebook_size=64), tiny.images(noise=0.0)
     manifest = export_tokens(tok, ds, tmp_path / "tok", batch_size=8, shard_size=16, progress=False)
     assert manifest == read_manifest(tmp_path / "tok")
     assert manifest["format"] == "tokgen-tokens" and manifest["version"] == 2
@@ -84,14 +60,14 @@ def test_export_roundtrip(tmp_path):
     assert safe_key("a.b/c", 3) == "a_b_c"
 
 
-def test_interrupted_export_resumes_exactly(tmp_path):
-    tok, n = make_tokenizer(), 24
+def test_interrupted_export_resumes_exactly(tmp_path, tiny):
+    tok, n = tiny.vqvae(codebook_size=64), 24
     ref = tmp_path / "ref"
-    export_tokens(tok, TinyImages(n), ref, batch_size=4, shard_size=8, progress=False)
+    export_tokens(tok, tiny.images(n, noise=NOISE), ref, batch_size=4, shard_size=8, progress=False)
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated kill"):
-        export_tokens(tok, TinyImages(n, fail_after=13), out, batch_size=4, shard_size=8, progress=False)
+        export_tokens(tok, tiny.images(n, fail_after=13, noise=NOISE), out, batch_size=4, shard_size=8, progress=False)
     assert (out / "train-00-000000.tar").is_file()
     assert (out / "train-00-000001.tar.tmp").is_file()
     assert not (out / "manifest.json").exists()
@@ -99,7 +75,7 @@ def test_interrupted_export_resumes_exactly(tmp_path):
         read_manifest(out)
     first = (out / "train-00-000000.tar").stat().st_mtime_ns
 
-    resumed = TinyImages(n)
+    resumed = tiny.images(n, noise=NOISE)
     export_tokens(tok, resumed, out, batch_size=4, shard_size=8, progress=False)
     assert resumed.calls == n - 8  # the complete shard was not encoded again
     assert (out / "train-00-000000.tar").stat().st_mtime_ns == first
@@ -109,20 +85,20 @@ def test_interrupted_export_resumes_exactly(tmp_path):
     assert as_dict(out) == as_dict(ref)
 
     with pytest.raises(ValueError, match="shard_size"):  # resuming with other settings is refused
-        export_tokens(tok, TinyImages(n), out, batch_size=4, shard_size=4, progress=False)
+        export_tokens(tok, tiny.images(n, noise=NOISE), out, batch_size=4, shard_size=4, progress=False)
 
 
-def test_fingerprint_mismatch(tmp_path):
-    tok, other = make_tokenizer(0), make_tokenizer(1)
+def test_fingerprint_mismatch(tmp_path, tiny):
+    tok, other = tiny.vqvae(0, codebook_size=64), tiny.vqvae(1, codebook_size=64)
     assert tok.fingerprint() != other.fingerprint()
-    export_tokens(tok, TinyImages(10), tmp_path, batch_size=4, shard_size=8, progress=False)
+    export_tokens(tok, tiny.images(10, noise=NOISE), tmp_path, batch_size=4, shard_size=8, progress=False)
     manifest = read_manifest(tmp_path)
     check_tokenizer(manifest, tok.fingerprint())
     with pytest.raises(ValueError, match="re-export") as err:
         check_tokenizer(manifest, other.fingerprint())
     assert tok.fingerprint()[:12] in str(err.value) and other.fingerprint()[:12] in str(err.value)
     with pytest.raises(ValueError, match="made by tokenizer"):
-        export_tokens(other, TinyImages(10), tmp_path, batch_size=4, shard_size=8, progress=False)
+        export_tokens(other, tiny.images(10, noise=NOISE), tmp_path, batch_size=4, shard_size=8, progress=False)
 
 
 def test_reader_errors(tmp_path):
@@ -135,29 +111,29 @@ def test_reader_errors(tmp_path):
         read_manifest(tmp_path)
 
 
-def test_two_splits_and_merge(tmp_path):
-    tok = make_tokenizer()
-    export_tokens(tok, {"train": TinyImages(12), "eval": TinyImages(6)}, tmp_path / "a", batch_size=4,
+def test_two_splits_and_merge(tmp_path, tiny):
+    tok = tiny.vqvae(codebook_size=64)
+    export_tokens(tok, {"train": tiny.images(12, noise=NOISE), "eval": tiny.images(6, noise=NOISE)}, tmp_path / "a", batch_size=4,
                   shard_size=8, progress=False)
     m = read_manifest(tmp_path / "a")
     assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"eval": 6, "train": 12}
     assert m["num_samples"] == 18 and m["splits"]["eval"]["shards"] == ["eval-00-000000.tar"]
 
-    export_tokens(tok, TinyImages(12), tmp_path / "b", batch_size=4, shard_size=8, progress=False)
-    export_tokens(tok, TinyImages(7), tmp_path / "b", split="eval", batch_size=4, shard_size=8, progress=False)
+    export_tokens(tok, tiny.images(12, noise=NOISE), tmp_path / "b", batch_size=4, shard_size=8, progress=False)
+    export_tokens(tok, tiny.images(7, noise=NOISE), tmp_path / "b", split="eval", batch_size=4, shard_size=8, progress=False)
     m = read_manifest(tmp_path / "b")  # exporting eval later keeps train
     assert {k: v["num_samples"] for k, v in m["splits"].items()} == {"eval": 7, "train": 12}
     assert len(load_all(tmp_path / "b", "eval")[2]) == 7
     with pytest.raises(ValueError, match="dataset_size"):  # another eval set over the old one: refused
-        export_tokens(tok, TinyImages(6), tmp_path / "b", split="eval", batch_size=4, shard_size=8,
+        export_tokens(tok, tiny.images(6, noise=NOISE), tmp_path / "b", split="eval", batch_size=4, shard_size=8,
                       progress=False)
     with pytest.raises(ValueError, match="no 'test' split"):
         load_all(tmp_path / "b", "test")
 
 
-def test_token_dataset_process_split(tmp_path):
-    tok = make_tokenizer()
-    export_tokens(tok, TinyImages(), tmp_path, batch_size=8, shard_size=8, progress=False)
+def test_token_dataset_process_split(tmp_path, tiny):
+    tok = tiny.vqvae(codebook_size=64)
+    export_tokens(tok, tiny.images(noise=NOISE), tmp_path, batch_size=8, shard_size=8, progress=False)
     everything = set(load_all(tmp_path)[2])
     parts = []
     for rank in range(2):
@@ -190,9 +166,11 @@ def _export_worker(model_dir, out_dir):
     """Runs in each debug_launcher process (module level so it can be pickled)."""
     from accelerate import Accelerator
 
+    from conftest import TinyImages  # the tests' shared dataset (the launcher puts tests/ on the path)
+
     acc = Accelerator(cpu=True)
     tok = VQVAE.from_pretrained(model_dir)
-    export_tokens(tok, TinyImages(), out_dir, batch_size=4, shard_size=8, accelerator=acc, progress=False)
+    export_tokens(tok, TinyImages(noise=NOISE), out_dir, batch_size=4, shard_size=8, accelerator=acc, progress=False)
 
 
 def _launch(model_dir, out_dir):
@@ -201,14 +179,15 @@ def _launch(model_dir, out_dir):
     debug_launcher(_export_worker, args=(model_dir, out_dir), num_processes=2)
 
 
-def test_multiprocess_export(tmp_path):
-    tok = make_tokenizer()
+def test_multiprocess_export(tmp_path, tiny):
+    tok = tiny.vqvae(codebook_size=64)
     tok.save_pretrained(tmp_path / "model")
     tok = VQVAE.from_pretrained(tmp_path / "model")
-    export_tokens(tok, TinyImages(), tmp_path / "one", batch_size=4, shard_size=8, progress=False)
+    export_tokens(tok, tiny.images(noise=NOISE), tmp_path / "one", batch_size=4, shard_size=8, progress=False)
     # debug_launcher forks: a fork of this pytest process, whose OpenMP pool and other threads have
     # run earlier tests, can deadlock, so the launcher runs from a fresh interpreter.
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_export_tokens as t; "
+    code = (f"import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]; "
+            "import test_export_tokens as t; "
             f"t._launch({str(tmp_path / 'model')!r}, {str(tmp_path / 'two')!r})")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
@@ -222,7 +201,7 @@ def test_multiprocess_export(tmp_path):
     assert as_dict(tmp_path / "two") == as_dict(tmp_path / "one")
 
 
-def test_cli_image_folder(tmp_path):
+def test_cli_image_folder(tmp_path, tiny):
     from PIL import Image
 
     from stage1_tokenizer.export import main
@@ -233,7 +212,7 @@ def test_cli_image_folder(tmp_path):
         for i in range(3):
             arr = (np.random.default_rng(i).random((20, 20)) * 255).astype(np.uint8)
             Image.fromarray(arr).save(folder / c / f"{i}.png")
-    make_tokenizer().save_pretrained(tmp_path / "model")
+    tiny.vqvae(codebook_size=64).save_pretrained(tmp_path / "model")
     manifest = main([str(tmp_path / "model"), "--data", str(folder), "--out", str(tmp_path / "tok"),
                      "--split", "train", "--size", "16", "--batch-size", "4", "--shard-size", "4", "--quiet"])
     assert manifest["num_samples"] == 6 and manifest["num_classes"] == 2
@@ -242,15 +221,15 @@ def test_cli_image_folder(tmp_path):
     assert keys[0] == "cat/0.png"
 
 
-class WithSkips(TinyImages):
-    def __getitem__(self, i: int) -> dict:
-        sample = super().__getitem__(i)
-        return {**sample, "skipped": [f"bad/{i}.png"] if i in (3, 40) else []}
+def test_skipped_inputs_are_reported(tmp_path, tiny):
+    class WithSkips(tiny.images):
+        def __getitem__(self, i: int) -> dict:
+            sample = super().__getitem__(i)
+            return {**sample, "skipped": [f"bad/{i}.png"] if i in (3, 40) else []}
 
-
-def test_skipped_inputs_are_reported(tmp_path):
     with pytest.warns(UserWarning, match="2 unreadable inputs"):
-        m = export_tokens(make_tokenizer(), WithSkips(), tmp_path, batch_size=8, shard_size=16, progress=False)
+        m = export_tokens(tiny.vqvae(codebook_size=64), WithSkips(noise=NOISE), tmp_path, batch_size=8,
+                          shard_size=16, progress=False)
     assert m["skipped"] == ["bad/3.png", "bad/40.png"]
 
 
@@ -265,7 +244,7 @@ class Killed(torch.utils.data.IterableDataset):
             yield sample
 
 
-def test_iterable_source_resume(tmp_path):
+def test_iterable_source_resume(tmp_path, tiny):
     import webdataset as wds
     from PIL import Image
 
@@ -280,7 +259,7 @@ def test_iterable_source_resume(tmp_path):
                 w.write({"__key__": f"s{s}_{i}", "png": buf.getvalue(), "cls": str(i % 3).encode()})
     source = str(tmp_path / "img-{000000..000002}.tar")
     make = lambda: build_dataset(source, split="train", size=16, channels=1, seed=5)  # noqa: E731
-    tok = make_tokenizer()
+    tok = tiny.vqvae(codebook_size=64)
     export_tokens(tok, make(), tmp_path / "ref", batch_size=4, shard_size=5, seed=5, progress=False)
     with pytest.raises(RuntimeError, match="simulated kill"):
         export_tokens(tok, Killed(make(), 12), tmp_path / "out", batch_size=4, shard_size=5, seed=5,

@@ -312,11 +312,8 @@ def test_save_load_roundtrip(tmp_path, relative_bias):
                            sample(prior, 2, labels, cond, generator=gen(4)))
 
 
-def test_load_prior_rejects_other_models(tmp_path):
-    from stage1_tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
-
-    VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1,
-                      quantizer=QuantizerConfig(codebook_size=8, dim=4))).save_pretrained(tmp_path / "tok")
+def test_load_prior_rejects_other_models(tmp_path, tiny):
+    tiny.vqvae(codebook_size=8).save_pretrained(tmp_path / "tok")
     with pytest.raises(ValueError, match="not a prior"):
         load_prior(tmp_path / "tok")
 

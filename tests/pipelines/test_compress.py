@@ -10,16 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import compress as C
-from pipelines.cli import main as cli_main
 from data.codes import load_codes
-from stage1_tokenizer.codec import encode_main
-from pipelines.pipeline import TokgenPipeline
-from stage1_tokenizer.quantizer import QuantizerConfig
-from stage1_tokenizer.vqvae import VQVAE, VQVAEConfig
 from pipelines import bitstream
+from pipelines import compress as C
 from pipelines.bitstream import BitstreamError
-from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
+from pipelines.cli import main as cli_main
+from pipelines.pipeline import TokgenPipeline
+from stage1_tokenizer.codec import encode_main
 
 SIZE = 32  # inputs (1, 32, 32) -> code grids (8, 8) of 32 codes
 HEADER = 11  # bytes for a 32x32 image (12 with a class label)
@@ -28,22 +25,12 @@ HEADER = 11  # bytes for a 32x32 image (12 with a class label)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_pipeline(seed: int, num_classes: int = 0, size: int = SIZE) -> TokgenPipeline:
-    torch.manual_seed(seed)
-    tok = VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
-                            quantizer=QuantizerConfig(codebook_size=32, dim=8)))
-    grid = (size // 4, size // 4)
-    prior = TransformerPrior(TransformerPriorConfig(grid_shape=grid, vocab_size=32, num_classes=num_classes,
-                                                    dim=32, num_layers=2, num_heads=2))
-    return TokgenPipeline(tok, [prior], (1, size, size), [str(i) for i in range(num_classes)] or None)
-
-
 @pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
+def pipes(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("pipes")
     out = {}
     for name, seed, classes in [("uncond", 0, 0), ("cond", 1, 3), ("other", 2, 0)]:
-        make_pipeline(seed, classes).save_pretrained(root / name)
+        tiny.pipeline(seed, num_classes=classes, size=SIZE, dim=32, num_layers=2).save_pretrained(root / name)
         out[name] = root / name
     return out
 
@@ -193,7 +180,7 @@ def test_another_pipeline_is_refused(pipes, tmp_path, capsys):
     assert not (tmp_path / "no.png").exists()
 
 
-def test_input_of_another_size(pipes, tmp_path):
+def test_input_of_another_size(pipes, tmp_path, tiny):
     """A transformer prior codes its own grid only; a convolutional prior codes any size (header shape)."""
     from stage2_prior.pixelcnn import GatedPixelCNNPriorConfig, GatedPixelCNNPrior
 
@@ -203,7 +190,7 @@ def test_input_of_another_size(pipes, tmp_path):
     report = C.compress_main(args=compress_args(pipes["uncond"], png, tmp_path / "x.tkg", size=SIZE))
     assert report["input_shape"] == [1, SIZE, SIZE]
 
-    pipe = make_pipeline(0)
+    pipe = tiny.pipeline(0, num_classes=0, size=SIZE, dim=32, num_layers=2)
     torch.manual_seed(3)
     conv = GatedPixelCNNPrior(GatedPixelCNNPriorConfig(grid_shape=(8, 8), vocab_size=32, channels=16, num_layers=3,
                                                   head_channels=16))
@@ -232,22 +219,17 @@ def test_decoder_out_of_step_is_refused(pipes):
             coder.decode([blob])
 
 
-def _modality_pipeline(modality: str) -> TokgenPipeline:
+def _modality_pipeline(modality: str, tiny) -> TokgenPipeline:
     """image: 2-level hierarchical VQ-VAE + transformer priors (class-conditional); audio: 2-level + WaveNet
     priors; video: 1-level 3-D VQ-VAE + transformer."""
-    from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
-    from stage2_prior.wavenet import WaveNetPriorConfig, WaveNetPrior
+    from stage2_prior.wavenet import WaveNetPrior, WaveNetPriorConfig
 
-    torch.manual_seed(0)
-    q = QuantizerConfig(codebook_size=16, dim=8)
     if modality == "video":
-        tok = VQVAE(VQVAEConfig(modality="video", in_channels=3, channels=(8, 8), num_res_blocks=1,
-                                factors=(2, 4, 4), quantizer=q))
+        tok = tiny.vqvae(modality="video", in_channels=3, factors=(2, 4, 4), codebook_size=16)
         shape = (3, 4, 16, 16)
     else:
         factors, shape = (((4, 4), (2, 2)), (1, 32, 32)) if modality == "image" else (((4,), (4,)), (1, 256))
-        tok = HierarchicalVQVAE(HierarchicalVQVAEConfig(modality=modality, in_channels=1, channels=(8, 8), hidden=8,
-                                                        num_res_blocks=1, factors=factors, quantizer=q))
+        tok = tiny.hvqvae(modality=modality, factors=factors)
     grids, classes, priors = tok.code_shapes(shape), (2 if modality == "image" else 0), []
     for level, grid in enumerate(grids):
         cond = dict(cond_grid_shape=grids[level - 1], cond_vocab_size=16) if level else {}
@@ -255,15 +237,14 @@ def _modality_pipeline(modality: str) -> TokgenPipeline:
             priors.append(WaveNetPrior(WaveNetPriorConfig(grid_shape=grid, vocab_size=16, channels=8, skip_channels=8,
                                                      head_channels=8, layers_per_cycle=3, num_cycles=1, **cond)))
         else:
-            priors.append(TransformerPrior(TransformerPriorConfig(grid_shape=grid, vocab_size=16, num_classes=classes,
-                                                                  dim=16, num_layers=1, num_heads=2, **cond)))
+            priors.append(tiny.transformer(None, grid=grid, vocab=16, num_classes=classes, **cond))
     return TokgenPipeline(tok, priors, shape)
 
 
 @pytest.mark.parametrize("modality", ["image", "audio", "video"])
-def test_every_modality_round_trips(modality):
+def test_every_modality_round_trips(modality, tiny):
     """Hierarchical pipelines code top level first, the lower one conditioned on the decoded upper codes."""
-    pipe = _modality_pipeline(modality)
+    pipe = _modality_pipeline(modality, tiny)
     g = torch.Generator().manual_seed(2)
     x = torch.rand(8, *pipe.input_shape, generator=g)
     x = x * 2 - 1 if modality == "audio" else x
@@ -282,10 +263,10 @@ def test_every_modality_round_trips(modality):
         assert not np.allclose(pipe.nll_bits(shifted, labels)[:, 1].numpy(), pipe.nll_bits(codes, labels)[:, 1].numpy())
 
 
-def test_audio_cli_round_trip(tmp_path):
+def test_audio_cli_round_trip(tmp_path, tiny):
     import soundfile as sf
 
-    pipe = _modality_pipeline("audio")
+    pipe = _modality_pipeline("audio", tiny)
     pipe.save_pretrained(tmp_path / "pipe")
     rng = np.random.default_rng(0)
     for i, n in enumerate((256, 512)):  # the WaveNet prior codes clips of any length

@@ -1,5 +1,5 @@
-"""The stage-2 commands through ``pipelines.cli.main`` in-process: sample, encode/decode, train-prior
-(with exact resume) and a tiny demo. The pipeline is a tiny random one (no training needed)."""
+"""The commands through ``pipelines.cli.main`` in-process: sample, encode/decode, train-prior (with exact
+resume) and a tiny demo. The pipeline is a tiny random one (no training needed)."""
 from __future__ import annotations
 
 import json
@@ -10,50 +10,28 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
 
 from pipelines.cli import main
 from pipelines.pipeline import TokgenPipeline
-from stage1_tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
-from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
+from stage2_prior.transformer import TransformerPrior
 
 INPUT = (1, 16, 16)
 TINY_PRIOR = {"arch": "transformer", "model": {"dim": 16, "num_layers": 1, "num_heads": 2}, "batch_size": 8,
               "max_steps": 6, "checkpoint_every": 3, "eval_every": 3, "warmup_steps": 1}
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True)
-def _quiet_and_fresh(monkeypatch):
+def _quiet_and_fresh(monkeypatch, one_thread, fresh_accelerate):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.setenv("TQDM_MININTERVAL", "20")  # cli.main would set it for the rest of the session
     monkeypatch.delenv("TOKGEN_DEBUG", raising=False)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    _reset_accelerate()
-
-
-def make_tokenizer() -> VQVAE:
-    torch.manual_seed(0)
-    return VQVAE(VQVAEConfig(in_channels=1, channels=(8, 8), num_res_blocks=1, factors=(4, 4),
-                             quantizer=QuantizerConfig(codebook_size=32, dim=8))).eval()
 
 
 @pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    prior = TransformerPrior(TransformerPriorConfig(grid_shape=(4, 4), vocab_size=32, num_classes=3, dim=16,
-                                                    num_layers=1, num_heads=2))
+def pipe_dir(tmp_path_factory, tiny) -> Path:
+    prior = tiny.transformer(1, num_classes=3)
     path = tmp_path_factory.mktemp("pipe") / "pipe"
-    TokgenPipeline(make_tokenizer(), [prior], INPUT, class_names=["a", "b", "c"]).save_pretrained(path)
+    TokgenPipeline(tiny.vqvae(), [prior], INPUT, class_names=["a", "b", "c"]).save_pretrained(path)
     return path
 
 
@@ -65,6 +43,26 @@ def level0(path) -> np.ndarray:
     """The top level of a codes file, as stored (its dtype is the smallest for the codebook)."""
     with np.load(path) as codes:
         return codes["level_0"]
+
+
+# ---- tokgen itself ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_start_without_torch(flag):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pipelines.cli import main\n"
+            f"try:\n    main([{flag!r}])\nexcept SystemExit as done:\n    assert done.code == 0, done.code\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
+            "assert not loaded, loaded[:5]\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if flag == "--version":
+        from pipelines import __version__
+
+        assert done.stdout.strip() == f"tokgen {__version__}" and __version__[0].isdigit()
+    else:
+        assert "train-tokenizer" in done.stdout and "decompress" in done.stdout
 
 
 # ---- tokgen sample ---------------------------------------------------------------------------------
@@ -115,14 +113,11 @@ def test_sample_class(pipe_dir, tmp_path, capsys):
     assert "class dropout" in capsys.readouterr().err  # this prior has no null class to guide with
 
 
-def test_sample_video_longer_than_training(tmp_path):
+def test_sample_video_longer_than_training(tmp_path, tiny):
     """`--length`: a transformer video pipeline trained on 4 frames writes 10-frame clips (sliding window)."""
-    torch.manual_seed(0)
-    tokenizer = VQVAE(VQVAEConfig(modality="video", in_channels=1, channels=(8, 8), num_res_blocks=1,
-                                  factors=(2, 4, 4), quantizer=QuantizerConfig(codebook_size=16, dim=8)))
-    prior = TransformerPrior(TransformerPriorConfig(grid_shape=(2, 2, 2), vocab_size=16, dim=16, num_layers=1,
-                                                    num_heads=2))
-    TokgenPipeline(tokenizer.eval(), [prior.eval()], (1, 4, 8, 8)).save_pretrained(tmp_path / "pipe")
+    tokenizer = tiny.vqvae(modality="video", factors=(2, 4, 4), codebook_size=16)
+    prior = tiny.transformer(None, grid=(2, 2, 2), vocab=16)
+    TokgenPipeline(tokenizer, [prior], (1, 4, 8, 8)).save_pretrained(tmp_path / "pipe")
     out = tmp_path / "long"
     assert tokgen("sample", tmp_path / "pipe", "--num", 2, "--length", 10, "--out", out) == 0
     assert np.load(out / "samples.npy").shape == (2, 10, 1, 8, 8)  # (N, T, C, H, W)
@@ -196,40 +191,68 @@ def test_decode_sampled_codes(pipe_dir, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["000.png", "001.png", "002.png"]
 
 
+def test_decode_hierarchical_sample_and_encode_outputs(tmp_path, tiny):
+    """A 2-level pipeline (as the photos demo's): `tokgen sample --num 4` then `tokgen decode` of its codes file
+    writes the 4 samples; `tokgen encode` then `tokgen decode` gives the tokenizer's reconstruction."""
+    from stage2_prior import GatedPixelCNNPrior, GatedPixelCNNPriorConfig
+
+    tokenizer = tiny.hvqvae()
+    (top, bottom) = tokenizer.code_shapes((1, 32, 32))
+    priors = [GatedPixelCNNPrior(GatedPixelCNNPriorConfig(grid_shape=top, vocab_size=16, channels=8, num_layers=2,
+                                                          kernel_size=3, head_channels=8)),
+              GatedPixelCNNPrior(GatedPixelCNNPriorConfig(grid_shape=bottom, vocab_size=16, cond_grid_shape=top,
+                                                          cond_vocab_size=16, channels=8, num_layers=2,
+                                                          kernel_size=3, head_channels=8))]
+    TokgenPipeline(tokenizer, priors, (1, 32, 32)).save_pretrained(tmp_path / "pipe")
+    assert tokgen("sample", tmp_path / "pipe", "--num", 4, "--out", tmp_path / "s") == 0
+    with np.load(tmp_path / "s" / "codes.npz") as codes:
+        assert codes.files == ["level_0", "level_1"]
+        assert codes["level_0"].shape == (4, 4, 4) and codes["level_1"].shape == (4, 8, 8)
+    assert tokgen("decode", tmp_path / "pipe", tmp_path / "s" / "codes.npz", "--out", tmp_path / "x") == 0
+    samples = np.load(tmp_path / "s" / "samples.npy")
+    for i in range(4):
+        with Image.open(tmp_path / "x" / f"{i:03d}.png") as img:
+            decoded = np.asarray(img.convert("L"), dtype=np.float32) / 255
+        assert np.abs(decoded - samples[i, 0]).max() <= 1 / 255 + 1e-6
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    Image.fromarray(pixels, mode="L").save(tmp_path / "img.png")
+    assert tokgen("encode", tmp_path / "pipe", tmp_path / "img.png", "--out", tmp_path / "e.npz") == 0
+    assert tokgen("decode", tmp_path / "pipe", tmp_path / "e.npz", "--out", tmp_path / "e.png") == 0
+    with Image.open(tmp_path / "e.png") as img:
+        decoded = np.asarray(img.convert("L"), dtype=np.float32) / 255
+    expected = tokenizer.reconstruct(torch.from_numpy(pixels).float().div(255)[None, None])[0, 0].numpy()
+    assert np.abs(decoded - expected).max() <= 1 / 255 + 1e-6
+
+
 # ---- tokgen train-prior -------------------------------------------------------------------------------
-class TinyImages(Dataset):
-    def __init__(self, n: int, seed: int):
-        self.images = torch.rand(n, *INPUT, generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.images[i], "label": i % 3, "key": f"img{i:03d}", "skipped": []}
-
-
 @pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory) -> Path:
+def tokens_dir(tmp_path_factory, tiny) -> Path:
     from stage1_tokenizer.export import export_tokens
 
     path = tmp_path_factory.mktemp("tokens") / "tokens"
-    export_tokens(make_tokenizer(), {"train": TinyImages(64, 0), "eval": TinyImages(16, 1)}, path,
-                  batch_size=32, shard_size=64, progress=False)
+    export_tokens(tiny.vqvae(), {"train": tiny.images(64, seed=0, classes=3), "eval": tiny.images(16, seed=1, classes=3)},
+                  path, batch_size=32, shard_size=64, progress=False)
     return path
 
 
-def train_prior(tokens: Path, out: Path, config: Path | None, *extra) -> int:
-    given = ("--config", config) if config is not None else ()
-    code = tokgen("train-prior", "--tokens", tokens, "--out", out, *given, "--quiet", *extra)
-    _reset_accelerate()
-    return code
+@pytest.fixture
+def train_prior(fresh_accelerate):
+    """`tokgen train-prior --tokens T --out O [--config C] --quiet ...`, with a fresh Accelerate state after it."""
+    def run(tokens: Path, out: Path, config: Path | None, *extra) -> int:
+        given = ("--config", config) if config is not None else ()
+        try:
+            return tokgen("train-prior", "--tokens", tokens, "--out", out, *given, "--quiet", *extra)
+        finally:
+            fresh_accelerate()
+
+    return run
 
 
 def weights(run: Path) -> dict:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, capsys):
+def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, capsys, tiny, train_prior):
     config = tmp_path / "prior.json"
     # label dropout draws from torch's RNG every step: resume must restore it to match the straight run
     config.write_text(json.dumps({**TINY_PRIOR, "class_dropout": 0.5}))
@@ -238,7 +261,7 @@ def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, ca
     saved = json.loads((whole / "config.json").read_text())
     assert saved["max_steps"] == 6 and saved["model"]["dim"] == 16 and saved["tokens"] == str(tokens_dir)
     info = json.loads((whole / "prior.json").read_text())
-    assert info["tokenizer_fingerprint"] == make_tokenizer().fingerprint()
+    assert info["tokenizer_fingerprint"] == tiny.vqvae().fingerprint()
     assert info["input_shape"] == list(INPUT) and info["level"] == 0
     ev = info["eval"]
     assert ev["num_samples"] == 16 and 0 < ev["bits_per_token"] < 10
@@ -249,7 +272,7 @@ def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, ca
     assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
     # the run assembles into a pipeline with the tokenizer it was trained for
     tok_dir = tmp_path / "tok"
-    make_tokenizer().save_pretrained(tok_dir)
+    tiny.vqvae().save_pretrained(tok_dir)
     pipe = TokgenPipeline.from_runs(tok_dir, [whole])
     assert pipe.input_shape == INPUT and pipe.num_classes == 3
     pipe.save_pretrained(tmp_path / "pipe")
@@ -263,7 +286,6 @@ def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, ca
     resumed = tmp_path / "resumed"
     with pytest.raises(crash_after_checkpoint.error):
         train_prior(tokens_dir, resumed, config)
-    _reset_accelerate()
     disarm()
     assert not (resumed / "model").exists()
     capsys.readouterr()
@@ -279,7 +301,7 @@ def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, ca
     assert any(not torch.allclose(at3[k], a[k]) for k in a)
 
 
-def test_train_prior_other_arch_from_flag_or_config(tokens_dir, tmp_path):
+def test_train_prior_other_arch_from_flag_or_config(tokens_dir, tmp_path, train_prior):
     """The default preset sizes a transformer: `--arch pixelcnn`, or a config file naming another arch, starts
     from that arch's own defaults instead of failing on the transformer's fields."""
     from stage2_prior.pixelcnn import GatedPixelCNNPrior
@@ -295,7 +317,7 @@ def test_train_prior_other_arch_from_flag_or_config(tokens_dir, tmp_path):
     assert prior.config.channels == 8 and prior.config.num_layers == 2
 
 
-def test_train_prior_errors(tokens_dir, tmp_path, capsys):
+def test_train_prior_errors(tokens_dir, tmp_path, capsys, train_prior):
     config = tmp_path / "prior.json"
     config.write_text(json.dumps(TINY_PRIOR))
     assert train_prior(tmp_path / "no_tokens", tmp_path / "r1", config) == 2

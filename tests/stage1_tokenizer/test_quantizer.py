@@ -375,12 +375,11 @@ def _sync_worker():
     import torch
 
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
+    from conftest import reset_accelerate  # loaded in the pytest process this one is forked from
     from stage1_tokenizer.quantizer import check_codebooks_in_sync
 
-    AcceleratorState._reset_state(True)  # a forked child must not reuse the parent's single-process state
-    GradientState._reset_state()
+    reset_accelerate()  # a forked child must not reuse the parent's single-process state
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2

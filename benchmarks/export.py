@@ -12,7 +12,7 @@ quote medians:
 * encode: ``tokenizer.encode`` on the images already decoded into one tensor (no I/O at all);
 * read: decode the PNGs and collate batches, no encoding (the input I/O alone);
 * read + encode: both, without writing anything;
-* the same through export's own reader (``pipelines.runs.SeededDataset`` in a ``DataLoader``: every item is
+* the same through export's own reader (``harness.data_order.SeededDataset`` in a ``DataLoader``: every item is
   loaded under its own ``torch.manual_seed``), still without writing;
 * export: ``stage2_prior.export.export_tokens`` into a fresh folder (read, encode, tar shards, sidecars,
   manifest, fsync), also with ``num_workers=1`` (decoding in a data-loader process, overlapped).

@@ -40,7 +40,7 @@ def export_digits_tokens(out: Path, codebook_size: int) -> Path:
 
 
 def run(quick: bool = False) -> dict:
-    from pipelines import runs
+    from harness import loop
     from harness.config import preset
     from harness.config import config_from_dict
     from stage2_prior.train import PriorTrainConfig, build, collate, train_step
@@ -49,7 +49,7 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="tokgen-bench-") as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
-        accelerator = runs.make_accelerator(tmp / "run", "no", 1, log=False)
+        accelerator = loop.make_accelerator(tmp / "run", "no", 1, log=False)
         states, steps = {}, {}
         for name, vocab in PRESETS.items():
             tokens = export_digits_tokens(tmp / f"tokens-{vocab}", vocab)
@@ -59,7 +59,7 @@ def run(quick: bool = False) -> dict:
             state = build(cfg, accelerator)
             state.model.train()
             batch = collate([state.train_set[i] for i in range(cfg.batch_size)])
-            guard = runs.BadStepGuard(cfg.max_bad_steps)
+            guard = loop.BadStepGuard(cfg.max_bad_steps)
             states[name] = (state, batch)
             steps[name] = (lambda s=state, b=batch, g=guard: train_step(s, b, accelerator, g) and None)
         times = interleaved(steps, repeats=repeats, warmup=2)

@@ -89,9 +89,11 @@ def baselines(modality: str, sample_rate: int = 0) -> dict:
 # ---- the benchmark ------------------------------------------------------------------------------------
 def run(quick: bool = False, pipeline: Path | None = None, data: str = "digits", limit: int | None = None) -> dict:
     from data import build_dataset
-    from pipelines.compress import coder_for, data_peak, model_nll_bits
+    from data.common import iterate_items
+    from data.modalities import value_span
+    from pipelines.compress import coder_for
+    from pipelines.evaluate import dataset_options
     from pipelines.pipeline import TokgenPipeline
-    from pipelines.evaluate import dataset_options, iterate
 
     pipeline = Path(pipeline or DEFAULT_PIPELINE)
     if not (pipeline / "pipeline.json").is_file():
@@ -101,10 +103,9 @@ def run(quick: bool = False, pipeline: Path | None = None, data: str = "digits",
     limit = limit or (40 if quick else None)
     torch.set_num_threads(1)  # sizes and PSNR do not depend on it; tiny models run fastest on one thread
     pipe = TokgenPipeline.from_pretrained(pipeline)
-    cfg = pipe.tokenizer.config
-    sample_rate = getattr(cfg, "sample_rate", 0)
+    sample_rate = pipe.tokenizer.sample_rate
     dataset = build_dataset(data, **dataset_options(pipe))
-    peak = data_peak(pipe.modality)
+    peak = value_span(pipe.modality)
     coder = coder_for(pipe)
     codecs = baselines(pipe.modality, sample_rate)
     per_item = int(math.prod(pipe.input_shape[1:]))  # pixels (x frames) per item, or audio samples
@@ -112,7 +113,7 @@ def run(quick: bool = False, pipeline: Path | None = None, data: str = "digits",
     sizes.update({name: [] for name in codecs})
     psnrs = {name: [] for name in sizes}
     header_bytes, exact, started = None, True, time.perf_counter()
-    for index, sample in enumerate(iterate(dataset)):
+    for index, sample in enumerate(iterate_items(dataset)):
         if limit is not None and index >= limit:
             break
         x = sample["x"]
@@ -126,7 +127,7 @@ def run(quick: bool = False, pipeline: Path | None = None, data: str = "digits",
         p = _psnr(xn, recon, peak)
         sizes["tokgen"].append(len(enc.blob))
         psnrs["tokgen"].append(p)
-        sizes["tokgen, model NLL (ideal code length, no header)"].append(float(model_nll_bits(pipe, codes, label).sum()) / 8)
+        sizes["tokgen, model NLL (ideal code length, no header)"].append(float(pipe.nll_bits(codes, label).sum()) / 8)
         psnrs["tokgen, model NLL (ideal code length, no header)"].append(p)
         header_bytes = enc.header_bytes
         for name, fn in codecs.items():

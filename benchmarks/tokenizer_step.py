@@ -80,7 +80,7 @@ def worker(size: int, batch: int, warmup: int, steps: int, device: str) -> dict:
 
     from benchmarks.common import PeakRSS, apply_threads
     from data import collate_samples
-    from pipelines import runs
+    from harness import loop
     from harness.config import preset
     from harness.config import config_from_dict
     from stage1_tokenizer.train import TokenizerTrainConfig, build, train_step
@@ -93,13 +93,13 @@ def worker(size: int, batch: int, warmup: int, steps: int, device: str) -> dict:
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with tempfile.TemporaryDirectory(prefix="tokgen-bench-") as tmp:
-        accelerator = runs.make_accelerator(Path(tmp), cfg.mixed_precision, 1, log=False)
+        accelerator = loop.make_accelerator(Path(tmp), cfg.mixed_precision, 1, log=False)
         state = build(cfg, accelerator)
         torch.manual_seed(0)
         batch_data = collate_samples([state.dataset[i] for i in range(batch)])
         model = accelerator.unwrap_model(state.model)
         timer = QuantizerTimer(model.quantizer, sync)
-        guard = runs.BadStepGuard(cfg.max_bad_steps)
+        guard = loop.BadStepGuard(cfg.max_bad_steps)
         x = batch_data["x"].to(accelerator.device)
         with torch.no_grad(), accelerator.autocast():
             z0 = model.encoder(model._to_model(x)).detach()

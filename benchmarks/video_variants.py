@@ -75,6 +75,7 @@ def prior_variant(demo: Path, out: Path, overrides: dict, per_class: int, temper
     from data.pictures import write_samples
     from pipelines.pipeline import TokgenPipeline
     from pipelines.sample import generate
+    from stage2_prior.sampling import SamplingOptions
     from stage1_tokenizer.train import TokenizerTrainConfig, build_dataset
     from stage2_prior import train as prior_train
 
@@ -100,7 +101,8 @@ def prior_variant(demo: Path, out: Path, overrides: dict, per_class: int, temper
               "config": json.loads((out / "config.json").read_text())}
     for g in guidances:
         for t in temperatures:
-            samples, _, _ = generate(pipe, len(labels), labels, 0, 100, quiet=True, temperature=t, guidance=g)
+            samples, _, _ = generate(pipe, len(labels), labels, 0, 100, SamplingOptions(temperature=t, guidance=g),
+                                     quiet=True)
             key = str(t) if g == 1.0 else f"{t}, guidance {g}"
             result["samples_judged"][key] = float(judge.hits(samples, labels).mean())
             print(key, result["samples_judged"][key], flush=True)

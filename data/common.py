@@ -10,10 +10,13 @@ Every image dataset in ``data`` yields the same sample dict::
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from torch.utils.data import IterableDataset
 
 # Suffixes PIL can decode; matched case-insensitively.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -42,6 +45,13 @@ def collate_samples(samples: list[dict]) -> dict:
         "key": [s["key"] for s in samples],
         "skipped": [p for s in samples for p in s["skipped"]],
     }
+
+
+def iterate_items(dataset) -> Iterator[dict]:
+    """The samples of a map-style (by index, in order) or iterable dataset."""
+    if isinstance(dataset, IterableDataset):
+        return iter(dataset)
+    return (dataset[i] for i in range(len(dataset)))
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

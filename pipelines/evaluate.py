@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
 
 from data import build_dataset, collate_samples
+from data.common import iterate_items
 from pipelines.bitstream import BitstreamError
 from pipelines.compress import coder_for
 from pipelines.pipeline import TokgenPipeline
@@ -53,9 +53,8 @@ def _labels(pipe: TokgenPipeline, batch: dict) -> torch.Tensor | None:
 
 def batches(dataset, batch_size: int, limit: int | None):
     """Collated batches from a map-style or iterable dataset, at most ``limit`` samples in all."""
-    items = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
     buf, seen = [], 0
-    for sample in items:
+    for sample in iterate_items(dataset):
         if limit is not None and seen >= limit:
             break
         buf.append(sample)

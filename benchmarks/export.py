@@ -14,7 +14,7 @@ quote medians:
 * read + encode: both, without writing anything;
 * the same through export's own reader (``harness.data_order.SeededDataset`` in a ``DataLoader``: every item is
   loaded under its own ``torch.manual_seed``), still without writing;
-* export: ``stage2_prior.export.export_tokens`` into a fresh folder (read, encode, tar shards, sidecars,
+* export: ``stage1_tokenizer.export.export_tokens`` into a fresh folder (read, encode, tar shards, sidecars,
   manifest, fsync), also with ``num_workers=1`` (decoding in a data-loader process, overlapped).
 
 Memory: each of N and 10N is exported in a fresh subprocess; the peak-RSS high-water mark is reset after

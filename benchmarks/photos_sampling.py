@@ -12,7 +12,6 @@ codes. The per-token floor is the bytes a cached step must read over this machin
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

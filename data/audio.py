@@ -31,7 +31,6 @@ from .webdataset_io import WebDatasetImages, is_shard_source, sample_label
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 AUDIO_KEYS = ("wav", "flac", "mp3", "ogg")
-AUDIO_BUILTINS = ("spoken-digits",)
 DEFAULT_SAMPLE_RATE = 16000  # the rate used when a tokenizer says 0 (and spoken-digits' own rate)
 
 _ACCEPTED_FORMS = (

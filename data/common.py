@@ -125,8 +125,3 @@ def image_to_tensor(img: Image.Image, size: int, channels: int, train: bool) -> 
     img = ImageOps.exif_transpose(img)  # camera photos store rotation in EXIF
     x = resize_shorter(pil_to_tensor(img), size)
     return match_channels(crop_square(x, size, train), channels).contiguous()
-
-
-def is_image_file(name: str) -> bool:
-    """True for names with a supported image suffix (case-insensitive)."""
-    return name.lower().endswith(IMAGE_EXTENSIONS)

@@ -26,7 +26,6 @@ from .webdataset_io import WebDatasetImages, is_shard_source, sample_label
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".avi", ".mov", ".mkv")
 VIDEO_KEYS = ("mp4", "webm", "gif", "avi", "mov", "mkv")
-VIDEO_BUILTINS = ("moving-digits",)
 DEFAULT_FRAMES = 16  # frames per clip
 
 _ACCEPTED_FORMS = (

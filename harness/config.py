@@ -151,6 +151,7 @@ def _changed(config: Any, values: dict, defaults: dict) -> dict:
 
 # ---- presets and resolution ---------------------------------------------------------------------
 def preset_names() -> list[str]:
+    """The names of the shipped presets (``--config NAME``)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 

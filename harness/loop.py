@@ -50,6 +50,33 @@ class TrainingConfig:
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
 
 
+# ---- the command line both scripts share ---------------------------------------------------------
+TRAINING_FLAGS = ("max_steps", "checkpoint_every", "batch_size", "lr", "seed", "mixed_precision", "grad_accum",
+                  "num_workers")
+
+
+def add_training_arguments(p) -> None:
+    """The flags for ``TrainingConfig`` fields (``TRAINING_FLAGS``; None = take the config's), plus --out, --config,
+    --resume and --quiet."""
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--config", help="JSON training config, or the name of a preset in harness/presets")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
+    p.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
+    p.add_argument("--batch-size", type=int, help="samples per process per micro-batch")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int, help="seeds the model, the data order and every random crop")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast precision")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--num-workers", type=int, help="data-loading processes")
+    p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint, exactly")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def given_flags(args, names: tuple[str, ...]) -> dict:
+    """{field: value} of the flags among ``names`` (None where not given: the config's value stays)."""
+    return {name: getattr(args, name) for name in names}
+
+
 # ---- accelerator ------------------------------------------------------------------------------
 def make_accelerator(run_dir: Path, mixed_precision: str, grad_accum: int, log: bool = True) -> Accelerator:
     # torch deprecates broadcast_buffers for forward_sync_buffers, which still syncs at init and is

@@ -293,6 +293,7 @@ def compress_batch(pipe, x_or_codes, class_labels=None, input_shape=None) -> lis
 
 
 def decompress_batch(pipe, blobs: list[bytes]) -> list[Decompressed]:
+    """The codes (and input shape, class) of files made together by :func:`compress_batch`; verifies each."""
     return coder_for(pipe).decode(list(blobs))
 
 
@@ -313,6 +314,7 @@ def compress(pipe, x_or_codes, class_label=None, input_shape=None) -> bytes:
 
 
 def decompress(pipe, blob: bytes) -> Decompressed:
+    """The codes (and input shape, class) of one file made by :func:`compress`; refuses a damaged or foreign one."""
     return coder_for(pipe).decode([blob])[0]
 
 

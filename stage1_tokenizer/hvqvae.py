@@ -71,6 +71,9 @@ class HierarchicalVQVAEOutput:
 
 
 class HierarchicalVQVAE(Tokenizer):
+    """VQ-VAE-2 with any number of levels (see the module docstring): ``encode_levels(x)`` gives one code grid
+    per level, top first, and ``decode_levels`` takes them back."""
+
     config_class = HierarchicalVQVAEConfig
     model_type = "hvqvae"
 

@@ -70,6 +70,9 @@ def _rank() -> int:
 
 
 class VectorQuantizer(nn.Module):
+    """Nearest-neighbour codebook lookup for features (B, D, *S): ``encode`` -> codes (B, *S), ``lookup`` -> the
+    features the decoder sees, ``forward`` (training) -> ``QuantizerOutput`` with straight-through gradients."""
+
     def __init__(self, config: QuantizerConfig):
         super().__init__()
         self.config = config

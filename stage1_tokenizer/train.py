@@ -56,21 +56,11 @@ class TokenizerTrainConfig(loop.TrainingConfig):
 # ---- parse ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="built-in name (digits, photos), image folder, or .tar shard pattern")
-    p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--config", help="JSON training config, or the name of a preset in harness/presets")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--num-workers", type=int)
+    loop.add_training_arguments(p)
     p.add_argument("--lpips-weight", type=float, help="images: weight of the LPIPS perceptual loss")
     p.add_argument("--stft-weight", type=float, help="audio: weight of the multi-resolution STFT loss")
-    p.add_argument("--bad-input", choices=["skip", "fail"])
-    p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--bad-input", choices=["skip", "fail"],
+                   help="an unreadable input: skip it and list it in RUN/skipped.txt, or stop")
 
 
 def default_preset(data: str | None) -> dict:
@@ -82,9 +72,7 @@ def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
     if args.resume and saved.is_file():
         # A resumed run keeps its own config; only the step budget may grow.
         return resolve(TokenizerTrainConfig, json.loads(saved.read_text()), {"max_steps": args.max_steps})
-    flags = {k: getattr(args, k) for k in ("data", "max_steps", "checkpoint_every", "batch_size", "lr", "seed",
-                                            "mixed_precision", "grad_accum", "num_workers", "lpips_weight", "stft_weight",
-                                            "bad_input")}
+    flags = loop.given_flags(args, ("data", *loop.TRAINING_FLAGS, "lpips_weight", "stft_weight", "bad_input"))
     base = default_preset(args.data)
     if args.config:
         base = merge(base, load_config_file(args.config))

@@ -21,6 +21,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def upper_level_conditioning(config, channels: int, conv: type[nn.Module]):
+    """(embedding, conv) of a conv prior's upper-level codes, or (None, None) when it has no level above. The conv
+    (width 3) is not causal: the upper level is fully known before this level is sampled."""
+    if not config.cond_vocab_size:
+        return None, None
+    return nn.Embedding(config.cond_vocab_size, channels), conv(channels, channels, 3, padding=1)
+
+
+def conditioning_map(prior, batch: int, class_labels=None, cond=None) -> torch.Tensor | None:
+    """(B, C, *grid): a conv prior's class embedding + processed upper-level codes, or None when unconditional.
+
+    Needs ``prior.config``, ``prior.class_emb``/``embed_class`` and ``prior.cond_emb``/``cond_conv``."""
+    cfg = prior.config
+    if not cfg.conditional:
+        return None
+    grid = tuple(cfg.grid_shape)
+    ctx = prior.tok_emb.weight.new_zeros(batch, cfg.channels, *grid)
+    if prior.class_emb is not None:
+        ctx = ctx + prior.embed_class(class_labels).view(batch, -1, *([1] * len(grid)))
+    if prior.cond_emb is not None:
+        up = F.interpolate(prior.cond_emb(cond).movedim(-1, 1), size=grid, mode="nearest")
+        ctx = ctx + prior.cond_conv(up)
+    return ctx
+
+
 def gate(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Gated activation unit: tanh(a) * sigmoid(b), with a and b the two halves of ``x`` along ``dim``."""
     a, b = x.chunk(2, dim)

@@ -39,7 +39,8 @@ from torch import nn
 
 from harness.folders import PretrainedMixin
 from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
-from stage2_prior.causal_conv import HorizontalConv, VerticalConv, gate, linear_step, shift_down
+from stage2_prior.causal_conv import (HorizontalConv, VerticalConv, conditioning_map, gate, linear_step, shift_down,
+                                      upper_level_conditioning)
 
 
 @dataclass
@@ -143,11 +144,7 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
         c, n = config.channels, config.num_layers
         self.tok_emb = nn.Embedding(config.vocab_size, c)
         self.class_emb = class_embedding(config, c)
-        if config.cond_vocab_size:
-            self.cond_emb = nn.Embedding(config.cond_vocab_size, c)
-            self.cond_conv = nn.Conv2d(c, c, 3, padding=1)  # non-causal: the upper level is fully known
-        else:
-            self.cond_emb = self.cond_conv = None
+        self.cond_emb, self.cond_conv = upper_level_conditioning(config, c, nn.Conv2d)
         self.layers = nn.ModuleList(GatedLayer(config, first=i == 0) for i in range(n))
         # Attention after layer i (never after the last: its output would reach nothing).
         self.attn = nn.ModuleDict({str(i): CausalSelfAttention(config) for i in range(n - 1)
@@ -157,16 +154,7 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
 
     def context(self, batch: int, class_labels=None, cond=None) -> torch.Tensor | None:
         """(B, C, H, W): class embedding + processed upper-level codes, or None when unconditional."""
-        if not self.config.conditional:
-            return None
-        w = self.tok_emb.weight
-        ctx = w.new_zeros(batch, self.config.channels, *self.config.grid_shape)
-        if self.class_emb is not None:
-            ctx = ctx + self.embed_class(class_labels)[:, :, None, None]
-        if self.cond_emb is not None:
-            up = F.interpolate(self.cond_emb(cond).permute(0, 3, 1, 2), size=self.config.grid_shape, mode="nearest")
-            ctx = ctx + self.cond_conv(up)
-        return ctx
+        return conditioning_map(self, batch, class_labels, cond)
 
     def forward(self, codes: torch.Tensor, class_labels=None, cond=None) -> torch.Tensor:
         """codes (B, H, W) -> logits (B, H, W, V); position (i, j) sees codes before it in raster order only."""

@@ -19,6 +19,7 @@ RUN_INFO = "prior.json"  # beside a prior run's model/: which tokens, tokenizer 
 
 
 def prior_classes(arch: str) -> tuple[type[PriorMixin], type[PriorConfig]]:
+    """(model class, config class) of the prior architecture ``arch``."""
     if arch not in ARCHS:
         raise ValueError(f"unknown prior architecture {arch!r}; choose one of {sorted(ARCHS)}")
     return ARCHS[arch], ARCHS[arch].config_class

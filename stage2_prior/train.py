@@ -21,7 +21,7 @@ from harness import loop
 from harness.config import config_from_dict, load_config_file, merge, preset, resolve
 from harness.schedule import warmup_cosine
 from stage2_prior.base import NULL_CLASS, PriorConfig
-from stage2_prior.registry import prior_classes, write_prior_run
+from stage2_prior.registry import ARCHS, prior_classes, write_prior_run
 
 
 @dataclass
@@ -74,28 +74,17 @@ def collate(samples: list[dict]) -> dict:
 # ---- parse ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", help="token folder from `tokgen export-tokens`")
-    p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--config", help="JSON training config, or the name of a preset in harness/presets (prior-*)")
+    loop.add_training_arguments(p)
     p.add_argument("--level", type=int, help="which level to model (0 = top); lower levels see the one above")
-    p.add_argument("--arch", choices=["transformer", "pixelcnn", "wavenet"])
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--arch", choices=sorted(ARCHS), help="prior architecture (default: the config's)")
     p.add_argument("--unconditional", action="store_true", help="ignore class labels")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--quiet", action="store_true")
 
 
 def parse_config(args: argparse.Namespace) -> PriorTrainConfig:
     saved = args.out / "config.json"
     if args.resume and saved.is_file():
         return resolve(PriorTrainConfig, json.loads(saved.read_text()), {"max_steps": args.max_steps})
-    flags = {k: getattr(args, k) for k in ("tokens", "level", "arch", "max_steps", "checkpoint_every",
-                                            "batch_size", "lr", "seed", "mixed_precision", "grad_accum")}
+    flags = loop.given_flags(args, ("tokens", "level", "arch", *loop.TRAINING_FLAGS))
     if args.unconditional:
         flags["class_conditional"] = False
     base, file = preset("prior-default"), load_config_file(args.config) if args.config else {}

@@ -22,7 +22,8 @@ from torch import nn
 
 from harness.folders import PretrainedMixin
 from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
-from stage2_prior.causal_conv import CausalConv1d, ConvQueue, gate, linear_step
+from stage2_prior.causal_conv import (CausalConv1d, ConvQueue, conditioning_map, gate, linear_step,
+                                      upper_level_conditioning)
 
 
 @dataclass
@@ -100,26 +101,14 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, c)
         self.start = nn.Parameter(torch.zeros(c))
         self.class_emb = class_embedding(config, c)
-        if config.cond_vocab_size:
-            self.cond_emb = nn.Embedding(config.cond_vocab_size, c)
-            self.cond_conv = nn.Conv1d(c, c, 3, padding=1)  # non-causal: the upper level is fully known
-        else:
-            self.cond_emb = self.cond_conv = None
+        self.cond_emb, self.cond_conv = upper_level_conditioning(config, c, nn.Conv1d)
         self.layers = nn.ModuleList(ResidualLayer(config, d) for d in config.dilations)
         self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(config.skip_channels, config.head_channels, 1), nn.ReLU(),
                                   nn.Conv1d(config.head_channels, config.vocab_size, 1))
 
     def context(self, batch: int, class_labels=None, cond=None) -> torch.Tensor | None:
         """(B, C, T): class embedding + processed upper-level codes, or None when unconditional."""
-        if not self.config.conditional:
-            return None
-        ctx = self.start.new_zeros(batch, self.config.channels, *self.config.grid_shape)
-        if self.class_emb is not None:
-            ctx = ctx + self.embed_class(class_labels)[:, :, None]
-        if self.cond_emb is not None:
-            up = F.interpolate(self.cond_emb(cond).transpose(1, 2), size=self.config.grid_shape, mode="nearest")
-            ctx = ctx + self.cond_conv(up)
-        return ctx
+        return conditioning_map(self, batch, class_labels, cond)
 
     def forward(self, codes: torch.Tensor, class_labels=None, cond=None) -> torch.Tensor:
         """codes (B, T) -> logits (B, T, V); position t sees codes < t only."""

@@ -34,7 +34,7 @@ def pipe(tiny) -> TokgenPipeline:
 @pytest.mark.parametrize("kwargs, what", [({"grid": (4, 5)}, r"\(4, 5\)"), ({"grid": (8, 8)}, r"\(8, 8\)"),
                                           ({"vocab": 64}, "64 codes")])
 def test_rejects_mismatched_prior(kwargs, what, tiny):
-    with pytest.raises(ValueError, match=f"do not belong together") as err:
+    with pytest.raises(ValueError, match="do not belong together") as err:
         TokgenPipeline(tiny.vqvae(), [tiny.transformer(num_classes=3, **kwargs)], INPUT)
     assert err.match(what)
 

@@ -88,16 +88,19 @@ def test_three_level_audio_config_trains_with_jukebox_hops(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(f.stem for f in PRESET_DIR.glob("prior-*.json")))
 def test_every_prior_config_works_through_the_command_line(name, tmp_path):
-    """`tokgen train-prior --config harness/presets/NAME.json`, as the README has users run them: the
-    command resolves the file over the default preset, and the result must build that arch's model."""
+    """`tokgen train-prior --config NAME` (a preset's name) and `--config harness/presets/NAME.json`, as the README
+    has users run them: the command resolves the preset over the default one, and the result must build that
+    arch's model."""
     import argparse
 
     from stage2_prior.train import add_arguments, parse_config
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--tokens", "t", "--out", str(tmp_path), "--config", str(PRESET_DIR / f"{name}.json")])
+    args = parser.parse_args(["--tokens", "t", "--out", str(tmp_path), "--config", name])
     cfg = parse_config(args)
+    by_path = parser.parse_args(["--tokens", "t", "--out", str(tmp_path), "--config", str(PRESET_DIR / f"{name}.json")])
+    assert parse_config(by_path) == cfg
     assert cfg.arch == preset(name)["arch"]
     grid = [8] if cfg.arch == "wavenet" else [4, 4]
     manifest = {"levels": [{"grid_shape": grid, "codebook_size": 16}] * 2, "num_classes": 10}

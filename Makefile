@@ -3,8 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tokgen-installed
 # PyPI's torchvision/torchaudio are CUDA builds: pair them with PyPI's CUDA torch (it runs on CPU too).
-# On a machine with its own torch, override: make test TORCH_PACKAGES="torch torchvision torchaudio"
+# On a machine with its own torch (a GPU box), use it instead of installing one:
+#   make test VENV_FLAGS=--system-site-packages TORCH_PACKAGES=
+# (the venv then sees the system's torch, torchvision and torchaudio, and pip keeps them: README, "Installing")
 TORCH_PACKAGES ?= "torch==2.13.0,!=2.13.0+cpu" torchvision==0.28.0 torchaudio==2.11.0 torchcodec
+VENV_FLAGS ?=
 DEMO_OUT ?= demo_out
 DATASET ?= digits
 
@@ -13,9 +16,9 @@ DATASET ?= digits
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || python3 -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PACKAGES)
+	$(if $(strip $(TORCH_PACKAGES)),$(PY) -m pip install -q $(TORCH_PACKAGES))
 	$(PY) -m pip install -q -e ".[dev]"
 	@# System tools for audio/video data (espeak-ng: spoken-digits; ffmpeg: torchcodec). Never fails the build.
 	@command -v espeak-ng >/dev/null && command -v ffmpeg >/dev/null || \

@@ -49,7 +49,7 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="tokgen-bench-") as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
-        accelerator = loop.make_accelerator(tmp / "run", "no", 1, log=False)
+        accelerator = loop.make_accelerator(tmp / "run", "no", 1, log_with="none")
         states, steps = {}, {}
         for name, vocab in PRESETS.items():
             tokens = export_digits_tokens(tmp / f"tokens-{vocab}", vocab)

@@ -93,7 +93,7 @@ def worker(size: int, batch: int, warmup: int, steps: int, device: str) -> dict:
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with tempfile.TemporaryDirectory(prefix="tokgen-bench-") as tmp:
-        accelerator = loop.make_accelerator(Path(tmp), cfg.mixed_precision, 1, log=False)
+        accelerator = loop.make_accelerator(Path(tmp), cfg.mixed_precision, 1, log_with="none")
         state = build(cfg, accelerator)
         torch.manual_seed(0)
         batch_data = collate_samples([state.dataset[i] for i in range(batch)])

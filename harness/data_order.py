@@ -6,6 +6,7 @@ mid-epoch can change what a step sees.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -37,7 +38,11 @@ class SeededDataset(Dataset):
 
 @dataclass
 class EpochBatches:
-    """Batches of (index, seed) for one rank: epoch e is a permutation seeded by (seed, e)."""
+    """Batches of (index, seed) for one rank: epoch e is a permutation seeded by (seed, e).
+
+    A dataset smaller than one batch on every rank is repeated within the epoch (each repeat with its own
+    seeds: other random crops of the same files), so a folder of seven photos trains with a batch of 16.
+    """
 
     size: int
     batch_size: int
@@ -46,55 +51,80 @@ class EpochBatches:
     world: int = 1
 
     def __post_init__(self):
-        if len(self) == 0:
-            raise ValueError(
-                f"dataset of {self.size} samples is smaller than one batch of {self.batch_size} "
-                f"x {self.world} processes"
-            )
+        if self.size < 1:
+            raise ValueError("the dataset is empty: nothing to train on")
+        self.repeats = max(1, math.ceil(self.batch_size * self.world / self.size))
 
     def __len__(self) -> int:
-        return (self.size // self.world) // self.batch_size
+        return (self.size * self.repeats // self.world) // self.batch_size
 
     def epoch(self, epoch: int, start: int = 0) -> list[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.size, generator=g)
-        seeds = torch.randint(0, 2**62, (self.size,), generator=g)
-        mine = order[self.rank :: self.world][: len(self) * self.batch_size]
-        pairs = [(int(i), int(seeds[i])) for i in mine]
+        order = torch.cat([torch.randperm(self.size, generator=g) for _ in range(self.repeats)])
+        seeds = torch.randint(0, 2**62, (self.size * self.repeats,), generator=g)
+        mine = torch.arange(len(order))[self.rank :: self.world][: len(self) * self.batch_size]
+        pairs = [(int(order[k]), int(seeds[k if self.repeats > 1 else order[k]])) for k in mine]
         batches = [pairs[b : b + self.batch_size] for b in range(0, len(pairs), self.batch_size)]
         return batches[start:]
 
 
-def batch_stream(dataset: Dataset, batch_size: int, seed: int, rank: int, world: int, collate,
-                 num_workers: int = 0, start_batch: int = 0) -> Iterator[dict]:
-    """Endless batches for one rank, starting after ``start_batch`` consumed batches.
+class BatchStream:
+    """Endless batches for one rank, from a position a checkpoint recorded (``position()``), exactly.
 
-    Map-style datasets follow ``EpochBatches``; iterable ones (WebDataset shards) are re-iterated each
-    epoch and a resume skips the consumed batches by reading past them.
+    Map-style datasets follow ``EpochBatches``. Iterable ones (token or WebDataset shards) are re-read each epoch,
+    told the epoch first when they can be (``set_epoch``: a new seeded shuffle each epoch), and a resume skips the
+    batches of the current epoch that were already consumed by reading past them.
     """
-    if isinstance(dataset, IterableDataset):
-        yield from _iterable_stream(dataset, batch_size, collate, num_workers, start_batch)
-        return
-    plan = EpochBatches(len(dataset), batch_size, seed, rank, world)
-    epoch, offset = divmod(start_batch, len(plan))
-    wrapped = SeededDataset(dataset)
-    while True:
-        loader = DataLoader(wrapped, batch_sampler=plan.epoch(epoch, offset), collate_fn=collate,
-                            num_workers=num_workers, generator=torch.Generator().manual_seed(seed + epoch))
-        yield from loader
-        epoch, offset = epoch + 1, 0
 
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int, world: int, collate,
+                 num_workers: int = 0, position: dict | None = None):
+        self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
+        self.num_workers = num_workers
+        self.iterable = isinstance(dataset, IterableDataset)
+        self.plan = None if self.iterable else EpochBatches(len(dataset), batch_size, seed, rank, world)
+        self.epoch, self.batch = self._start(position or {})
+        self._batches = self._stream()
 
-def _iterable_stream(dataset, batch_size, collate, num_workers, start_batch):
-    consumed = 0
-    while True:
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                            drop_last=True)
-        empty = True
-        for batch in loader:
-            empty = False
-            consumed += 1
-            if consumed > start_batch:
-                yield batch
-        if empty:
-            raise ValueError("the dataset yielded no full batch: too few samples or unreadable shards")
+    def _start(self, position: dict) -> tuple[int, int]:
+        if "epoch" in position:
+            return int(position["epoch"]), int(position["batch"])
+        consumed = int(position.get("batches", 0))  # checkpoints of tokgen 0.1 count batches only
+        if self.iterable:
+            return 0, consumed
+        return divmod(consumed, len(self.plan))
+
+    def position(self) -> dict:
+        """Where the stream is: the epoch and the batches of it consumed."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._batches)
+
+    def _loader(self) -> DataLoader:
+        if self.iterable:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate,
+                              num_workers=self.num_workers, drop_last=True)
+        return DataLoader(SeededDataset(self.dataset), batch_sampler=self.plan.epoch(self.epoch, self.batch),
+                          collate_fn=self.collate, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed + self.epoch))
+
+    def _stream(self) -> Iterator[dict]:
+        while True:
+            seen = 0
+            skip = self.batch if self.iterable else 0  # map-style epochs start at the position already
+            for batch in self._loader():
+                seen += 1
+                if seen > skip:
+                    self.batch += 1
+                    yield batch
+            if seen == 0:
+                raise ValueError("the dataset yielded no full batch: too few samples or unreadable shards")
+            if self.iterable and seen < skip:  # an epoch shorter than where a resumed run stood (another reader)
+                self.batch -= seen
+                continue
+            self.epoch, self.batch = self.epoch + 1, 0

@@ -8,12 +8,12 @@ non-finite losses.
 """
 from __future__ import annotations
 
-import os
+import importlib.util
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from harness.checkpoints import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from harness.config import config_to_dict
-from harness.data_order import batch_stream
+from harness.data_order import BatchStream
 from harness.folders import write_json
 
 
@@ -41,7 +41,12 @@ class TrainingConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     grad_clip: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    # no | fp16 | bf16; None = Accelerate's choice (`accelerate config`, `accelerate launch --mixed_precision`)
+    mixed_precision: str | None = None
+    # torch.compile the model with this backend through Accelerate (e.g. "inductor"); None = Accelerate's choice
+    dynamo_backend: str | None = None
+    # Accelerate tracker(s): "auto" = TensorBoard when installed, "none", or any tracker name ("wandb", "all", ...)
+    log_with: str = "auto"
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -52,7 +57,7 @@ class TrainingConfig:
 
 # ---- the command line both scripts share ---------------------------------------------------------
 TRAINING_FLAGS = ("max_steps", "checkpoint_every", "batch_size", "lr", "seed", "mixed_precision", "grad_accum",
-                  "num_workers")
+                  "num_workers", "log_with")
 
 
 def add_training_arguments(p) -> None:
@@ -65,7 +70,9 @@ def add_training_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, help="samples per process per micro-batch")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="seeds the model, the data order and every random crop")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast precision")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="autocast precision (default: the config's, else Accelerate's: `accelerate launch` flags)")
+    p.add_argument("--log-with", help="tracker: auto (TensorBoard when installed), none, or an Accelerate tracker name")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--num-workers", type=int, help="data-loading processes")
     p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint, exactly")
@@ -78,19 +85,30 @@ def given_flags(args, names: tuple[str, ...]) -> dict:
 
 
 # ---- accelerator ------------------------------------------------------------------------------
-def make_accelerator(run_dir: Path, mixed_precision: str, grad_accum: int, log: bool = True) -> Accelerator:
+def trackers(log_with: str | None) -> str | list | None:
+    """What Accelerate's ``log_with`` gets: "auto" is TensorBoard when it is installed, else nothing."""
+    if log_with in (None, "none", ""):
+        return None
+    if log_with == "auto":
+        return "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else None
+    return log_with
+
+
+def make_accelerator(run_dir: Path, mixed_precision: str | None, grad_accum: int, log_with: str | None = "auto",
+                     dynamo_backend: str | None = None) -> Accelerator:
+    """An Accelerator that follows Accelerate's own conventions: the device and, unless given here, the precision
+    and compile backend come from `accelerate config` / `accelerate launch` (CUDA, then MPS, then the CPU)."""
     # torch deprecates broadcast_buffers for forward_sync_buffers, which still syncs at init and is
     # not in older torch; the behaviour we need (no per-forward broadcast) is the same.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
     # Buffers (EMA codebooks) must not be broadcast from rank 0 on every forward: that would hide a
     # desynchronised codebook instead of letting the checkpoint check catch it.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") in ("1", "true", "True")
     return Accelerator(
-        cpu=cpu,
         mixed_precision=mixed_precision,
+        dynamo_backend=dynamo_backend,
         gradient_accumulation_steps=grad_accum,
-        log_with="tensorboard" if log else None,
+        log_with=trackers(log_with),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         kwargs_handlers=[ddp],
         # Our schedules count optimizer steps: Accelerate's default would advance them once per process
@@ -99,28 +117,51 @@ def make_accelerator(run_dir: Path, mixed_precision: str, grad_accum: int, log: 
     )
 
 
-def open_run(run_dir: Path, cfg: TrainingConfig, tracker: str) -> Accelerator:
-    """Create the run folder and the Accelerator, write the resolved config, start the trackers."""
+def open_run(run_dir: Path, cfg: TrainingConfig, tracker: str) -> tuple[Accelerator, TrainingConfig]:
+    """Create the run folder and the Accelerator, write the resolved config (the precision Accelerate chose
+    included), start the trackers with it as hyper-parameters. Returns the Accelerator and that config."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum)
+    accelerator = make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum, cfg.log_with, cfg.dynamo_backend)
+    cfg = replace(cfg, mixed_precision=accelerator.mixed_precision)
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", config_to_dict(cfg))
-    accelerator.init_trackers(tracker)
-    return accelerator
+    accelerator.init_trackers(tracker, config=hyperparameters(config_to_dict(cfg)))
+    return accelerator, cfg
+
+
+def hyperparameters(values: dict, prefix: str = "") -> dict:
+    """A nested config as the flat scalars trackers take: ``model/quantizer/dim``; lists and None as text."""
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(hyperparameters(value, f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
 
 
 # ---- one optimizer step ---------------------------------------------------------------------------
 class BadStepGuard:
-    """Skips steps whose loss is not finite; stops the run after ``limit`` of them in a row."""
+    """Skips optimizer steps whose loss was not finite in any micro-batch on any process; stops the run after
+    ``limit`` of them in a row. ``observe`` stays on the device; ``step_ok`` syncs once per optimizer step."""
 
     def __init__(self, limit: int):
         self.limit, self.in_row, self.total = limit, 0, 0
+        self.bad: torch.Tensor | None = None  # any non-finite loss since the last optimizer step (on the device)
 
-    def ok(self, accelerator, loss: torch.Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        finite = accelerator.reduce(finite, reduction="sum") if accelerator.num_processes > 1 else finite
-        if int(finite.item()) == accelerator.num_processes:
+    def observe(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).reshape(1)
+        self.bad = bad if self.bad is None else self.bad | bad
+
+    def step_ok(self, accelerator) -> bool:
+        bad = self.bad.float()
+        self.bad = None
+        bad = accelerator.reduce(bad, reduction="sum") if accelerator.num_processes > 1 else bad
+        if not float(bad.item()):
             self.in_row = 0
             return True
         self.in_row += 1
@@ -135,17 +176,19 @@ class BadStepGuard:
 
 def optimizer_step(accelerator, model, optimizer, scheduler, loss: torch.Tensor, guard: BadStepGuard,
                    grad_clip: float) -> bool:
-    """Inside ``accelerator.accumulate``: skip a non-finite loss (False), else backward, clip at
-    accumulation boundaries, step, advance the schedule once per optimizer step, clear gradients."""
-    if not guard.ok(accelerator, loss):
+    """Inside ``accelerator.accumulate``: backward; at accumulation boundaries skip the step (False) when a loss
+    was not finite, else clip, step, advance the schedule once per optimizer step, and clear the gradients."""
+    guard.observe(loss)
+    accelerator.backward(loss)
+    if not accelerator.sync_gradients:
+        return True
+    if not guard.step_ok(accelerator):
         optimizer.zero_grad(set_to_none=True)
         return False
-    accelerator.backward(loss)
-    if accelerator.sync_gradients and grad_clip > 0:
+    if grad_clip > 0:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    if accelerator.sync_gradients:
-        scheduler.step()
+    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return True
 
@@ -186,7 +229,7 @@ class LoopHooks:
 
 @dataclass
 class LoopState:
-    """Where a run stands: optimizer steps done, batches consumed, and its two counters."""
+    """Where a run stands: optimizer steps done, batches consumed, the data position and its two counters."""
 
     accelerator: Accelerator
     run_dir: Path
@@ -195,9 +238,11 @@ class LoopState:
     skips: SkipLog
     step: int = 0
     consumed: int = 0
+    data_position: dict | None = None  # what BatchStream.position() said at the checkpoint resumed from
 
-    def trainer_state(self) -> dict:
-        return {"batches": self.consumed, "bad_steps": self.guard.total, "skipped_inputs": self.skips.count}
+    def trainer_state(self, stream: BatchStream) -> dict:
+        return {"batches": self.consumed, "data_position": stream.position(), "bad_steps": self.guard.total,
+                "skipped_inputs": self.skips.count}
 
 
 def train_loop(accelerator, run_dir: Path, cfg: TrainingConfig, dataset, collate,
@@ -208,12 +253,12 @@ def train_loop(accelerator, run_dir: Path, cfg: TrainingConfig, dataset, collate
     state = LoopState(accelerator, Path(run_dir), cfg, BadStepGuard(cfg.max_bad_steps),
                       SkipLog(Path(run_dir), bad_input, accelerator.is_main_process))
     resume_position(state, resume)
-    stream = batch_stream(dataset, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
-                          collate, cfg.num_workers, state.consumed)
+    stream = BatchStream(dataset, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+                         collate, cfg.num_workers, state.data_position or {"batches": state.consumed})
     return run_loop(state, make_hooks(state.guard), stream, desc=desc, quiet=quiet)
 
 
-def run_loop(state: LoopState, hooks: LoopHooks, stream: Iterator[dict], *, desc: str, quiet: bool) -> int:
+def run_loop(state: LoopState, hooks: LoopHooks, stream: BatchStream, *, desc: str, quiet: bool) -> int:
     accelerator, cfg = state.accelerator, state.cfg
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=quiet or not accelerator.is_main_process,
                desc=desc, dynamic_ncols=True)
@@ -229,24 +274,25 @@ def run_loop(state: LoopState, hooks: LoopHooks, stream: Iterator[dict], *, desc
         state.step += 1
         bar.update(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            logs = {k: float(v) for k, v in logs.items()}  # the only host sync of the logged values
             logs.update(hooks.extra_logs(), skipped_inputs=state.skips.count, bad_steps=state.guard.total,
                         samples_per_s=seen * cfg.batch_size / (time.perf_counter() - started))
             accelerator.log(logs, step=state.step)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "usage", "bits_per_token")})
         hooks.every_step(state.step)
         if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
-            checkpoint(state, hooks, bar)
+            checkpoint(state, hooks, bar, stream)
     bar.close()
     return state.step
 
 
-def checkpoint(state: LoopState, hooks: LoopHooks, bar) -> None:
+def checkpoint(state: LoopState, hooks: LoopHooks, bar, stream: BatchStream) -> None:
     """The script's sync check (when it has one), then an atomic checkpoint."""
     if hooks.sync_check is not None:
         message = f"step {state.step}: {hooks.sync_check()}"
         if state.accelerator.is_main_process:
             bar.write(message)
-    save_checkpoint(state.accelerator, state.run_dir, state.step, state.trainer_state(),
+    save_checkpoint(state.accelerator, state.run_dir, state.step, state.trainer_state(stream),
                     keep=state.cfg.keep_checkpoints)
 
 
@@ -261,4 +307,5 @@ def resume_position(state: LoopState, resume: bool) -> None:
     saved = load_checkpoint(state.accelerator, folder)
     state.guard.total, state.skips.count = saved.get("bad_steps", 0), saved.get("skipped_inputs", 0)
     state.step, state.consumed = saved["step"], saved["batches"]
+    state.data_position = saved.get("data_position")
     state.accelerator.print(f"resumed from {folder} at step {saved['step']}")

@@ -44,6 +44,7 @@ import torch
 from data.codes import save_codes
 from data.files import write_output
 from data.modalities import value_span
+from harness.devices import add_device_arguments
 from pipelines import bitstream
 from pipelines.arithmetic import ArithmeticDecoder, ArithmeticEncoder, precision_for, quantize_cdf
 from pipelines.bitstream import BitstreamError
@@ -326,6 +327,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, help="write a JSON report (sizes, NLL, bits per dim, PSNR)")
     p.add_argument("--class", dest="class_label", type=int, help="class label (class-conditional pipelines)")
     p.add_argument("--size", type=int, help="resize the shorter side first (as `tokgen encode --size`)")
+    add_device_arguments(p)
 
 
 def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
@@ -333,6 +335,7 @@ def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="file from `tokgen compress`")
     p.add_argument("--out", required=True, type=Path, help="decoded output (e.g. .png)")
     p.add_argument("--codes-out", type=Path, help="also save the codes, as `tokgen encode` does (.npz)")
+    add_device_arguments(p)
 
 
 def compress_main(argv=None, args=None) -> dict:
@@ -341,7 +344,7 @@ def compress_main(argv=None, args=None) -> dict:
         parser = argparse.ArgumentParser(prog="tokgen compress")
         add_compress_arguments(parser)
         args = parser.parse_args(argv)
-    pipe = TokgenPipeline.from_pretrained(args.pipeline)
+    pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device, dtype=args.dtype)
     x = read_file(pipe.tokenizer, args.input, args.size)
     coder = coder_for(pipe)
     try:
@@ -396,7 +399,7 @@ def decompress_main(argv=None, args=None) -> list[torch.Tensor]:
         bitstream.read(blob)  # bad magic etc. before the pipeline loads
     except BitstreamError as err:
         raise BitstreamError(f"{args.file}: {err}") from None
-    pipe = TokgenPipeline.from_pretrained(args.pipeline)
+    pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device, dtype=args.dtype)
     try:
         result = decompress(pipe, blob)
     except BitstreamError as err:

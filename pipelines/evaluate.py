@@ -21,6 +21,7 @@ import torch
 
 from data import build_dataset, collate_samples
 from data.common import iterate_items
+from harness.devices import add_device_arguments
 from pipelines.bitstream import BitstreamError
 from pipelines.compress import coder_for
 from pipelines.pipeline import TokgenPipeline
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, help="score at most this many samples")
     p.add_argument("--size", type=int, help="data size option (default: from the pipeline's input shape)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(p)
     p.add_argument("--compress", type=int, default=0, metavar="N",
                    help="also compress the first N samples, check the round trip and report real sizes")
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(prog="tokgen evaluate-prior", description=__doc__)
         add_arguments(parser)
         args = parser.parse_args(argv)
-    pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device)
+    pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device, dtype=args.dtype)
     dataset = build_dataset(args.data, **dataset_options(pipe, args.split, args.size))
     metrics = evaluate_pipeline(pipe, dataset, args.batch_size, args.limit, args.compress)
     metrics = {"pipeline": str(args.pipeline), "fingerprint": pipe.fingerprint(), "data": args.data,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from harness.devices import autocast, resolve_device, resolve_dtype
 from harness.folders import atomic_write_dir
 from stage1_tokenizer.base import Tokenizer
 from stage1_tokenizer.registry import load_tokenizer
@@ -46,6 +47,7 @@ class TokgenPipeline:
         self.tokenizer, self.priors = tokenizer.eval(), [p.eval() for p in priors]
         self.input_shape = tuple(input_shape)
         self.class_names = class_names
+        self.dtype = torch.float32  # inference precision: the networks run under autocast to it (see ``to``)
         self._check_shapes()
 
     def _check_shapes(self) -> None:
@@ -66,7 +68,9 @@ class TokgenPipeline:
         shapes = self.tokenizer.code_shapes(input_shape)
         priors = [p.with_grid(shape, shapes[level - 1] if level > 0 else None)
                   for level, (p, shape) in enumerate(zip(self.priors, shapes))]
-        return TokgenPipeline(self.tokenizer, priors, input_shape, self.class_names)
+        resized = TokgenPipeline(self.tokenizer, priors, input_shape, self.class_names)
+        resized.dtype = self.dtype
+        return resized
 
     @property
     def modality(self) -> str:
@@ -85,11 +89,21 @@ class TokgenPipeline:
     def device(self) -> torch.device:
         return next(self.tokenizer.parameters()).device
 
-    def to(self, device) -> "TokgenPipeline":
-        self.tokenizer.to(device)
-        for p in self.priors:
-            p.to(device)
+    def to(self, device=None, dtype=None) -> "TokgenPipeline":
+        """Move the models to ``device`` ("auto": CUDA, then MPS, then CPU) and run them in ``dtype`` (fp32, bf16,
+        fp16: autocast; the weights stay fp32, and the quantizer and the compression coder stay exact)."""
+        if device is not None:
+            device = resolve_device(device)
+            self.tokenizer.to(device)
+            for p in self.priors:
+                p.to(device)
+        if dtype is not None:
+            self.dtype = resolve_dtype(dtype)
         return self
+
+    def autocast(self):
+        """The precision context every pipeline computation runs in."""
+        return autocast(self.device, self.dtype)
 
     def fingerprint(self) -> str:
         """Hex SHA-256 naming this exact tokenizer + priors combination."""
@@ -130,7 +144,8 @@ class TokgenPipeline:
         atomic_write_dir(Path(path), write)
 
     @classmethod
-    def from_pretrained(cls, path, map_location="cpu") -> "TokgenPipeline":
+    def from_pretrained(cls, path, map_location="cpu", dtype=None) -> "TokgenPipeline":
+        """The pipeline saved in ``path``, on ``map_location`` ("auto" picks CUDA, MPS or CPU), running in ``dtype``."""
         path = Path(path)
         meta_file = path / "pipeline.json"
         if not meta_file.is_file():
@@ -142,7 +157,7 @@ class TokgenPipeline:
                    tuple(meta["input_shape"]), meta.get("class_names"))
         if meta.get("fingerprint") and pipe.fingerprint() != meta["fingerprint"]:
             raise ValueError(f"{path}: the weights do not match the fingerprint in pipeline.json (modified files?)")
-        return pipe.to(map_location)
+        return pipe.to(map_location, dtype)
 
     # ---- generation ---------------------------------------------------------------------------
     def labels(self, batch_size: int, class_labels) -> torch.Tensor | None:
@@ -164,21 +179,25 @@ class TokgenPipeline:
         if options.guidance != 1.0 and labels is None:
             raise ValueError(f"guidance {options.guidance} is for class-conditional pipelines; this one is unconditional")
         codes: list[torch.Tensor] = []
-        for level, prior, cond, prior_labels in walk_levels(self.priors, codes, labels):
-            prefix = prefixes[level] if prefixes is not None else None
-            level_options = options if prior_labels is not None else options.unguided()
-            codes.append(sample(prior, batch_size, prior_labels, cond, level_options, generator=generator,
-                                prefix=prefix, progress=progress))
+        with self.autocast():
+            for level, prior, cond, prior_labels in walk_levels(self.priors, codes, labels):
+                prefix = prefixes[level] if prefixes is not None else None
+                level_options = options if prior_labels is not None else options.unguided()
+                codes.append(sample(prior, batch_size, prior_labels, cond, level_options, generator=generator,
+                                    prefix=prefix, progress=progress))
         return codes
 
     @torch.no_grad()
     def decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Codes per level (B, *grid), top first -> (B, C, *S) in the data range."""
-        return self.tokenizer.decode_clamped([c.to(self.device) for c in codes])
+        """Codes per level (B, *grid), top first -> (B, C, *S) in the data range (float32)."""
+        with self.autocast():
+            return self.tokenizer.decode_clamped([c.to(self.device) for c in codes]).float()
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.tokenizer.encode_levels(x.to(self.device))
+        """x (B, C, *S) -> codes per level (B, *grid), top first."""
+        with self.autocast():
+            return self.tokenizer.encode_levels(x.to(self.device))
 
     def __call__(self, batch_size: int = 1, class_labels=None, options: SamplingOptions | None = None, *,
                  generator: torch.Generator | None = None, output_type: str = "decoded", progress=None,
@@ -214,11 +233,12 @@ class TokgenPipeline:
         keep = int(window * overlap)
         if not 0 < keep < window:
             raise ValueError(f"overlap {overlap} leaves no context or no new steps in a window of {window}")
-        codes = sample(prior, batch_size, labels, None, options, generator=generator, progress=progress)
-        while codes.shape[1] < total:
-            new = sample(prior, batch_size, labels, None, options, generator=generator,
-                         prefix=codes[:, -keep:].flatten(1), progress=progress)
-            codes = torch.cat([codes, new[:, keep:]], dim=1)
+        with self.autocast():
+            codes = sample(prior, batch_size, labels, None, options, generator=generator, progress=progress)
+            while codes.shape[1] < total:
+                new = sample(prior, batch_size, labels, None, options, generator=generator,
+                             prefix=codes[:, -keep:].flatten(1), progress=progress)
+                codes = torch.cat([codes, new[:, keep:]], dim=1)
         codes = [codes[:, :total]]
         return PipelineOutput(self.decode(codes), codes)
 
@@ -228,8 +248,9 @@ class TokgenPipeline:
         """Exact -log2 p(codes) per level under the priors (full forward), float64 (B, levels)."""
         codes = [c.to(self.device) for c in codes]
         labels = self.labels(codes[0].shape[0], class_labels)
-        bits = [prior.nll(codes[level], prior_labels, cond).double() / math.log(2)
-                for level, prior, cond, prior_labels in walk_levels(self.priors, codes, labels)]
+        with self.autocast():
+            bits = [prior.nll(codes[level], prior_labels, cond).double() / math.log(2)
+                    for level, prior, cond, prior_labels in walk_levels(self.priors, codes, labels)]
         return torch.stack(bits, 1)
 
     @torch.no_grad()

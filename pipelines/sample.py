@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from data.codes import save_codes
 from data.pictures import write_samples
+from harness.devices import add_device_arguments
 from pipelines.pipeline import TokgenPipeline
 from stage2_prior.sampling import SamplingOptions
 
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, help="images: sample at this side length (convolutional priors)")
     p.add_argument("--length", type=int,
                    help="video frames / audio samples to generate; longer than training slides a window")
+    add_device_arguments(p)
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         args = parser.parse_args(argv)
     if args.num < 1 or args.batch_size < 1:
         raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
-    pipe = TokgenPipeline.from_pretrained(args.pipeline)
+    pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device, dtype=args.dtype)
     if args.size:
         if pipe.modality != "image":
             raise ValueError("--size is for images; use --length for audio and video")

@@ -15,6 +15,7 @@ import torch
 
 from data.codes import load_codes, save_codes
 from data.files import OUTPUT_SUFFIX, read_input, write_output
+from harness.devices import add_device_arguments, autocast, resolve_device, resolve_dtype
 from stage1_tokenizer.base import Tokenizer
 from stage1_tokenizer.registry import load_tokenizer
 
@@ -24,6 +25,7 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="image, audio or video file")
     p.add_argument("--out", required=True, type=Path, help="codes file to write (.npz)")
     p.add_argument("--size", type=int, help="resize the shorter side first (audio: keep the first SIZE samples)")
+    add_device_arguments(p)
 
 
 def add_decode_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +34,7 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
                                             "`tokgen decompress --codes-out`")
     p.add_argument("--out", required=True, type=Path,
                    help="output file (one item) or name pattern / folder (several items)")
+    add_device_arguments(p)
 
 
 def read_file(tokenizer: Tokenizer, path: Path, size: int | None = None) -> torch.Tensor:
@@ -45,10 +48,10 @@ def encode_main(argv=None, args=None) -> list[torch.Tensor]:
         parser = argparse.ArgumentParser(prog="tokgen encode")
         add_encode_arguments(parser)
         args = parser.parse_args(argv)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer, device, dtype = load_for_inference(args)
     x = read_file(tokenizer, args.input, args.size)
-    with torch.no_grad():
-        codes = tokenizer.encode_levels(x[None])
+    with torch.no_grad(), autocast(device, dtype):
+        codes = [c.cpu() for c in tokenizer.encode_levels(x[None].to(device))]
     save_codes(args.out, codes, tokenizer.codebook_sizes)
     print(f"{args.input} {tuple(x.shape)} -> codes {[tuple(c.shape[1:]) for c in codes]} in {args.out}")
     return codes
@@ -63,15 +66,22 @@ def output_paths(out: Path, count: int, modality: str) -> list[Path]:
     return [out / f"{i:03d}{OUTPUT_SUFFIX[modality]}" for i in range(count)]
 
 
-def decode_codes(tokenizer: Tokenizer, codes: list[torch.Tensor]) -> torch.Tensor:
-    """Codes per level, (N, *grid) or one item's (*grid), top first -> decoded items (N, C, *S), clamped."""
+def load_for_inference(args) -> tuple[Tokenizer, torch.device, torch.dtype]:
+    """The tokenizer ``args.model`` names, on ``args.device``, with the dtype ``args.dtype`` says."""
+    device = resolve_device(args.device)
+    return load_tokenizer(args.model).to(device), device, resolve_dtype(args.dtype)
+
+
+def decode_codes(tokenizer: Tokenizer, codes: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Codes per level, (N, *grid) or one item's (*grid), top first -> decoded items (N, C, *S), clamped, on the CPU."""
     if len(codes) != tokenizer.num_levels:
         raise ValueError(f"the codes hold {len(codes)} level(s) but the tokenizer has {tokenizer.num_levels}")
     codes = [c[None] if c.dim() == tokenizer.dims else c for c in codes]
     if len({c.shape[0] for c in codes}) != 1:
         raise ValueError(f"the levels hold different numbers of items: {[tuple(c.shape) for c in codes]}")
-    with torch.no_grad():
-        return tokenizer.decode_clamped(codes)
+    device = next(tokenizer.parameters()).device
+    with torch.no_grad(), autocast(device, dtype):
+        return tokenizer.decode_clamped([c.to(device) for c in codes]).float().cpu()
 
 
 def decode_main(argv=None, args=None) -> list[Path]:
@@ -79,8 +89,8 @@ def decode_main(argv=None, args=None) -> list[Path]:
         parser = argparse.ArgumentParser(prog="tokgen decode")
         add_decode_arguments(parser)
         args = parser.parse_args(argv)
-    tokenizer = load_tokenizer(args.model)
-    x = decode_codes(tokenizer, load_codes(args.codes))
+    tokenizer, _, dtype = load_for_inference(args)
+    x = decode_codes(tokenizer, load_codes(args.codes), dtype)
     paths = [write_output(tokenizer.modality, item, path, tokenizer.sample_rate)
              for item, path in zip(x, output_paths(args.out, x.shape[0], tokenizer.modality))]
     where = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]} ...)"

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from data import build_dataset, collate_samples
 from data.modalities import BITS_PER_VALUE
 from data.pictures import save_comparison
+from harness.devices import add_device_arguments, autocast, resolve_device, resolve_dtype
 from stage1_tokenizer.metrics import batch_metrics
 from stage1_tokenizer.perceptual import PerceptualLoss
 from stage1_tokenizer.quantizer import CodebookStats
@@ -33,31 +34,34 @@ def _try_lpips():
 
 @torch.no_grad()
 def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = None, lpips: bool = True,
-             preview_path: Path | None = None, quiet: bool = False) -> dict:
+             preview_path: Path | None = None, quiet: bool = False, dtype: torch.dtype = torch.float32) -> dict:
     """Metrics over a whole held-out dataset (codebook usage needs all of it).
 
     image: psnr_db, ssim, lpips (when the backbone is available); video: per-frame psnr_db and ssim;
     audio: snr_db and mel_distance (dB); all: mse, codebook usage and perplexity (per level).
     """
     tokenizer.eval()
+    device = next(tokenizer.parameters()).device
     modality, sample_rate = tokenizer.modality, tokenizer.sample_rate
     stats = [CodebookStats(k) for k in tokenizer.codebook_sizes]
     perceptual = _try_lpips() if lpips and modality == "image" else None
+    perceptual = perceptual.to(device) if perceptual is not None else None
     sums: dict[str, float] = {}
     count, preview, input_shape = 0, None, None
     n = len(dataset) if max_items is None else min(max_items, len(dataset))
     for start in tqdm(range(0, n, batch_size), desc="evaluate", disable=quiet):
         batch = collate_samples([dataset[i] for i in range(start, min(n, start + batch_size))])
-        x = batch["x"]
+        x = batch["x"].to(device)
         input_shape = tuple(x.shape[1:])
-        codes = tokenizer.encode_levels(x)
-        recon = tokenizer.clamp(tokenizer.decode_levels(codes))
+        with autocast(device, dtype):
+            codes = tokenizer.encode_levels(x)
+            recon = tokenizer.decode_clamped(codes).float()
         for s, c in zip(stats, codes):
             s.update(c)
         for key, value in batch_metrics(x, recon, modality, sample_rate, perceptual).items():
             sums[key] = sums.get(key, 0.0) + value
         if preview is None:
-            preview = (x[:16], recon[:16])
+            preview = (x[:16].cpu(), recon[:16].cpu())
         count += x.shape[0]
     if count == 0:
         raise ValueError("the evaluation dataset is empty")
@@ -95,6 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-items", type=int)
     p.add_argument("--size", type=int, help="input size (default: the training size from the run config)")
     p.add_argument("--no-lpips", action="store_true")
+    add_device_arguments(p)
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> dict:
@@ -102,13 +107,14 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(prog="tokgen evaluate-tokenizer")
         add_arguments(parser)
         args = parser.parse_args(argv)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer, device = load_tokenizer(args.model), resolve_device(args.device)
+    tokenizer.to(device)
     dataset = build_dataset(args.data, modality=tokenizer.modality, split="eval",
                             channels=tokenizer.config.in_channels, sample_rate=tokenizer.sample_rate,
                             **training_data(args.model, args.size, args.data))
     args.out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate(tokenizer, dataset, args.batch_size, args.max_items, not args.no_lpips,
-                       args.out / "reconstructions.png")
+                       args.out / "reconstructions.png", dtype=resolve_dtype(args.dtype))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
     return metrics

@@ -39,6 +39,7 @@ from data.token_writer import (ShardWriter, TokenizerInfo, build_manifest, check
 from data.tokens import MANIFEST
 from data.webdataset_io import is_shard_source
 from harness.data_order import SeededDataset
+from harness.devices import add_device_arguments, autocast, resolve_device, resolve_dtype
 from harness.folders import write_json
 from stage1_tokenizer.base import Tokenizer
 from stage1_tokenizer.registry import load_tokenizer, training_data
@@ -138,7 +139,8 @@ def _plan(ds, out_dir, name, rank, world, settings, batch_size, num_workers, spl
 # ---- the export -------------------------------------------------------------------------------
 def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 64, shard_size: int = 10000,
                   accelerator=None, progress: bool = True, split: str = "train", seed: int = 0,
-                  num_workers: int = 0, split_iterable: bool = False, source: str | None = None) -> dict:
+                  num_workers: int = 0, split_iterable: bool = False, source: str | None = None,
+                  dtype: torch.dtype = torch.float32) -> dict:
     """Encode ``dataset`` (or ``{"train": ds, "eval": ds}``) into token shards under ``out_dir``.
 
     Returns the manifest (also written to ``out_dir/manifest.json`` by the main process). With an
@@ -167,7 +169,7 @@ def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 6
             raise ValueError(f"the {name} dataset is empty")
         plan = _plan(ds, out_dir, name, rank, world, settings, batch_size, num_workers, split_iterable)
         writer = ShardWriter(out_dir, name, rank, settings, info.codebook_sizes)
-        _encode_split(tokenizer, plan, writer, acc, progress and acc.is_main_process, f"export {name}")
+        _encode_split(tokenizer, plan, writer, acc, progress and acc.is_main_process, f"export {name}", dtype)
         mark_done(out_dir, name, rank, settings)
     acc.wait_for_everyone()
     manifest = None
@@ -192,11 +194,13 @@ def _check_request(dataset, split: str, batch_size: int, shard_size: int) -> dic
 
 
 @torch.no_grad()
-def _encode_split(tokenizer: Tokenizer, plan: _Plan, writer: ShardWriter, acc, show: bool, desc: str) -> None:
+def _encode_split(tokenizer: Tokenizer, plan: _Plan, writer: ShardWriter, acc, show: bool, desc: str,
+                  dtype: torch.dtype) -> None:
     bar = tqdm(total=plan.total, initial=plan.done, desc=desc, unit="item", disable=not show, dynamic_ncols=True)
     try:
         for shard, indices, batch in plan.batches:
-            codes = [c.cpu() for c in tokenizer.encode_levels(batch["x"].to(acc.device, non_blocking=True))]
+            with autocast(acc.device, dtype):
+                codes = [c.cpu() for c in tokenizer.encode_levels(batch["x"].to(acc.device, non_blocking=True))]
             for c, k in zip(codes, tokenizer.codebook_sizes):
                 if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
                     raise ValueError(f"codes outside [0, {k}) from the tokenizer")
@@ -223,8 +227,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="seeds the training-split crops (deterministic)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
-    p.add_argument("--cpu", action="store_true", help="encode on the CPU even when a GPU is available")
+    add_device_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def export_accelerator(device: str) -> Accelerator:
+    """One process per device under `accelerate launch` (or one here): ``--device cpu`` keeps it on the CPU, ``auto``
+    takes the device Accelerate gives this process, and a named device must be that one."""
+    accelerator = Accelerator(cpu=device == "cpu")
+    if device not in ("auto", "cpu") and resolve_device(device).type != accelerator.device.type:
+        raise ValueError(f"--device {device}, but Accelerate gives this process {accelerator.device}: under "
+                         "`accelerate launch` use --device auto")
+    return accelerator
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> dict:
@@ -233,8 +247,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         add_arguments(parser)
         args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.model)
-    cpu = args.cpu or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") in ("1", "true", "True", "yes")
-    accelerator = Accelerator(cpu=cpu)
+    accelerator = export_accelerator(args.device)
     splits = SPLITS if args.split == "all" else (args.split,)
     if args.split == "all" and (os.path.isdir(args.data) or is_shard_source(args.data)) and accelerator.is_main_process:
         warnings.warn(f"{args.data} has no separate held-out part: 'train' and 'eval' will hold the same "
@@ -247,7 +260,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                 for name in splits}
     manifest = export_tokens(tokenizer, datasets, args.out, batch_size=args.batch_size,
                              shard_size=args.shard_size, accelerator=accelerator, progress=not args.quiet,
-                             seed=args.seed, num_workers=args.num_workers, source=str(args.data))
+                             seed=args.seed, num_workers=args.num_workers, source=str(args.data),
+                             dtype=resolve_dtype(args.dtype))
     if accelerator.is_main_process:
         summary = {k: manifest[k] for k in ("num_samples", "num_classes", "input_shape", "export_seconds")}
         summary["splits"] = {k: v["num_samples"] for k, v in manifest["splits"].items()}

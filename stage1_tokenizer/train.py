@@ -148,11 +148,12 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: loop.BadStepG
         if not loop.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
                                    state.cfg.grad_clip):
             return None
-    logs = {"loss": loss.item(), "recon_loss": out.recon_loss.item(), "commitment_loss": out.commitment_loss.item(),
-            "codebook_loss": out.codebook_loss.item(), "batch_perplexity": _lowest_level(out.perplexity).item(),
+    # tensors: the loop reads them (a host sync) only at logging steps
+    logs = {"loss": loss.detach(), "recon_loss": out.recon_loss.detach(), "commitment_loss": out.commitment_loss.detach(),
+            "codebook_loss": out.codebook_loss.detach(), "batch_perplexity": _lowest_level(out.perplexity).detach(),
             "lr": state.scheduler.get_last_lr()[0]}
     if perceptual is not None:
-        logs["lpips" if state.cfg.lpips_weight else "stft_loss"] = perceptual.item()
+        logs["lpips" if state.cfg.lpips_weight else "stft_loss"] = perceptual.detach()
     if kwargs:
         logs["level_dropout"] = kwargs["level_dropout"]
     return logs
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
     """Train (or resume) into ``run_dir``; returns the saved model folder."""
     run_dir = Path(run_dir)
-    accelerator = loop.open_run(run_dir, cfg, "tokenizer")
+    accelerator, cfg = loop.open_run(run_dir, cfg, "tokenizer")
     state = build(cfg, accelerator)
 
     def every_step(step: int) -> None:

@@ -179,7 +179,8 @@ def train_step(state: PriorState, batch: dict, accelerator, guard: loop.BadStepG
         if not loop.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
                                    state.cfg.grad_clip):
             return None
-    return {"loss": loss.item(), "bits_per_token": loss.item() / math.log(2), "lr": state.scheduler.get_last_lr()[0]}
+    loss = loss.detach()  # the loop reads the logs (a host sync) only at logging steps
+    return {"loss": loss, "bits_per_token": loss / math.log(2), "lr": state.scheduler.get_last_lr()[0]}
 
 
 @torch.no_grad()
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
     """Train (or resume) into ``run_dir``; returns the saved prior folder."""
     run_dir = Path(run_dir)
-    accelerator = loop.open_run(run_dir, cfg, "prior")
+    accelerator, cfg = loop.open_run(run_dir, cfg, "prior")
     state = build(cfg, accelerator)
 
     def every_step(step: int) -> None:

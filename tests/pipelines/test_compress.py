@@ -50,7 +50,8 @@ def write_png(x: torch.Tensor, path: Path) -> Path:
 
 
 def ns(**kw) -> argparse.Namespace:
-    return argparse.Namespace(**kw)
+    """The arguments of a command, as its parser would give them (device and dtype at their defaults)."""
+    return argparse.Namespace(**{"device": "auto", "dtype": "fp32", **kw})
 
 
 def compress_args(pipe, inp, out, report=None, class_label=None, size=None):

@@ -98,7 +98,8 @@ def test_run_folder_layout(reference_run):
         assert "model.safetensors" in index and "trainer.json" in index
         assert verify_checkpoint(folder) is None
     trainer = json.loads((reference_run / "checkpoints" / "step_00000012" / "trainer.json").read_text())
-    assert trainer == {"step": 12, "batches": 12, "bad_steps": 0, "skipped_inputs": 0}
+    assert trainer == {"step": 12, "batches": 12, "data_position": {"epoch": 0, "batch": 12}, "bad_steps": 0,
+                       "skipped_inputs": 0}
     # the last checkpoint holds the final model's weights
     final = weights(reference_run / "model" / "model.safetensors")
     assert_same_weights(weights(reference_run / "checkpoints" / "step_00000012" / "model.safetensors"), final)
@@ -108,13 +109,17 @@ def test_run_folder_layout(reference_run):
 def test_tensorboard_scalars(reference_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events,) = (reference_run / "logs").rglob("events.out.tfevents.*")
-    acc = EventAccumulator(str(events.parent))
+    (events,) = (reference_run / "logs").glob("tokenizer/events.out.tfevents.*")  # the scalars; hparams beside
+    acc = EventAccumulator(str(events))
     acc.Reload()
     tags = acc.Tags()["scalars"]
     for tag in ("loss", "recon_loss", "usage", "bad_steps", "lr"):
         assert tag in tags, tags
     assert [e.step for e in acc.Scalars("loss")] == [5, 10, 12]
+    # the resolved config is logged as hyper-parameters (flattened), next to the scalars
+    (hparams,) = (reference_run / "logs").rglob("hparams.yml")
+    text = hparams.read_text()
+    assert "model/quantizer/codebook_size: 32" in text and "max_steps: 12" in text
 
 
 def test_keep_checkpoints(tmp_path):
@@ -243,8 +248,8 @@ def test_hierarchical_training_anneals_level_dropout(tmp_path):
                           checkpoint_every=10)
     folder = run(tmp_path / "run", "--config", str(config))
     assert HierarchicalVQVAE.from_pretrained(folder).config.level_dropout == 0.5
-    (events,) = (tmp_path / "run" / "logs").rglob("events.out.tfevents.*")
-    acc = EventAccumulator(str(events.parent))
+    (events,) = (tmp_path / "run" / "logs").glob("tokenizer/events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
     acc.Reload()
     rates = [round(e.value, 4) for e in acc.Scalars("level_dropout")]
     assert rates == [0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625, 0.0, 0.0]

@@ -1,0 +1,60 @@
+"""Where and in what precision inference runs: ``--device`` and ``--dtype`` for every command that runs a model.
+
+``auto`` picks CUDA, then Apple MPS, then the CPU. A dtype other than fp32 runs the networks under autocast;
+the quantizer's distances, the spectral losses and the compression coder stay in fp32 / float64 whatever it is
+(they switch autocast off themselves).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None): CUDA when available, else MPS, else the CPU; otherwise the device named, checked."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps): {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use auto or cpu)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS is not available on this machine (use auto or cpu)")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """fp32 | bf16 | fp16 (None = fp32) -> the torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None:
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to ``dtype`` on ``device`` (a no-op context for fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def add_device_arguments(p) -> None:
+    p.add_argument("--device", default="auto", help="where the models run: auto (CUDA, then MPS, then CPU), cpu, "
+                                                     "cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="inference precision: bf16/fp16 run the networks under autocast; quantizer and coder stay "
+                        "exact (default: fp32)")

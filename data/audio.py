@@ -26,7 +26,8 @@ import torchaudio.functional as AF
 from torch.utils.data import Dataset
 
 from .common import make_sample
-from .folders import SkippingDataset, check_split, folder_labels, list_media_files
+from .folders import (DEFAULT_EVAL_FRACTION, SkippingDataset, check_split, folder_labels, list_media_files,
+                      split_indices)
 from .webdataset_io import WebDatasetImages, is_shard_source, sample_label
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
@@ -127,20 +128,38 @@ def crop_audio(wave: torch.Tensor, size: int, train: bool) -> torch.Tensor:
 class AudioFolderDataset(SkippingDataset):
     """Map-style dataset over a directory tree of .wav .flac .mp3 .ogg files (any case).
 
-    Labels: index of the immediate subfolder in ``self.classes`` (sorted), -1 for files at the root.
-    Unreadable or empty files are warned about and replaced by the next index, and reported in
-    ``skipped``.
+    Labels: index of the immediate subfolder in ``self.classes`` (sorted, over all files), -1 for files at the
+    root. Training and held-out files are split by a hash of the relative path (``data.folders.split_indices``).
+    Unreadable or empty files are warned about and replaced by the next index, and reported in ``skipped``.
     """
 
     kind = "audio file"
 
     def __init__(self, root: str, *, split: str = "train", size: int = 16000,
-                 sample_rate: int = DEFAULT_SAMPLE_RATE):
+                 sample_rate: int = DEFAULT_SAMPLE_RATE, eval_fraction: float = DEFAULT_EVAL_FRACTION):
         self.root, self.train, self.size, self.sample_rate = root, split == "train", size, sample_rate
-        self.files = list_media_files(root, AUDIO_EXTENSIONS)
-        if not self.files:
+        files = list_media_files(root, AUDIO_EXTENSIONS)
+        if not files:
             raise ValueError(f"no audio files found under {root!r} (extensions: {' '.join(AUDIO_EXTENSIONS)})")
-        self.classes, self.labels = folder_labels(self.files)
+        self.classes, labels = folder_labels(files)
+        keep = split_indices(files, split, eval_fraction, readable=self._readable)
+        self.files, self.labels = [files[i] for i in keep], [labels[i] for i in keep]
+
+    def _readable(self, name: str) -> bool:
+        """From the header: libsndfile's, else FFmpeg's (torchcodec) when it can load."""
+        path = os.path.join(self.root, name)
+        try:
+            return sf.info(path).frames > 0
+        except Exception:  # not something libsndfile reads (some MP3s, AAC): ask FFmpeg
+            pass
+        try:
+            from torchcodec.decoders import AudioDecoder  # optional: needs a system FFmpeg to import
+        except Exception:
+            return os.path.getsize(path) > 0  # nothing to ask: do not count it out
+        try:
+            return AudioDecoder(path).metadata.duration_seconds_from_header not in (None, 0)
+        except Exception:
+            return False
 
     def __len__(self) -> int:
         return len(self.files)
@@ -168,9 +187,9 @@ class WebDatasetAudio(WebDatasetImages):
 
     def __init__(self, source: str | list[str], *, split: str = "train", size: int = 16000,
                  sample_rate: int = DEFAULT_SAMPLE_RATE, seed: int = 0, process_index: int = 0,
-                 num_processes: int = 1, shuffle_buffer: int = 1000):
+                 num_processes: int = 1, shuffle_buffer: int = 1000, eval_fraction: float = DEFAULT_EVAL_FRACTION):
         super().__init__(source, split=split, size=size, channels=1, seed=seed, process_index=process_index,
-                         num_processes=num_processes, shuffle_buffer=shuffle_buffer)
+                         num_processes=num_processes, shuffle_buffer=shuffle_buffer, eval_fraction=eval_fraction)
         self.sample_rate = sample_rate
 
     def decode(self, sample: dict) -> dict:
@@ -363,8 +382,9 @@ class SpokenDigitsDataset(Dataset):
 
 def build_audio_dataset(source: str, *, split: str = "train", size: int = 16000,
                         sample_rate: int = DEFAULT_SAMPLE_RATE, seed: int = 0, process_index: int = 0,
-                        num_processes: int = 1, **options):
-    """Audio dataset of sample dicts (x: (1, size) in [-1, 1] at ``sample_rate``) for any audio source."""
+                        num_processes: int = 1, eval_fraction: float = DEFAULT_EVAL_FRACTION, **options):
+    """Audio dataset of sample dicts (x: (1, size) in [-1, 1] at ``sample_rate``) for any audio source
+    (``eval_fraction``: the held-out share of a folder's files or a shard set's samples)."""
     check_split(split)
     if size <= 0 or sample_rate <= 0:
         raise ValueError(f"size and sample_rate must be positive, got {size} and {sample_rate}")
@@ -372,8 +392,8 @@ def build_audio_dataset(source: str, *, split: str = "train", size: int = 16000,
     if source == "spoken-digits":
         return SpokenDigitsDataset(**common, **options)
     if os.path.isdir(source):
-        return AudioFolderDataset(source, **common, **options)
+        return AudioFolderDataset(source, **common, eval_fraction=eval_fraction, **options)
     if is_shard_source(source):
         return WebDatasetAudio(source, **common, seed=seed, process_index=process_index,
-                               num_processes=num_processes, **options)
+                               num_processes=num_processes, eval_fraction=eval_fraction, **options)
     raise ValueError(f"unknown audio source {source!r}; {_ACCEPTED_FORMS}")

@@ -98,7 +98,7 @@ def _photo_at_least(name: str, size: int) -> torch.Tensor:
     return (resize_shorter(img.float() / 255.0, size) * 255.0).round().to(torch.uint8)
 
 
-def eval_grid(height: int, width: int, size: int) -> list[tuple[int, int]]:
+def tile_grid(height: int, width: int, size: int) -> list[tuple[int, int]]:
     """Top-left corners of the non-overlapping size x size tiles of an image, row-major."""
     return [(top, left) for top in range(0, height - size + 1, size) for left in range(0, width - size + 1, size)]
 
@@ -118,7 +118,7 @@ class PhotosDataset(Dataset):
         self.photos = {name: _photo_at_least(name, size) for name in self.names}
         self.crops_per_epoch = crops_per_epoch
         self.tiles = [
-            (name, top, left) for name in self.names for top, left in eval_grid(*self.photos[name].shape[-2:], size)
+            (name, top, left) for name in self.names for top, left in tile_grid(*self.photos[name].shape[-2:], size)
         ]
 
     def __len__(self) -> int:

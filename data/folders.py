@@ -3,8 +3,10 @@ map-style dataset whose unreadable items are warned about, skipped in favour of 
 in the sample's ``skipped`` list."""
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
+from typing import Callable
 
 from torch.utils.data import Dataset
 
@@ -73,3 +75,44 @@ class SkippingDataset(Dataset):
             sample["skipped"] = skipped + sample["skipped"]
             return sample
         raise RuntimeError(f"all {n} {self.kind} items are unreadable")
+
+
+# ---- the held-out split of a user's folder --------------------------------------------------------
+DEFAULT_EVAL_FRACTION = 0.1  # of a folder's files (or a shard set's samples) held out for evaluation
+
+
+def path_hash(name: str) -> float:
+    """A stable number in [0, 1) for a relative path or sample key: which side of the split it falls on."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+
+
+def check_eval_fraction(eval_fraction: float) -> None:
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must lie in [0, 1) (0 = no held-out part), got {eval_fraction}")
+
+
+def split_indices(files: list[str], split: str, eval_fraction: float,
+                  readable: Callable[[str], bool] | None = None) -> list[int]:
+    """Indices of ``files`` (relative paths) in ``split``: a file is held out when ``path_hash`` of its path is
+    below ``eval_fraction``, so the split is stable when files are added, and train and eval never share a file.
+
+    At least one file is held out and one kept for training; when ``readable`` is given and no held-out file is
+    readable, the next files in hash order join the held-out ones until one is. ``eval_fraction`` 0: no split,
+    both splits are every file.
+    """
+    check_split(split)
+    check_eval_fraction(eval_fraction)
+    if eval_fraction == 0:
+        return list(range(len(files)))
+    if len(files) < 2:
+        raise ValueError(f"{len(files)} file cannot be split into training and held-out files: give more files, "
+                         "eval_fraction 0 (evaluate on the training files) or a held-out source (--eval-data)")
+    order = sorted(range(len(files)), key=lambda i: path_hash(files[i]))
+    held = max(1, sum(path_hash(files[i]) < eval_fraction for i in order))
+    if readable is not None:
+        while held < len(files) - 1 and not any(readable(files[i]) for i in order[:held]):
+            held += 1
+    held_out = set(order[: min(held, len(files) - 1)])
+    if split == "eval":
+        return sorted(held_out)
+    return [i for i in range(len(files)) if i not in held_out]

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 
 from .audio import DEFAULT_SAMPLE_RATE, build_audio_dataset
+from .folders import DEFAULT_EVAL_FRACTION
 from .images import build_image_dataset
 from .video import DEFAULT_FRAMES, build_video_dataset
 
-__all__ = ["BITS_PER_VALUE", "DEFAULT_FRAMES", "DEFAULT_SAMPLE_RATE", "MODALITIES", "MODALITY_DIMS", "build_dataset",
-           "check_modality", "clamp_to_range", "value_range", "value_span"]
+__all__ = ["BITS_PER_VALUE", "DEFAULT_EVAL_FRACTION", "DEFAULT_FRAMES", "DEFAULT_SAMPLE_RATE", "MODALITIES",
+           "MODALITY_DIMS", "build_dataset", "check_modality", "clamp_to_range", "held_out_source", "value_range",
+           "value_span"]
 
 MODALITIES = ("image", "audio", "video")
 MODALITY_DIMS = {"audio": 1, "image": 2, "video": 3}
@@ -42,9 +44,17 @@ def clamp_to_range(x: torch.Tensor, modality: str) -> torch.Tensor:
     return x.clamp(*value_range(modality))
 
 
+def held_out_source(data: str, split: str, eval_fraction: float, eval_data: str | None) -> tuple[str, float]:
+    """(source, eval_fraction) of ``split``: with a separate held-out source ``eval_data``, eval reads all of it and
+    train all of ``data``; otherwise both read ``data``, split by ``eval_fraction``."""
+    if eval_data:
+        return (eval_data if split == "eval" else data), 0.0
+    return data, eval_fraction
+
+
 def build_dataset(source: str, *, modality: str = "image", split: str = "train", size: int = 32,
                   channels: int = 3, seed: int = 0, process_index: int = 0, num_processes: int = 1,
-                  sample_rate: int = 0, **options):
+                  sample_rate: int = 0, eval_fraction: float = DEFAULT_EVAL_FRACTION, **options):
     """A dataset of ``{"x", "label", "key", "skipped"}`` samples for ``modality``.
 
     size: crop size for images, clip length in samples for audio, frame side for video.
@@ -53,10 +63,14 @@ def build_dataset(source: str, *, modality: str = "image", split: str = "train",
     video: x (channels, frames, size, size) in [0, 1]; sources moving-digits | folder | shards;
     options ``frames`` (default 16), ``frame_stride`` (folder: hop between clip starts in source
     frames, default: non-overlapping clips), ``frame_step`` (take every n-th frame, default 1).
-    Other ``options`` go to the reader (e.g. webdataset ``shuffle_buffer``).
+    ``eval_fraction``: the share of a folder's files (of a shard set's samples) held out for ``split="eval"``, by a
+    stable hash of the path (key), so train and eval never share a file; 0 = no held-out part (both splits are
+    everything). The built-in sets have fixed splits. Other ``options`` go to the reader (e.g. webdataset
+    ``shuffle_buffer``).
     """
     check_modality(modality)
-    common = dict(split=split, size=size, seed=seed, process_index=process_index, num_processes=num_processes)
+    common = dict(split=split, size=size, seed=seed, process_index=process_index, num_processes=num_processes,
+                  eval_fraction=eval_fraction)
     if modality == "image":
         return build_image_dataset(source, channels=channels, **common, **options)
     if modality == "audio":

@@ -221,12 +221,15 @@ def _split_entry(out_dir: Path, name: str, world: int, input_shape) -> tuple[dic
 
 
 def build_manifest(out_dir: Path, exported: list[str], world: int, tokenizer: TokenizerInfo,
-                   previous: dict | None, seconds: float, source: str | None) -> dict:
-    """The manifest of the folder: the splits just exported plus those of ``previous`` it kept."""
+                   previous: dict | None, seconds: float, source: str | None, split_sources: dict | None = None) -> dict:
+    """The manifest of the folder: the splits just exported plus those of ``previous`` it kept; ``split_sources``
+    (per split: what it was read from, its held-out fraction and files) goes into each split's entry."""
     splits = {k: v for k, v in (previous or {}).get("splits", {}).items() if k not in exported}
     input_shape = (previous or {}).get("input_shape") if splits else None
     for name in exported:
         splits[name], input_shape = _split_entry(out_dir, name, world, input_shape)
+        if split_sources and name in split_sources:
+            splits[name]["read_from"] = split_sources[name]
     if input_shape is None:
         raise ValueError("no samples were exported")
     max_label = max(v.get("num_classes", 0) - 1 for v in splits.values())

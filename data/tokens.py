@@ -134,16 +134,22 @@ def _decode(sample: dict, levels: list[int], where: str) -> dict:
 class TokenDataset(IterableDataset):
     """A split of a token folder as a stream of ``{"codes": [LongTensor (*grid)], "label", "key"}``.
 
-    Shards are split by process (``process_index`` of ``num_processes``) then by data-loader worker;
-    when there are fewer shards than processes every process reads all shards and keeps the samples
-    whose dataset index is ``process_index`` modulo ``num_processes``. With ``shuffle`` > 0 the shard
-    order and a buffer of that many samples are shuffled, seeded by ``seed + epoch`` (call
-    ``set_epoch(e)`` before each epoch); ``shuffle=0`` reads in shard order.
+    With ``shuffle`` > 0 the shard order and a buffer of that many samples are shuffled, seeded by ``seed + epoch``
+    (call ``set_epoch(e)`` before each epoch); ``shuffle=0`` reads in shard order. Shards are split by data-loader
+    worker, and between processes (``process_index`` of ``num_processes``) in one of two ways:
+
+    * ``split_by="sample"``: every process reads every shard in the same seeded order and keeps every
+      ``num_processes``-th sample of it, so the processes' batches together are the batches one process would
+      see: a 2-process run equals a 1-process run at the same global batch. Reading grows with the processes.
+    * ``split_by="shard"``: processes read disjoint shards (when there are fewer shards than processes, they fall
+      back to "sample"): reading is split, but the batches are not those of a 1-process run.
+
     ``levels``: which code levels to yield (0 = top), default all.
     """
 
     def __init__(self, path: str | Path, split: str = "train", levels: Sequence[int] | None = None, *,
-                 shuffle: int = 1000, seed: int = 0, process_index: int = 0, num_processes: int = 1):
+                 shuffle: int = 1000, seed: int = 0, process_index: int = 0, num_processes: int = 1,
+                 split_by: str = "sample"):
         super().__init__()
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -160,7 +166,9 @@ class TokenDataset(IterableDataset):
             raise FileNotFoundError(f"{len(missing)} shard(s) listed in {self.path / MANIFEST} are missing, "
                                     f"e.g. {self.path / missing[0]}: re-run `tokgen export-tokens`")
         counts = info.get("shard_samples")
-        self.by_sample = len(shards) < num_processes
+        if split_by not in ("sample", "shard"):
+            raise ValueError(f"split_by must be 'sample' or 'shard', got {split_by!r}")
+        self.by_sample = split_by == "sample" or len(shards) < num_processes
         if self.by_sample:
             self.shards = shards
             n = int(info["num_samples"])
@@ -194,9 +202,11 @@ class TokenDataset(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         base = (self.seed + self.epoch) * 1_000_003
+        # by sample, every process draws the same order (then keeps its share); by shard, each its own
+        order_seed = 0 if self.by_sample else self.process_index
         shards = list(self.shards)
         if self.shuffle > 0:  # same permutation in every worker of a process, new every epoch
-            random.Random(base + self.process_index).shuffle(shards)
+            random.Random(base + order_seed).shuffle(shards)
         if not shards:
             return
         urls = [str(self.path / s) for s in shards]
@@ -204,14 +214,13 @@ class TokenDataset(IterableDataset):
                             empty_check=False)
         where = f"{self.path} ({self.split})"
         ds = ds.map(lambda s: _decode(s, self.levels, where))
-        if self.by_sample:
-            rank, world = self.process_index, self.num_processes
-            ds = ds.select(lambda s: s["index"] % world == rank)
         if self.shuffle > 1:
-            rng = random.Random(base + 7919 * self.process_index + 104_729 * worker + 1)
+            rng = random.Random(base + 7919 * order_seed + 104_729 * worker + 1)
             ds = ds.shuffle(self.shuffle, initial=min(100, self.shuffle), rng=rng)
-        for sample in ds:
-            yield {"codes": sample["codes"], "label": sample["label"], "key": sample["key"]}
+        rank, world = self.process_index, self.num_processes
+        for n, sample in enumerate(ds):
+            if not self.by_sample or n % world == rank:
+                yield {"codes": sample["codes"], "label": sample["label"], "key": sample["key"]}
 
 
 def load_all(path: str | Path, split: str = "train", levels: Sequence[int] | None = None

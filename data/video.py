@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from .builtin import digits_indices, load_digits
 from .common import crop_square, make_sample, match_channels, resize_shorter
-from .folders import SkippingDataset, check_split, folder_labels, list_media_files
+from .folders import (DEFAULT_EVAL_FRACTION, SkippingDataset, check_split, folder_labels, list_media_files,
+                      split_indices)
 from .webdataset_io import WebDatasetImages, is_shard_source, sample_label
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".avi", ".mov", ".mkv")
@@ -69,6 +70,14 @@ def count_frames(source: str | os.PathLike | bytes) -> int:
     if n <= 0:
         raise ValueError("video has no frames")
     return n
+
+
+def _frame_count(path: str) -> int:
+    """count_frames, or 0 for a file that cannot be opened."""
+    try:
+        return count_frames(path)
+    except Exception:  # decoders raise many types
+        return 0
 
 
 def read_frames(source: str | os.PathLike | bytes, indices: list[int] | None = None) -> torch.Tensor:
@@ -141,17 +150,20 @@ class VideoFolderDataset(SkippingDataset):
     kind = "video"
 
     def __init__(self, root: str, *, split: str = "train", size: int = 64, channels: int = 3,
-                 frames: int = DEFAULT_FRAMES, frame_stride: int | None = None, frame_step: int = 1):
+                 frames: int = DEFAULT_FRAMES, frame_stride: int | None = None, frame_step: int = 1,
+                 eval_fraction: float = DEFAULT_EVAL_FRACTION):
         if frames <= 0 or frame_step <= 0 or (frame_stride is not None and frame_stride <= 0):
             raise ValueError(f"frames, frame_stride and frame_step must be positive, got {frames}, "
                              f"{frame_stride}, {frame_step}")
         self.root, self.train, self.size, self.channels = root, split == "train", size, channels
         self.frames, self.frame_step = frames, frame_step
         self.frame_stride = frame_stride or clip_span(frames, frame_step)
-        self.files = list_media_files(root, VIDEO_EXTENSIONS)
-        if not self.files:
+        files = list_media_files(root, VIDEO_EXTENSIONS)
+        if not files:
             raise ValueError(f"no videos found under {root!r} (extensions: {' '.join(VIDEO_EXTENSIONS)})")
-        self.classes, self.labels = folder_labels(self.files)
+        self.classes, labels = folder_labels(files)
+        keep = split_indices(files, split, eval_fraction, readable=lambda f: _frame_count(os.path.join(root, f)) > 0)
+        self.files, self.labels = [files[i] for i in keep], [labels[i] for i in keep]
         self.num_frames: dict[str, int] = {}
         self.unindexed, short = [], []
         self.items: list[tuple[int, int]] = []
@@ -202,9 +214,9 @@ class WebDatasetVideo(WebDatasetImages):
 
     def __init__(self, source: str | list[str], *, split: str = "train", size: int = 64, channels: int = 3,
                  frames: int = DEFAULT_FRAMES, frame_step: int = 1, seed: int = 0, process_index: int = 0,
-                 num_processes: int = 1, shuffle_buffer: int = 1000):
+                 num_processes: int = 1, shuffle_buffer: int = 1000, eval_fraction: float = DEFAULT_EVAL_FRACTION):
         super().__init__(source, split=split, size=size, channels=channels, seed=seed, process_index=process_index,
-                         num_processes=num_processes, shuffle_buffer=shuffle_buffer)
+                         num_processes=num_processes, shuffle_buffer=shuffle_buffer, eval_fraction=eval_fraction)
         self.frames, self.frame_step = frames, frame_step
 
     def decode(self, sample: dict) -> dict:
@@ -298,8 +310,10 @@ class MovingDigitsDataset(Dataset):
 
 def build_video_dataset(source: str, *, split: str = "train", size: int = 64, channels: int = 3,
                         frames: int = DEFAULT_FRAMES, frame_stride: int | None = None, frame_step: int = 1,
-                        seed: int = 0, process_index: int = 0, num_processes: int = 1, **options):
-    """Video dataset of sample dicts (x: (channels, frames, size, size) in [0, 1]) for any video source."""
+                        seed: int = 0, process_index: int = 0, num_processes: int = 1,
+                        eval_fraction: float = DEFAULT_EVAL_FRACTION, **options):
+    """Video dataset of sample dicts (x: (channels, frames, size, size) in [0, 1]) for any video source
+    (``eval_fraction``: the held-out share of a folder's files or a shard set's samples)."""
     check_split(split)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -309,8 +323,9 @@ def build_video_dataset(source: str, *, split: str = "train", size: int = 64, ch
             raise ValueError("moving-digits renders its clips: frame_stride/frame_step do not apply")
         return MovingDigitsDataset(**common, **options)
     if os.path.isdir(source):
-        return VideoFolderDataset(source, **common, frame_stride=frame_stride, frame_step=frame_step, **options)
+        return VideoFolderDataset(source, **common, frame_stride=frame_stride, frame_step=frame_step,
+                                  eval_fraction=eval_fraction, **options)
     if is_shard_source(source):
         return WebDatasetVideo(source, **common, frame_step=frame_step, seed=seed, process_index=process_index,
-                               num_processes=num_processes, **options)
+                               num_processes=num_processes, eval_fraction=eval_fraction, **options)
     raise ValueError(f"unknown video source {source!r}; {_ACCEPTED_FORMS}")

@@ -23,6 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .common import image_to_tensor, make_sample
+from .folders import DEFAULT_EVAL_FRACTION, check_eval_fraction, check_split, path_hash
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 
@@ -95,7 +96,8 @@ class WebDatasetImages(IterableDataset):
 
     Sample keys: image from one of ``IMAGE_KEYS``; label via ``sample_label``;
     ``key`` = the tar ``__key__``. Skipped entries are "shard" (read errors) or
-    "shard:key" (undecodable samples).
+    "shard:key" (undecodable samples). The held-out split is by sample: a sample is held out when the hash of
+    its key is below ``eval_fraction`` (0: both splits are every sample).
     """
 
     def __init__(
@@ -109,7 +111,10 @@ class WebDatasetImages(IterableDataset):
         process_index: int = 0,
         num_processes: int = 1,
         shuffle_buffer: int = 1000,
+        eval_fraction: float = DEFAULT_EVAL_FRACTION,
     ):
+        check_split(split)
+        check_eval_fraction(eval_fraction)
         all_shards = expand_shards(source) if isinstance(source, str) else list(source)
         missing = [s for s in all_shards if _is_local(s) and not os.path.exists(s)]
         if not all_shards or missing:
@@ -119,7 +124,13 @@ class WebDatasetImages(IterableDataset):
         if not self.shards:
             warnings.warn(f"process {process_index}/{num_processes} got no shards out of {len(all_shards)}")
         self.train, self.size, self.channels = split == "train", size, channels
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.seed, self.shuffle_buffer, self.eval_fraction = seed, shuffle_buffer, eval_fraction
+
+    def in_split(self, sample: dict) -> bool:
+        """Whether a raw sample belongs to this split (by the hash of its key)."""
+        if self.eval_fraction == 0:
+            return True
+        return (path_hash(str(sample.get("__key__"))) < self.eval_fraction) != self.train
 
     def _epoch_shards(self) -> list[str]:
         """This worker's shards for the current epoch (shuffled identically across workers when training)."""
@@ -149,6 +160,7 @@ class WebDatasetImages(IterableDataset):
     def _raw_samples(self, log: _SkipLog) -> Iterator[dict]:
         """Undecoded tar samples (dicts of bytes) of this worker, sample-shuffled when training."""
         samples = group_by_keys(tar_file_expander(self._open_shards(log), handler=log), handler=log)
+        samples = (s for s in samples if self.in_split(s))
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(int(torch.randint(2**62, (1,))))  # per-worker seed from the global RNG
             samples = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(samples)

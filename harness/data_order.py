@@ -104,14 +104,16 @@ class BatchStream:
         return next(self._batches)
 
     def _loader(self) -> DataLoader:
+        # A generator of its own for every loader: without one, a DataLoader draws its workers' base seed from
+        # torch's global RNG, which a resumed run has restored to another point than where the straight run drew.
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.iterable:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate,
-                              num_workers=self.num_workers, drop_last=True)
+                              num_workers=self.num_workers, drop_last=True, generator=generator)
         return DataLoader(SeededDataset(self.dataset), batch_sampler=self.plan.epoch(self.epoch, self.batch),
-                          collate_fn=self.collate, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed + self.epoch))
+                          collate_fn=self.collate, num_workers=self.num_workers, generator=generator)
 
     def _stream(self) -> Iterator[dict]:
         while True:

@@ -21,6 +21,7 @@ import torch
 
 from data import build_dataset, collate_samples
 from data.common import iterate_items
+from data.modalities import DEFAULT_EVAL_FRACTION, held_out_source
 from harness.devices import add_device_arguments
 from pipelines.bitstream import BitstreamError
 from pipelines.compress import coder_for
@@ -35,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, help="score at most this many samples")
     p.add_argument("--size", type=int, help="data size option (default: from the pipeline's input shape)")
+    p.add_argument("--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION,
+                   help="share of a folder's files (a shard set's samples) held out, by a stable hash of the path, "
+                        f"as export-tokens splits them (default: {DEFAULT_EVAL_FRACTION}; 0 = score every file)")
+    p.add_argument("--eval-data", help="a separate held-out source to score instead of --data's held-out part")
     add_device_arguments(p)
     p.add_argument("--compress", type=int, default=0, metavar="N",
                    help="also compress the first N samples, check the round trip and report real sizes")
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         add_arguments(parser)
         args = parser.parse_args(argv)
     pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device, dtype=args.dtype)
-    dataset = build_dataset(args.data, **dataset_options(pipe, args.split, args.size))
+    source, fraction = held_out_source(args.data, args.split, args.eval_fraction, args.eval_data)
+    dataset = build_dataset(source, **dataset_options(pipe, args.split, args.size), eval_fraction=fraction)
     metrics = evaluate_pipeline(pipe, dataset, args.batch_size, args.limit, args.compress)
     metrics = {"pipeline": str(args.pipeline), "fingerprint": pipe.fingerprint(), "data": args.data,
                "split": args.split, **metrics}

@@ -21,7 +21,7 @@ from harness.devices import add_device_arguments, autocast, resolve_device, reso
 from stage1_tokenizer.metrics import batch_metrics
 from stage1_tokenizer.perceptual import PerceptualLoss
 from stage1_tokenizer.quantizer import CodebookStats
-from stage1_tokenizer.registry import load_tokenizer, training_data
+from stage1_tokenizer.registry import add_held_out_arguments, held_out_report, load_tokenizer, training_data
 
 
 def _try_lpips():
@@ -98,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-items", type=int)
     p.add_argument("--size", type=int, help="input size (default: the training size from the run config)")
-    p.add_argument("--no-lpips", action="store_true")
+    p.add_argument("--no-lpips", action="store_true", help="do not compute LPIPS")
+    add_held_out_arguments(p)
     add_device_arguments(p)
 
 
@@ -109,12 +110,14 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         args = parser.parse_args(argv)
     tokenizer, device = load_tokenizer(args.model), resolve_device(args.device)
     tokenizer.to(device)
-    dataset = build_dataset(args.data, modality=tokenizer.modality, split="eval",
-                            channels=tokenizer.config.in_channels, sample_rate=tokenizer.sample_rate,
-                            **training_data(args.model, args.size, args.data))
+    source, options = training_data(args.model, args.size).held_out(args.data, "eval", args.eval_fraction,
+                                                                     args.eval_data)
+    dataset = build_dataset(source, modality=tokenizer.modality, split="eval", channels=tokenizer.config.in_channels,
+                            sample_rate=tokenizer.sample_rate, **options)
     args.out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate(tokenizer, dataset, args.batch_size, args.max_items, not args.no_lpips,
                        args.out / "reconstructions.png", dtype=resolve_dtype(args.dtype))
+    metrics["held_out"] = held_out_report(source, options, dataset)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
     return metrics

@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import re
 import time
 import warnings
@@ -37,12 +36,11 @@ from data import build_dataset, collate_samples
 from data.token_writer import (ShardWriter, TokenizerInfo, build_manifest, check_settings, clean_partial,
                                complete_shards, existing_manifest, is_done, mark_done)
 from data.tokens import MANIFEST
-from data.webdataset_io import is_shard_source
 from harness.data_order import SeededDataset
 from harness.devices import add_device_arguments, autocast, resolve_device, resolve_dtype
 from harness.folders import write_json
 from stage1_tokenizer.base import Tokenizer
-from stage1_tokenizer.registry import load_tokenizer, training_data
+from stage1_tokenizer.registry import add_held_out_arguments, held_out_report, load_tokenizer, training_data
 
 SPLITS = ("train", "eval")
 
@@ -140,13 +138,14 @@ def _plan(ds, out_dir, name, rank, world, settings, batch_size, num_workers, spl
 def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 64, shard_size: int = 10000,
                   accelerator=None, progress: bool = True, split: str = "train", seed: int = 0,
                   num_workers: int = 0, split_iterable: bool = False, source: str | None = None,
-                  dtype: torch.dtype = torch.float32) -> dict:
+                  dtype: torch.dtype = torch.float32, split_sources: dict | None = None) -> dict:
     """Encode ``dataset`` (or ``{"train": ds, "eval": ds}``) into token shards under ``out_dir``.
 
     Returns the manifest (also written to ``out_dir/manifest.json`` by the main process). With an
     ``accelerator`` every process exports ``range(rank, N, world)`` of a map-style dataset. An iterable
     dataset must already be this process's share, unless ``split_iterable`` (keep every world-th item).
     Splits already in an existing manifest of the same tokenizer are kept (export train, then eval).
+    ``split_sources``: per split, what it was read from (source, held-out fraction, files), for the manifest.
     """
     started = time.time()
     acc = accelerator if accelerator is not None else _Single()
@@ -174,7 +173,8 @@ def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 6
     acc.wait_for_everyone()
     manifest = None
     if acc.is_main_process:
-        manifest = build_manifest(out_dir, list(datasets), world, info, previous, time.time() - started, source)
+        manifest = build_manifest(out_dir, list(datasets), world, info, previous, time.time() - started, source,
+                                  split_sources)
         write_json(out_dir / MANIFEST, manifest)
         if manifest.get("skipped"):
             warnings.warn(f"{len(manifest['skipped'])} unreadable inputs were skipped; they are listed "
@@ -221,13 +221,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="tokenizer: model folder, run folder or pipeline folder")
     p.add_argument("--data", required=True, help="built-in name (digits, photos), image folder or .tar shards")
     p.add_argument("--out", required=True, type=Path, help="token folder (shards + manifest.json)")
-    p.add_argument("--split", choices=["train", "eval", "all"], default="all")
+    p.add_argument("--split", choices=["train", "eval", "all"], default="all",
+                   help="which split to export (default: all = train and the held-out eval)")
     p.add_argument("--size", type=int, help="input size (default: the tokenizer's training size, else 32)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="seeds the training-split crops (deterministic)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     add_device_arguments(p)
+    add_held_out_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -249,19 +251,19 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     tokenizer = load_tokenizer(args.model)
     accelerator = export_accelerator(args.device)
     splits = SPLITS if args.split == "all" else (args.split,)
-    if args.split == "all" and (os.path.isdir(args.data) or is_shard_source(args.data)) and accelerator.is_main_process:
-        warnings.warn(f"{args.data} has no separate held-out part: 'train' and 'eval' will hold the same "
-                      "inputs (eval with centre crops); export a held-out source with --split eval instead")
-    options = training_data(Path(args.model), args.size, args.data)
-    datasets = {name: build_dataset(args.data, modality=tokenizer.modality, split=name,
-                                    channels=tokenizer.config.in_channels, sample_rate=tokenizer.sample_rate,
-                                    seed=args.seed, process_index=accelerator.process_index,
-                                    num_processes=accelerator.num_processes, **options)
-                for name in splits}
+    run_data = training_data(Path(args.model), args.size)
+    datasets, held_out = {}, {}
+    for name in splits:
+        source, options = run_data.held_out(args.data, name, args.eval_fraction, args.eval_data)
+        datasets[name] = build_dataset(source, modality=tokenizer.modality, split=name,
+                                       channels=tokenizer.config.in_channels, sample_rate=tokenizer.sample_rate,
+                                       seed=args.seed, process_index=accelerator.process_index,
+                                       num_processes=accelerator.num_processes, **options)
+        held_out[name] = held_out_report(source, options, datasets[name])
     manifest = export_tokens(tokenizer, datasets, args.out, batch_size=args.batch_size,
                              shard_size=args.shard_size, accelerator=accelerator, progress=not args.quiet,
                              seed=args.seed, num_workers=args.num_workers, source=str(args.data),
-                             dtype=resolve_dtype(args.dtype))
+                             dtype=resolve_dtype(args.dtype), split_sources=held_out)
     if accelerator.is_main_process:
         summary = {k: manifest[k] for k in ("num_samples", "num_classes", "input_shape", "export_seconds")}
         summary["splits"] = {k: v["num_samples"] for k, v in manifest["splits"].items()}

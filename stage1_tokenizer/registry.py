@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.modalities import DEFAULT_EVAL_FRACTION, held_out_source
 from harness.folders import CONFIG_NAME, read_config
 from stage1_tokenizer.base import Tokenizer, TokenizerConfig
 from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
@@ -39,18 +41,56 @@ def load_tokenizer(path: str | Path, map_location: str = "cpu") -> Tokenizer:
     return model_cls.from_pretrained(folder, map_location)
 
 
-def training_data(path: str | Path, size: int | None = None, source: str | None = None) -> dict:
-    """``build_dataset`` size options the tokenizer at ``path`` was trained at, from its run's config.json:
-    what evaluation and export feed it unless told otherwise (``size`` overrides). The run's ``data_options``
-    come too when ``source`` is the source it was trained on (they are that reader's options)."""
+@dataclass
+class TrainingData:
+    """What a tokenizer was trained on, from its run's config.json: what evaluation and export feed it unless told
+    otherwise."""
+
+    source: str | None = None
+    options: dict = field(default_factory=dict)  # build_dataset size options and the reader's data_options
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+    eval_data: str | None = None
+
+    def held_out(self, source: str, split: str, eval_fraction: float | None = None,
+                 eval_data: str | None = None) -> tuple[str, dict]:
+        """(source, build_dataset options) for ``split`` of ``source``: the run's held-out split when ``source`` is
+        what it trained on (the given ``eval_fraction`` / ``eval_data`` override it)."""
+        same = source == self.source
+        fraction = eval_fraction if eval_fraction is not None else (self.eval_fraction if same else
+                                                                   DEFAULT_EVAL_FRACTION)
+        held = eval_data if eval_data is not None else (self.eval_data if same else None)
+        chosen, fraction = held_out_source(source, split, fraction, held)
+        options = dict(self.options) if chosen == self.source else {
+            k: v for k, v in self.options.items() if k in ("size", "frames")}
+        return chosen, {**options, "eval_fraction": fraction}
+
+
+def add_held_out_arguments(p) -> None:
+    """--eval-fraction and --eval-data for the commands that read a tokenizer's held-out split."""
+    p.add_argument("--eval-fraction", type=float,
+                   help="share of a folder's files (a shard set's samples) held out, by a stable hash of the path "
+                        f"(default: the tokenizer run's for its own --data, else {DEFAULT_EVAL_FRACTION}; 0 = none)")
+    p.add_argument("--eval-data", help="a separate held-out source (default: the tokenizer run's for its own --data)")
+
+
+def held_out_report(source: str, options: dict, dataset) -> dict:
+    """What evaluation and export record about the held-out split they read: source, fraction, files."""
+    report = {"source": source, "eval_fraction": options.get("eval_fraction", 0.0)}
+    if isinstance(getattr(dataset, "files", None), list):
+        report["files"] = list(dataset.files)
+    return report
+
+
+def training_data(path: str | Path, size: int | None = None) -> TrainingData:
+    """The training data of the tokenizer at ``path`` (a model folder beside its run's config.json, or the run);
+    ``size`` overrides the input size it was trained at (32 when there is no run config)."""
     for candidate in (Path(path) / "config.json", Path(path).parent / "config.json"):
         if candidate.is_file():
             cfg = json.loads(candidate.read_text())
             if isinstance(cfg.get("size"), int):
-                out = {"size": size or cfg["size"]}
+                options = {"size": size or cfg["size"], **(cfg.get("data_options") or {})}
                 if cfg.get("model", {}).get("modality") == "video":
-                    out["frames"] = cfg.get("frames", 16)
-                if source is not None and source == cfg.get("data"):
-                    out.update(cfg.get("data_options") or {})
-                return out
-    return {"size": size or 32}
+                    options["frames"] = cfg.get("frames", 16)
+                return TrainingData(cfg.get("data"), options, cfg.get("eval_fraction", DEFAULT_EVAL_FRACTION),
+                                    cfg.get("eval_data"))
+    return TrainingData(options={"size": size or 32})

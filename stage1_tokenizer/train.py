@@ -6,6 +6,7 @@ reconstruction grids and the final ``model/`` folder all go into the run folder.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,9 @@ from pathlib import Path
 import torch
 
 from data import build_dataset as build_data, collate_samples
+from data.common import iterate_items
+from data.folders import check_eval_fraction
+from data.modalities import DEFAULT_EVAL_FRACTION, held_out_source
 from data.pictures import save_comparison
 from harness import loop
 from harness.config import config_from_dict, load_config_file, merge, preset, resolve
@@ -32,6 +36,10 @@ class TokenizerTrainConfig(loop.TrainingConfig):
     # options for the data reader, e.g. {"max_digits": 1} (moving-digits) or {"frame_step": 2} (video folders);
     # evaluation and export apply them too when they read the same source
     data_options: dict = field(default_factory=dict)
+    # held out for evaluation: this share of a folder's files (a shard set's samples), by a stable hash of the path;
+    # or all of a separate source `eval_data` (then `data` is all training). Built-in sets have fixed splits.
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+    eval_data: str | None = None
     size: int = 32  # crop size (images), clip length in samples (audio), frame side (video)
     frames: int = 16  # video: frames per clip
     lpips_weight: float = 0.0  # images: LPIPS perceptual term
@@ -47,6 +55,7 @@ class TokenizerTrainConfig(loop.TrainingConfig):
         self.model_config  # validate the model fields now, not after the data is loaded
         if self.level_dropout_steps and self.arch != "hvqvae":
             raise ValueError("level_dropout_steps anneals a hierarchical tokenizer's level_dropout: use arch hvqvae")
+        check_eval_fraction(self.eval_fraction)
 
     @property
     def model_config(self) -> TokenizerConfig:
@@ -59,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     loop.add_training_arguments(p)
     p.add_argument("--lpips-weight", type=float, help="images: weight of the LPIPS perceptual loss")
     p.add_argument("--stft-weight", type=float, help="audio: weight of the multi-resolution STFT loss")
+    p.add_argument("--eval-fraction", type=float,
+                   help="share of a folder's files (a shard set's samples) held out for evaluation, by a stable hash "
+                        f"of the path (default: the config's, else {DEFAULT_EVAL_FRACTION}; 0 = none)")
+    p.add_argument("--eval-data", help="a separate held-out source (then all of --data trains)")
     p.add_argument("--bad-input", choices=["skip", "fail"],
                    help="an unreadable input: skip it and list it in RUN/skipped.txt, or stop")
 
@@ -72,7 +85,8 @@ def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
     if args.resume and saved.is_file():
         # A resumed run keeps its own config; only the step budget may grow.
         return resolve(TokenizerTrainConfig, json.loads(saved.read_text()), {"max_steps": args.max_steps})
-    flags = loop.given_flags(args, ("data", *loop.TRAINING_FLAGS, "lpips_weight", "stft_weight", "bad_input"))
+    flags = loop.given_flags(args, ("data", *loop.TRAINING_FLAGS, "lpips_weight", "stft_weight", "bad_input",
+                                    "eval_fraction", "eval_data"))
     base = default_preset(args.data)
     if args.config:
         base = merge(base, load_config_file(args.config))
@@ -94,12 +108,15 @@ class TrainState:
 
 
 def build_dataset(cfg: TokenizerTrainConfig, split: str, process_index: int = 0, num_processes: int = 1):
-    """The run's data: ``cfg.data``'s ``split``, as the model takes it."""
+    """The run's data: ``split`` of ``cfg.data`` (eval: the held-out part, or ``cfg.eval_data``), as the model
+    takes it. The reader options apply to ``cfg.data``, not to another held-out source."""
     m = cfg.model_config
+    source, fraction = held_out_source(cfg.data, split, cfg.eval_fraction, cfg.eval_data)
     options = {"frames": cfg.frames} if m.modality == "video" else {}
-    options.update(cfg.data_options)
-    return build_data(cfg.data, modality=m.modality, split=split, size=cfg.size, channels=m.in_channels, seed=cfg.seed,
-                 process_index=process_index, num_processes=num_processes, sample_rate=m.sample_rate, **options)
+    options.update(cfg.data_options if source == cfg.data else {})
+    return build_data(source, modality=m.modality, split=split, size=cfg.size, channels=m.in_channels, seed=cfg.seed,
+                      process_index=process_index, num_processes=num_processes, sample_rate=m.sample_rate,
+                      eval_fraction=fraction, **options)
 
 
 def _perceptual(cfg: TokenizerTrainConfig, device) -> torch.nn.Module | None:
@@ -121,8 +138,7 @@ def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps))
     perceptual = _perceptual(cfg, accelerator.device)
     dataset = build_dataset(cfg, "train", accelerator.process_index, accelerator.num_processes)
-    preview_set = build_dataset(cfg, "eval")
-    preview = collate_samples([preview_set[i] for i in range(min(16, len(preview_set)))])["x"]
+    preview = collate_samples(list(itertools.islice(iterate_items(build_dataset(cfg, "eval")), 16)))["x"]
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return TrainState(cfg, model, optimizer, scheduler, perceptual, dataset, preview)
 

@@ -2,7 +2,10 @@
 
 The code grid shape, codebook size, class count and (for a lower level) the upper level's grid come
 from the token manifest, never from the user: the model config only says how big the network is.
-Held-out NLL is logged in bits per token and bits per dimension of the original data.
+The tokens stream from their shards (``data.tokens.TokenDataset``: split by process and data-loader worker,
+a seeded shard order and shuffle buffer per epoch), so memory stays bounded whatever the token set's size,
+and a resumed run continues at the exact sample. Held-out NLL, split across processes, is logged in bits
+per token and bits per dimension of the original data.
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader
 
-from data.tokens import load_all, read_manifest
+from data.tokens import TokenDataset, read_manifest
 from harness import loop
 from harness.config import config_from_dict, load_config_file, merge, preset, resolve
 from harness.schedule import warmup_cosine
@@ -35,6 +38,10 @@ class PriorTrainConfig(loop.TrainingConfig):
     # can be sampled with classifier-free guidance (`tokgen sample --guidance`); 0 = no null class.
     class_dropout: float = 0.0
     eval_every: int = 500
+    shuffle_buffer: int = 1000  # samples the streaming reader shuffles among (besides the shard order)
+    # processes read disjoint token shards (reading split; batches differ from a 1-process run) instead of all
+    # shards in one seeded order, each keeping its share (the same global batches as one process)
+    shard_split: bool = False
     # defaults that differ from the tokenizer's
     batch_size: int = 64
     betas: tuple[float, float] = (0.9, 0.95)
@@ -48,25 +55,11 @@ class PriorTrainConfig(loop.TrainingConfig):
             raise ValueError(f"class_dropout must lie in [0, 1), got {self.class_dropout}")
 
 
-class TokenTensors(Dataset):
-    """In-memory codes of one level (+ the level above as conditioning) with labels."""
-
-    def __init__(self, codes: list[torch.Tensor], labels: torch.Tensor, level: int):
-        self.codes, self.labels, self.level = codes, labels, level
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict:
-        cond = self.codes[self.level - 1][i] if self.level > 0 else None
-        return {"codes": self.codes[self.level][i], "cond": cond, "label": int(self.labels[i])}
-
-
 def collate(samples: list[dict]) -> dict:
-    cond = [s["cond"] for s in samples]
+    """TokenDataset samples of levels [level - 1, level] (or [level] at the top) -> {"codes", "cond", "label"}."""
     return {
-        "codes": torch.stack([s["codes"] for s in samples]),
-        "cond": torch.stack(cond) if cond[0] is not None else None,
+        "codes": torch.stack([s["codes"][-1] for s in samples]),
+        "cond": torch.stack([s["codes"][0] for s in samples]) if len(samples[0]["codes"]) > 1 else None,
         "label": torch.tensor([s["label"] for s in samples]),
     }
 
@@ -115,13 +108,14 @@ def model_config(cfg: PriorTrainConfig, manifest: dict) -> PriorConfig:
     return config_from_dict(config_cls, {**cfg.model, **derived})
 
 
-def load_split(cfg: PriorTrainConfig, split: str) -> TokenTensors | None:
-    manifest = read_manifest(cfg.tokens)
-    if split not in manifest["splits"]:
+def token_stream(cfg: PriorTrainConfig, split: str, accelerator, shuffle: int) -> TokenDataset | None:
+    """This process's share of a split: the level and the one above it (its conditioning); None without the split."""
+    if split not in read_manifest(cfg.tokens)["splits"]:
         return None
-    levels = list(range(cfg.level + 1))
-    codes, labels, _ = load_all(cfg.tokens, split, levels)
-    return TokenTensors(codes, labels, cfg.level)
+    levels = [cfg.level - 1, cfg.level] if cfg.level > 0 else [cfg.level]
+    return TokenDataset(cfg.tokens, split, levels, shuffle=shuffle, seed=cfg.seed,
+                        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                        split_by="shard" if cfg.shard_split else "sample")
 
 
 @dataclass
@@ -130,8 +124,8 @@ class PriorState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_set: TokenTensors
-    eval_set: TokenTensors | None
+    train_set: TokenDataset
+    eval_set: TokenDataset | None
     dims_per_sample: int  # scalar dimensions of one original input (C * H * W ...)
 
 
@@ -145,10 +139,10 @@ def build(cfg: PriorTrainConfig, accelerator) -> PriorState:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps))
-    train_set = load_split(cfg, "train")
+    train_set = token_stream(cfg, "train", accelerator, cfg.shuffle_buffer)
     if train_set is None:
         raise ValueError(f"{cfg.tokens} has no 'train' split")
-    eval_set = load_split(cfg, "eval")
+    eval_set = token_stream(cfg, "eval", accelerator, shuffle=0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return PriorState(cfg, model, optimizer, scheduler, train_set, eval_set, math.prod(manifest["input_shape"]))
 
@@ -184,16 +178,20 @@ def train_step(state: PriorState, batch: dict, accelerator, guard: loop.BadStepG
 
 
 @torch.no_grad()
-def evaluate(model, dataset: TokenTensors, dims_per_sample: int, batch_size: int = 256) -> dict:
-    """Exact held-out NLL: bits per token, per sample, and per dimension of the original data."""
+def evaluate(model, dataset: TokenDataset, dims_per_sample: int, accelerator=None, batch_size: int = 256) -> dict:
+    """Exact held-out NLL: bits per token, per sample, and per dimension of the original data. Every process
+    scores its share of the split (``dataset``); with an ``accelerator`` the sums are gathered."""
     model.eval()
     device = next(model.parameters()).device
-    total_bits, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # bits, samples
+    # its own generator: a loader without one draws from torch's global RNG, which training resumes exactly
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate, generator=torch.Generator()):
         codes, labels, cond = _inputs(batch, model, device)
-        total_bits += float(model.nll(codes, labels, cond).sum()) / math.log(2)
-        count += codes.shape[0]
+        totals[0] += model.nll(codes, labels, cond).double().sum() / math.log(2)
+        totals[1] += codes.shape[0]
+    if accelerator is not None and accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    total_bits, count = float(totals[0]), int(totals[1])
     if count == 0:
         raise ValueError("no held-out samples to evaluate")
     per_sample = total_bits / count
@@ -217,7 +215,8 @@ def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: boo
 
     def every_step(step: int) -> None:
         if state.eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0:
-            metrics = evaluate(accelerator.unwrap_model(state.model), state.eval_set, state.dims_per_sample)
+            metrics = evaluate(accelerator.unwrap_model(state.model), state.eval_set, state.dims_per_sample,
+                               accelerator)
             state.model.train()
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
             accelerator.print(f"step {step}: held-out {metrics['bits_per_token']:.4f} bits/token, "
@@ -230,18 +229,19 @@ def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: boo
     loop.train_loop(accelerator, run_dir, cfg, state.train_set, collate, hooks, resume=resume, quiet=quiet,
                     desc=f"train-prior (level {cfg.level})")
     model = accelerator.unwrap_model(state.model)
+    held_out = evaluate(model, state.eval_set, state.dims_per_sample, accelerator) if state.eval_set else None
     if accelerator.is_main_process:
         model.save_pretrained(run_dir / "model")
-        _write_info(cfg, state, model, run_dir)
+        _write_info(cfg, held_out, run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir / "model"
 
 
-def _write_info(cfg: PriorTrainConfig, state: PriorState, model, run_dir: Path) -> None:
+def _write_info(cfg: PriorTrainConfig, held_out: dict | None, run_dir: Path) -> None:
     manifest = read_manifest(cfg.tokens)
     info = {"tokenizer_fingerprint": manifest["tokenizer_fingerprint"], "level": cfg.level,
             "tokens": str(cfg.tokens), "input_shape": manifest["input_shape"], "arch": cfg.arch}
-    if state.eval_set is not None:
-        info["eval"] = evaluate(model, state.eval_set, state.dims_per_sample)
+    if held_out is not None:
+        info["eval"] = held_out
     write_prior_run(run_dir, info)

@@ -25,11 +25,11 @@ def _sine(seconds, rate, freq=440.0, amp=0.5):
 
 
 def _audio(source, **kw):
-    return build_dataset(str(source), modality="audio", channels=1, **kw)
+    return build_dataset(str(source), modality="audio", channels=1, **{"eval_fraction": 0, **kw})
 
 
 def _video(source, **kw):
-    return build_dataset(str(source), modality="video", **kw)
+    return build_dataset(str(source), modality="video", **{"eval_fraction": 0, **kw})
 
 
 def _squares(frames=20, h=40, w=48):

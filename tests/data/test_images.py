@@ -42,7 +42,8 @@ def image_tree(tmp_path):
 
 
 def test_folder_modes_labels_and_skips(image_tree):
-    ds = build_image_dataset(str(image_tree), split="eval", size=32)
+    # train items are one per file (decoded when read); held-out ones are tiles (test_folder_held_out_tiles)
+    ds = build_image_dataset(str(image_tree), split="train", size=32, eval_fraction=0)
     assert ds.classes == ["cats", "dogs"]
     assert len(ds) == 7
     with warnings.catch_warnings(record=True) as caught:
@@ -67,8 +68,38 @@ def test_folder_modes_labels_and_skips(image_tree):
     assert batch["skipped"] == bad + bad[1:] and batch["label"].tolist()[:3] == [0, 0, 1]
 
 
+def test_folder_held_out_split_is_disjoint_stable_and_tiled(image_tree, tmp_path_factory):
+    """Files are held out by a hash of their path: the two splits never share a file, keep their files when others
+    are added, hold out at least one readable file, and the held-out part is every tile of its pictures."""
+    import warnings
+
+    from data.folders import path_hash
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = build_image_dataset(str(image_tree), split="train", size=16, eval_fraction=0.3)
+        held = build_image_dataset(str(image_tree), split="eval", size=16, eval_fraction=0.3)
+    assert set(train.files).isdisjoint(held.files) and len(train.files) + len(held.files) == 7
+    assert held.files == sorted(f for f in held.files) and train.classes == held.classes == ["cats", "dogs"]
+    assert all(path_hash(f) < 0.3 for f in held.files) or len(held.files) == 1
+    # the tiles of each held-out picture cover it: a 40x60 picture at size 16 gives 2 x 3 tiles
+    sizes = {"cats/a_rgb.jpg": (40, 60), "cats/deep/b_gray.PNG": (50, 37), "dogs/c_rgba.png": (33, 45),
+             "dogs/d_16bit.png": (64, 48), "dogs/e_palette.gif": (32, 32)}
+    expected = sum((sizes[f][0] // 16) * (sizes[f][1] // 16) for f in held.files if f in sizes)
+    assert len(held) == expected > 0 and all(held[i]["x"].shape == (3, 16, 16) for i in range(len(held)))
+    assert len({held[i]["key"] for i in range(len(held))}) == len(held)  # "file@y_x": one key per tile
+    # a fraction too small for this folder still holds out one readable file, and train keeps the rest
+    tiny = build_image_dataset(str(image_tree), split="eval", size=16, eval_fraction=1e-9)
+    assert len(tiny.files) >= 1 and len(tiny) > 0
+    # one file cannot be split
+    single = tmp_path_factory.mktemp("single")
+    Image.fromarray(_rgb(20, 20)).save(single / "only.png")
+    with pytest.raises(ValueError, match="cannot be split"):
+        build_image_dataset(str(single), split="eval", eval_fraction=0.1)
+
+
 def test_folder_train_crops_and_gray(image_tree):
-    ds = build_image_dataset(str(image_tree), split="train", size=16, channels=1)
+    ds = build_image_dataset(str(image_tree), split="train", size=16, channels=1, eval_fraction=0)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -81,13 +112,13 @@ def test_folder_train_crops_and_gray(image_tree):
 
 def test_folder_flat_has_no_labels(tmp_path):
     Image.fromarray(_rgb(20, 30)).save(tmp_path / "x.png")
-    ds = build_image_dataset(str(tmp_path), size=8)
+    ds = build_image_dataset(str(tmp_path), size=8, eval_fraction=0)
     assert ds.classes == [] and ds[0]["label"] == -1 and ds[0]["key"] == "x.png"
 
 
 def test_folder_all_corrupt_raises(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"nope")
-    ds = build_image_dataset(str(tmp_path))
+    ds = build_image_dataset(str(tmp_path), eval_fraction=0)
     with pytest.warns(UserWarning, match="bad.png"), pytest.raises(RuntimeError):
         ds[0]
 
@@ -152,21 +183,21 @@ def shards(tmp_path):
 
 def test_webdataset_reads_all_once(shards):
     pattern, expected = shards
-    ds = build_image_dataset(pattern, split="eval", size=16)
+    ds = build_image_dataset(pattern, split="eval", size=16, eval_fraction=0)
     samples = list(ds)
     assert {s["key"]: s["label"] for s in samples} == expected and len(samples) == 12
     _check_sample(samples[0], size=16)
-    train = build_image_dataset(pattern.replace("{000000..000002}", "{000000,000001}"), size=16, shuffle_buffer=5)
+    train = build_image_dataset(pattern.replace("{000000..000002}", "{000000,000001}"), size=16, shuffle_buffer=5, eval_fraction=0)
     assert sorted(s["key"] for s in train) == sorted(expected)[:8]
 
 
 def test_webdataset_split_by_process_and_worker(shards):
     pattern, expected = shards
     parts = [
-        [s["key"] for s in build_image_dataset(pattern, process_index=r, num_processes=2, size=16)] for r in range(2)
+        [s["key"] for s in build_image_dataset(pattern, process_index=r, num_processes=2, size=16, eval_fraction=0)] for r in range(2)
     ]
     assert set(parts[0]).isdisjoint(parts[1]) and sorted(parts[0] + parts[1]) == sorted(expected)
-    ds = build_image_dataset(pattern, size=16)
+    ds = build_image_dataset(pattern, size=16, eval_fraction=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_samples)
     keys = [k for batch in loader for k in batch["key"]]
     assert sorted(keys) == sorted(expected)
@@ -176,7 +207,7 @@ def test_webdataset_truncated_shard(shards, tmp_path):
     pattern, expected = shards
     bad = tmp_path / "train-000001.tar"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
-    ds = build_image_dataset(pattern, split="eval", size=16)
+    ds = build_image_dataset(pattern, split="eval", size=16, eval_fraction=0)
     with pytest.warns(UserWarning, match="train-000001.tar"):
         samples = list(ds)
     keys = {s["key"] for s in samples}
@@ -195,6 +226,6 @@ def test_webdataset_corrupt_sample_and_comma_list(tmp_path):
         sink.write({"__key__": "other", "jpg": Image.fromarray(_rgb(20, 16))})
     source = f"{tmp_path / 'a.tar'},{tmp_path / 'b.tar'}"
     with pytest.warns(UserWarning, match="broken"):
-        samples = list(build_image_dataset(source, split="eval", size=16))
+        samples = list(build_image_dataset(source, split="eval", size=16, eval_fraction=0))
     assert [(s["key"], s["label"]) for s in samples] == [("good", 3), ("other", -1)]
     assert samples[1]["skipped"] == [f"{tmp_path / 'a.tar'}:broken"] and samples[0]["skipped"] == []

@@ -292,7 +292,7 @@ def test_evaluate_prior_writes_metrics(pipes, tmp_path):
         write_png(x, data / f"{i}.png")
     out = tmp_path / "eval"
     metrics = evaluate_main(["--data", str(data), "--out", str(out), "--batch-size", "3", "--device", "cpu",
-                             "--compress", "4", str(pipes["uncond"])])
+                             "--compress", "4", "--eval-fraction", "0", str(pipes["uncond"])])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     for key in ("bits_per_token", "bits_per_token_per_level", "bits_per_dim", "bits_per_sample", "num_samples",

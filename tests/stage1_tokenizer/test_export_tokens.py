@@ -143,6 +143,13 @@ def test_token_dataset_process_split(tmp_path, tiny):
         parts.append(set(keys))
     assert not parts[0] & parts[1] and parts[0] | parts[1] == everything
 
+    # by shard: processes read disjoint shards (and each all of its own)
+    parts = [{s["key"] for s in TokenDataset(tmp_path, "train", shuffle=0, process_index=r, num_processes=2,
+                                             split_by="shard")} for r in range(2)]
+    assert not parts[0] & parts[1] and parts[0] | parts[1] == everything
+    with pytest.raises(ValueError, match="split_by"):
+        TokenDataset(tmp_path, split_by="rows")
+
     # fewer shards than processes: split by sample index instead
     parts = [{s["key"] for s in TokenDataset(tmp_path, shuffle=0, process_index=r, num_processes=9)}
              for r in range(9)]
@@ -214,11 +221,21 @@ def test_cli_image_folder(tmp_path, tiny):
             Image.fromarray(arr).save(folder / c / f"{i}.png")
     tiny.vqvae(codebook_size=64).save_pretrained(tmp_path / "model")
     manifest = main([str(tmp_path / "model"), "--data", str(folder), "--out", str(tmp_path / "tok"),
-                     "--split", "train", "--size", "16", "--batch-size", "4", "--shard-size", "4", "--quiet"])
+                     "--split", "train", "--size", "16", "--batch-size", "4", "--shard-size", "4", "--quiet",
+                     "--eval-fraction", "0"])
     assert manifest["num_samples"] == 6 and manifest["num_classes"] == 2
     codes, labels, keys = load_all(tmp_path / "tok")
     assert codes[0].shape == (6, 4, 4) and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert keys[0] == "cat/0.png"
+    # both splits of a folder: held-out files (every tile of them) apart from the training files, recorded
+    manifest = main([str(tmp_path / "model"), "--data", str(folder), "--out", str(tmp_path / "both"),
+                     "--size", "16", "--batch-size", "4", "--shard-size", "4", "--quiet", "--eval-fraction", "0.3"])
+    train_files = set(load_all(tmp_path / "both", "train")[2])
+    eval_files = {key.split("@")[0] for key in load_all(tmp_path / "both", "eval")[2]}
+    assert train_files and eval_files and train_files.isdisjoint(eval_files)
+    assert len(train_files | eval_files) == 6
+    read = manifest["splits"]["eval"]["read_from"]
+    assert read["eval_fraction"] == 0.3 and sorted(read["files"]) == sorted(eval_files)
 
 
 def test_skipped_inputs_are_reported(tmp_path, tiny):
@@ -258,7 +275,7 @@ def test_iterable_source_resume(tmp_path, tiny):
                 Image.fromarray(arr).save(buf, format="png")
                 w.write({"__key__": f"s{s}_{i}", "png": buf.getvalue(), "cls": str(i % 3).encode()})
     source = str(tmp_path / "img-{000000..000002}.tar")
-    make = lambda: build_dataset(source, split="train", size=16, channels=1, seed=5)  # noqa: E731
+    make = lambda: build_dataset(source, split="train", size=16, channels=1, seed=5, eval_fraction=0)  # noqa: E731
     tok = tiny.vqvae(codebook_size=64)
     export_tokens(tok, make(), tmp_path / "ref", batch_size=4, shard_size=5, seed=5, progress=False)
     with pytest.raises(RuntimeError, match="simulated kill"):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from harness.checkpoints import verify_checkpoint
 from stage1_tokenizer import evaluate, train
+from stage1_tokenizer.registry import training_data
 from stage1_tokenizer.vqvae import VQVAE
 
 TINY = {
@@ -280,8 +281,10 @@ def test_data_options_reach_the_reader_and_follow_the_source(tmp_path):
     assert any(two[i]["key"].split(":", 1)[1].count("-") == 1 for i in range(40))  # the default shows up to 2
     (tmp_path / "config.json").write_text(json.dumps(video))
     # evaluation and export read the same source with the run's options, another source without them
-    assert evaluate.training_data(tmp_path, source="moving-digits") == {"size": 16, "frames": 4, "max_digits": 1}
-    assert evaluate.training_data(tmp_path, source="clips/") == {"size": 16, "frames": 4}
+    run = training_data(tmp_path)
+    assert run.held_out("moving-digits", "eval") == ("moving-digits", {"size": 16, "frames": 4, "max_digits": 1,
+                                                                       "eval_fraction": 0.1})
+    assert run.held_out("clips/", "eval") == ("clips/", {"size": 16, "frames": 4, "eval_fraction": 0.1})
     with pytest.raises(TypeError, match="colour"):
         train.build_dataset(train.TokenizerTrainConfig(**{**video, "data_options": {"colour": 1}}), "train")
 

@@ -26,6 +26,7 @@ import torchaudio.functional as AF
 from torch.utils.data import Dataset
 
 from .common import make_sample
+from .limits import MAX_INPUT_SIZE, check_input_size
 from .folders import (DEFAULT_EVAL_FRACTION, SkippingDataset, check_split, folder_labels, list_media_files,
                       split_indices)
 from .webdataset_io import WebDatasetImages, is_shard_source, sample_label
@@ -43,8 +44,10 @@ _ACCEPTED_FORMS = (
 # ---------------------------------------------------------------- decoding and cropping
 
 
-def decode_audio(source: str | os.PathLike | bytes) -> tuple[torch.Tensor, int]:
-    """File path or encoded bytes -> (float32 (channels, T), sample_rate); raises on unreadable/empty audio."""
+def decode_audio(source: str | os.PathLike | bytes, max_values: int = MAX_INPUT_SIZE) -> tuple[torch.Tensor, int]:
+    """File path or encoded bytes -> (float32 (channels, T), sample_rate); raises on unreadable/empty audio and on a
+    file claiming more than ``max_values`` samples (before decoding it)."""
+    _check_claimed_length(source, max_values)
     try:
         data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else str(source),
                              dtype="float32", always_2d=True)
@@ -62,6 +65,23 @@ def decode_audio(source: str | os.PathLike | bytes) -> tuple[torch.Tensor, int]:
     if not torch.isfinite(wave).all():
         raise ValueError("audio holds NaN/inf samples")
     return wave, int(rate)
+
+
+def _check_claimed_length(source, max_values: int) -> None:
+    """The header's frames x channels against ``max_values``: libsndfile's header, else FFmpeg's when it loads."""
+    opened = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        info = sf.info(opened)
+        claimed = (info.frames, info.channels)
+    except Exception:  # not a libsndfile format: FFmpeg's header says its duration
+        try:
+            from torchcodec.decoders import AudioDecoder  # optional: needs a system FFmpeg to import
+
+            meta = AudioDecoder(source if isinstance(source, bytes) else str(source)).metadata
+            claimed = (int((meta.duration_seconds_from_header or 0) * (meta.sample_rate or 0)), meta.num_channels or 1)
+        except Exception:  # the decoder below reports what is wrong with the file
+            return
+    check_input_size(claimed, max_values, "audio")
 
 
 def to_mono(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .limits import MAX_INPUT_SIZE, check_input_size
+
 CODES_SUFFIX = ".npz"
 
 
@@ -60,8 +62,18 @@ def codes_to_bytes(codes: list[torch.Tensor], codebook_sizes: list[int]) -> byte
     return buffer.getvalue()
 
 
-def load_codes(source: str | Path | bytes) -> list[torch.Tensor]:
-    """A codes file (path or its bytes) -> one LongTensor per level, top first.
+def _claimed_shape(npz, key: str) -> tuple[int, ...]:
+    """The shape an npz member's header claims, read without reading the array."""
+    with npz.zip.open(f"{key}.npy") as member:
+        major, _ = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(member)
+    return tuple(shape)
+
+
+def load_codes(source: str | Path | bytes, max_codes: int = MAX_INPUT_SIZE) -> list[torch.Tensor]:
+    """A codes file (path or its bytes) -> one LongTensor per level, top first; arrays whose header claims more
+    than ``max_codes`` codes are refused before they are read.
 
     A plain ``.npy`` array (what tokgen 0.1's ``encode`` wrote for one level) reads as one level.
     """
@@ -79,6 +91,8 @@ def load_codes(source: str | Path | bytes) -> list[torch.Tensor]:
             keys = [level_key(i) for i in range(len(loaded.files))]
             if sorted(loaded.files) != sorted(keys):
                 raise ValueError(f"{where} holds {sorted(loaded.files)}, not the arrays {keys} of a codes file")
+            for key in keys:  # the headers first: what they claim is allocated on reading
+                check_input_size(_claimed_shape(loaded, key), max_codes, f"codes ({where})")
             arrays = [loaded[k] for k in keys]
     for a in arrays:
         if not np.issubdtype(a.dtype, np.integer):

@@ -13,6 +13,7 @@ from torchvision.utils import save_image
 
 from .audio import DEFAULT_SAMPLE_RATE, load_audio, window
 from .common import match_channels, pil_to_tensor, resize_shorter
+from .limits import MAX_INPUT_SIZE, InputTooLarge, check_input_size
 from .video import frames_to_clip, read_frames
 
 DEFAULT_FPS = 8  # frame rate of written videos (the tokenizer does not know one)
@@ -134,6 +135,7 @@ def write_output(modality: str, x: torch.Tensor, path: str | Path, sample_rate: 
 
 
 # ---- reading ------------------------------------------------------------------------------------
+
 def read_input(modality: str, path: str | Path, channels: int, multiple: tuple[int, ...], size: int | None = None,
                sample_rate: int = DEFAULT_SAMPLE_RATE) -> torch.Tensor:
     """One input file as the tokenizer takes it, without batch.

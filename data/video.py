@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from .builtin import digits_indices, load_digits
 from .common import crop_square, make_sample, match_channels, resize_shorter
+from .limits import MAX_INPUT_SIZE, check_input_size
 from .folders import (DEFAULT_EVAL_FRACTION, SkippingDataset, check_split, folder_labels, list_media_files,
                       split_indices)
 from .webdataset_io import WebDatasetImages, is_shard_source, sample_label
@@ -80,8 +81,10 @@ def _frame_count(path: str) -> int:
         return 0
 
 
-def read_frames(source: str | os.PathLike | bytes, indices: list[int] | None = None) -> torch.Tensor:
-    """Decode frames ``indices`` (all when None) -> uint8 (T, 3, H, W) RGB; raises if unreadable."""
+def read_frames(source: str | os.PathLike | bytes, indices: list[int] | None = None,
+                max_values: int = MAX_INPUT_SIZE) -> torch.Tensor:
+    """Decode frames ``indices`` (all when None) -> uint8 (T, 3, H, W) RGB; raises if unreadable, and before
+    decoding when the frames would hold more than ``max_values`` pixels."""
     if torchcodec_available():
         from torchcodec.decoders import VideoDecoder
 
@@ -90,12 +93,18 @@ def read_frames(source: str | os.PathLike | bytes, indices: list[int] | None = N
             indices = list(range(len(decoder)))
         if not indices:
             raise ValueError("video has no frames")
+        meta = decoder.metadata
+        check_input_size((len(indices), meta.height or 0, meta.width or 0), max_values, "a video")
         return decoder.get_frames_at(indices).data
     import av
 
     wanted = None if indices is None else set(indices)
     frames = {}
     with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
+        stream = container.streams.video[0]
+        claimed = len(indices) if indices is not None else (stream.frames or 0)
+        check_input_size((claimed, stream.codec_context.height or 0, stream.codec_context.width or 0), max_values,
+                         "a video")
         for i, frame in enumerate(container.decode(video=0)):  # sequential: simple and exact
             if wanted is None or i in wanted:
                 frames[i] = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)

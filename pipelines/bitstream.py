@@ -5,7 +5,8 @@ Layout (varints are LEB128: little-endian base-128, 7 bits a byte)::
     magic        2 bytes  b"TK"
     version+flags 1 byte  high nibble: version (2); low nibble: bits 0-1 the number of spatial
                           dims of the input (1 audio, 2 image, 3 video), bit 2 a class label
-                          follows, bit 3 reserved (0)
+                          follows, bit 3 coded with the "no class" label (a class-conditional
+                          pipeline whose priors learned one; no label follows)
     tag          2 bytes  the first 2 bytes of the pipeline fingerprint (SHA-256)
     input shape  varints  one per spatial dim (the channels and the code grids follow from the
                           tokenizer)
@@ -52,7 +53,8 @@ TAG_BYTES = 2
 FINGERPRINT_BYTES = 32
 MAX_DIMS = 3
 _FLAG_CLASS = 0x4
-_FLAG_RESERVED = 0x8
+_FLAG_NULL_CLASS = 0x8
+NULL_LABEL = -1  # Header.class_label of a file coded with the "no class" label (stage2_prior.NULL_CLASS)
 _MAX_VARINT_BYTES = 10
 _CHECK = struct.Struct("<I")
 
@@ -64,7 +66,7 @@ class BitstreamError(ValueError):
 @dataclass
 class Header:
     """tag: 2 bytes of the writer's fingerprint; input_shape: spatial input size (no channels);
-    class_label: None for unconditional pipelines."""
+    class_label: None for unconditional pipelines, NULL_LABEL when coded with the "no class" label."""
 
     tag: bytes
     input_shape: Tuple[int, ...]
@@ -139,16 +141,18 @@ def _encode_header(fingerprint: bytes, input_shape, class_label) -> bytearray:
     if any(d < 1 for d in dims):
         raise ValueError(f"input_shape dims must be >= 1, got {tuple(dims)}")
     flags = len(dims)
-    if class_label is not None:
+    if class_label == NULL_LABEL:
+        flags |= _FLAG_NULL_CLASS
+    elif class_label is not None:
         if int(class_label) < 0:
-            raise ValueError(f"class_label must be >= 0, got {class_label}")
+            raise ValueError(f"class_label must be >= 0 (or NULL_LABEL), got {class_label}")
         flags |= _FLAG_CLASS
     out = bytearray(MAGIC)
     out.append((VERSION << 4) | flags)
     out += fingerprint[:TAG_BYTES]
     for d in dims:
         _write_varint(out, d)
-    if class_label is not None:
+    if flags & _FLAG_CLASS:
         _write_varint(out, int(class_label))
     return out
 
@@ -214,13 +218,13 @@ def read(data) -> Container:
     if version != VERSION:
         raise BitstreamError(f"unsupported version {version} (this build reads version {VERSION})")
     ndim = flags & 0x3
-    if flags & _FLAG_RESERVED or ndim == 0:
+    if ndim == 0 or (flags & _FLAG_CLASS and flags & _FLAG_NULL_CLASS):
         raise BitstreamError("corrupt header: bad flags")
     tag = r.take(TAG_BYTES)
     dims = tuple(r.varint() for _ in range(ndim))
     if any(d == 0 for d in dims):
         raise BitstreamError("corrupt header: zero-size input")
-    class_label = r.varint() if flags & _FLAG_CLASS else None
+    class_label = r.varint() if flags & _FLAG_CLASS else (NULL_LABEL if flags & _FLAG_NULL_CLASS else None)
     head = data[: r.pos]
     (check,) = _CHECK.unpack(r.take(_CHECK.size))
     return Container(Header(tag, dims, class_label), data[r.pos:], head, check)

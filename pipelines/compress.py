@@ -42,16 +42,16 @@ import numpy as np
 import torch
 
 from data.codes import save_codes
-from data.files import write_output
+from data.files import MAX_INPUT_SIZE, check_input_size, write_output
 from data.modalities import value_span
 from harness.devices import add_device_arguments
 from pipelines import bitstream
 from pipelines.arithmetic import ArithmeticDecoder, ArithmeticEncoder, precision_for, quantize_cdf
-from pipelines.bitstream import BitstreamError
+from pipelines.bitstream import NULL_LABEL, BitstreamError
 from pipelines.pipeline import TokgenPipeline
 from stage1_tokenizer.codec import read_file
 from stage1_tokenizer.metrics import psnr
-from stage2_prior.base import check_class_labels, walk_levels
+from stage2_prior.base import NULL_CLASS, check_class_labels, walk_levels
 
 __all__ = ["CODING_DTYPE", "CHECK_BITS", "PriorCoder", "Decompressed", "coder_for", "compress", "compress_batch",
            "decompress", "decompress_batch", "codes_content", "compress_main", "decompress_main"]
@@ -133,8 +133,16 @@ class PriorCoder:
                                  f"but an input of shape {tuple(input_shape)} makes {shape}")
         return shapes
 
+    @property
+    def null_class(self) -> bool:
+        """Whether every class-conditional prior learned the "no class" label: then a class need not be given."""
+        return self.pipe.null_class
+
     def _labels(self, batch: int, class_labels) -> torch.Tensor | None:
-        labels = check_class_labels(class_labels, batch, self.num_classes, who="this pipeline")
+        if class_labels is None and self.null_class:
+            class_labels = NULL_CLASS  # p(codes) without a class: nobody needs to know the file's class
+        labels = check_class_labels(class_labels, batch, self.num_classes, null_class=self.null_class,
+                                    who="this pipeline")
         return labels.cpu().clone() if labels is not None else None
 
     # ---- encoding ----------------------------------------------------------------------------------
@@ -182,33 +190,37 @@ class PriorCoder:
             check = codes_check([c[i] for c in codes])
             enc.encode_interval(check * (unit := (1 << self.precision) >> CHECK_BITS), (check + 1) * unit)
             payload = enc.finish()
-            label = None if labels is None else int(labels[i])
+            label = None if labels is None else int(labels[i])  # NULL_CLASS is bitstream's NULL_LABEL
             blob = bitstream.pack(self.fingerprint, spatial, payload, label)
             out.append(Encoded(blob, bitstream.header_size(spatial, label), qbits[i].tolist()))
         return out
 
     # ---- decoding ----------------------------------------------------------------------------------
-    def decode(self, blobs: list[bytes]) -> list[Decompressed]:
-        """Decode streams made together by :meth:`encode` (same batch); verifies every one."""
-        if not blobs:
-            return []
+    def _containers(self, blobs: list[bytes], max_input_size: int) -> list[bitstream.Container]:
+        """Parse and verify every stream, and refuse claimed sizes above ``max_input_size`` values before anything
+        is allocated: the check is a CRC anyone with the pipeline can compute, so the header is untrusted."""
         containers = []
         for i, blob in enumerate(blobs):
             where = f"stream {i}: " if len(blobs) > 1 else ""
             try:
                 c = bitstream.read(blob)
                 bitstream.check_pipeline(c.header, self.fingerprint)
+                c.verify(self.fingerprint)  # nothing is decoded from a file that does not verify
+                check_input_size(c.header.input_shape, max_input_size)
             except BitstreamError as err:
                 raise BitstreamError(f"{where}{err}") from None
             containers.append(c)
-        for i, c in enumerate(containers):  # nothing is decoded from a file that does not verify
-            try:
-                c.verify(self.fingerprint)
-            except BitstreamError as err:
-                raise BitstreamError(f"stream {i}: {err}" if len(blobs) > 1 else str(err)) from None
-        input_shape = (self.channels, *containers[0].header.input_shape)
         if any(c.header.input_shape != containers[0].header.input_shape for c in containers):
             raise ValueError("streams of different input shapes: decompress them separately")
+        return containers
+
+    def decode(self, blobs: list[bytes], max_input_size: int = MAX_INPUT_SIZE) -> list[Decompressed]:
+        """Decode streams made together by :meth:`encode` (same batch); verifies every one. A stream claiming an
+        input of more than ``max_input_size`` values (pixels, frames x pixels, samples) is refused at once."""
+        if not blobs:
+            return []
+        containers = self._containers(blobs, max_input_size)
+        input_shape = (self.channels, *containers[0].header.input_shape)
         shapes = self.code_shapes(input_shape)
         priors = self.priors_for(input_shape)
         labels = self._header_labels(containers)
@@ -243,12 +255,15 @@ class PriorCoder:
         labels = [c.header.class_label for c in containers]
         if self.num_classes == 0:
             if any(lab is not None for lab in labels):
-                raise ValueError("a class label in a file for an unconditional pipeline")
+                raise BitstreamError("a class label in a file for an unconditional pipeline")
             return None
         if any(lab is None for lab in labels):
-            raise ValueError("no class label in a file for a class-conditional pipeline")
+            raise BitstreamError("no class label in a file for a class-conditional pipeline")
+        if any(lab == NULL_LABEL for lab in labels) and not self.null_class:
+            raise BitstreamError("the file was coded without a class, but this pipeline's priors have no "
+                                 "'no class' label")
         if any(lab >= self.num_classes for lab in labels):
-            raise ValueError(f"class label out of range [0, {self.num_classes})")
+            raise BitstreamError(f"class label out of range [0, {self.num_classes})")
         return torch.tensor(labels, dtype=torch.long)
 
 
@@ -293,9 +308,9 @@ def compress_batch(pipe, x_or_codes, class_labels=None, input_shape=None) -> lis
     return [e.blob for e in coder_for(pipe).encode(codes, shape, class_labels)]
 
 
-def decompress_batch(pipe, blobs: list[bytes]) -> list[Decompressed]:
+def decompress_batch(pipe, blobs: list[bytes], max_input_size: int = MAX_INPUT_SIZE) -> list[Decompressed]:
     """The codes (and input shape, class) of files made together by :func:`compress_batch`; verifies each."""
-    return coder_for(pipe).decode(list(blobs))
+    return coder_for(pipe).decode(list(blobs), max_input_size)
 
 
 def compress(pipe, x_or_codes, class_label=None, input_shape=None) -> bytes:
@@ -314,9 +329,10 @@ def compress(pipe, x_or_codes, class_label=None, input_shape=None) -> bytes:
     return blobs[0]
 
 
-def decompress(pipe, blob: bytes) -> Decompressed:
-    """The codes (and input shape, class) of one file made by :func:`compress`; refuses a damaged or foreign one."""
-    return coder_for(pipe).decode([blob])[0]
+def decompress(pipe, blob: bytes, max_input_size: int = MAX_INPUT_SIZE) -> Decompressed:
+    """The codes (and input shape, class) of one file made by :func:`compress`; refuses a damaged or foreign one,
+    and one claiming an input of more than ``max_input_size`` values."""
+    return coder_for(pipe).decode([blob], max_input_size)[0]
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
@@ -325,7 +341,9 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="image, clip or video file")
     p.add_argument("--out", required=True, type=Path, help="compressed file to write")
     p.add_argument("--report", type=Path, help="write a JSON report (sizes, NLL, bits per dim, PSNR)")
-    p.add_argument("--class", dest="class_label", type=int, help="class label (class-conditional pipelines)")
+    p.add_argument("--class", dest="class_label",
+                   help="class name or index (class-conditional pipelines; default: code without a class when the "
+                        "priors learned one, as priors trained with class_dropout do)")
     p.add_argument("--size", type=int, help="resize the shorter side first (as `tokgen encode --size`)")
     add_device_arguments(p)
 
@@ -335,6 +353,9 @@ def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="file from `tokgen compress`")
     p.add_argument("--out", required=True, type=Path, help="decoded output (e.g. .png)")
     p.add_argument("--codes-out", type=Path, help="also save the codes, as `tokgen encode` does (.npz)")
+    p.add_argument("--max-input-size", type=int, default=MAX_INPUT_SIZE,
+                   help="refuse files claiming an input of more values than this (pixels, frames x pixels or "
+                        f"samples), before decoding anything (default: {MAX_INPUT_SIZE:,}, Pillow's limit)")
     add_device_arguments(p)
 
 
@@ -354,7 +375,10 @@ def compress_main(argv=None, args=None) -> dict:
         raise ValueError(f"{args.input} reads as {tuple(x.shape)}, but this pipeline codes {tuple(pipe.input_shape)}: "
                          f"{err}{hint}") from None
     codes = [c.cpu() for c in pipe.encode(x[None])]  # exactly what `tokgen encode` computes
-    labels = None if args.class_label is None else [args.class_label]
+    if args.class_label is not None:
+        labels = [pipe.class_index(args.class_label)]
+    else:  # a prior that learned "no class" codes without one; one that did not asks for it (a clear error)
+        labels = [NULL_CLASS] if coder.null_class else None
     encoded = coder.encode(codes, tuple(x.shape), labels)[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(encoded.blob)
@@ -365,7 +389,8 @@ def compress_main(argv=None, args=None) -> dict:
     nbytes = len(encoded.blob)
     report = {
         "input": str(args.input), "output": str(args.out), "input_shape": list(x.shape),
-        "code_shapes": [list(c.shape[1:]) for c in codes], "class_label": args.class_label,
+        "code_shapes": [list(c.shape[1:]) for c in codes], "class_label": labels[0] if labels and labels[0] != NULL_CLASS else None,
+        "coded_without_class": labels == [NULL_CLASS],
         "bytes": nbytes, "bits": 8 * nbytes, "header_bytes": encoded.header_bytes,
         "payload_bytes": nbytes - encoded.header_bytes,
         # the float model (the priors as trained, full forward): what evaluate-prior reports
@@ -396,12 +421,12 @@ def decompress_main(argv=None, args=None) -> list[torch.Tensor]:
         raise FileNotFoundError(f"compressed file {args.file} not found")
     blob = args.file.read_bytes()
     try:
-        bitstream.read(blob)  # bad magic etc. before the pipeline loads
+        check_input_size(bitstream.read(blob).header.input_shape, args.max_input_size)  # before the pipeline loads
     except BitstreamError as err:
         raise BitstreamError(f"{args.file}: {err}") from None
     pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device, dtype=args.dtype)
     try:
-        result = decompress(pipe, blob)
+        result = decompress(pipe, blob, args.max_input_size)
     except BitstreamError as err:
         raise BitstreamError(f"{args.file}: {err}") from None
     x = pipe.decode([c[None] for c in result.codes])[0].cpu()

@@ -81,6 +81,12 @@ class TokgenPipeline:
         return self.priors[0].config.num_classes
 
     @property
+    def null_class(self) -> bool:
+        """Whether every class-conditional prior learned the "no class" label (NULL_CLASS): then the pipeline also
+        models p(codes) without a class (likelihoods, compression) and can sample with guidance."""
+        return bool(self.num_classes) and all(p.config.null_class for p in self.priors if p.config.num_classes)
+
+    @property
     def num_tokens(self) -> int:
         """Codes per input, all levels."""
         return sum(p.num_tokens for p in self.priors)
@@ -159,10 +165,27 @@ class TokgenPipeline:
             raise ValueError(f"{path}: the weights do not match the fingerprint in pipeline.json (modified files?)")
         return pipe.to(map_location, dtype)
 
+    def class_index(self, value: str | int) -> int:
+        """A class given by name (``class_names``) or by index -> its index; a clear error otherwise."""
+        if not self.num_classes:
+            raise ValueError("this pipeline is unconditional: it has no classes")
+        if self.class_names and str(value) in self.class_names:
+            return self.class_names.index(str(value))
+        try:
+            index = int(value)
+        except (TypeError, ValueError):
+            names = f": one of {', '.join(self.class_names)}" if self.class_names else ""
+            raise ValueError(f"unknown class {value!r}{names} (or an index in [0, {self.num_classes}))") from None
+        if not 0 <= index < self.num_classes:
+            raise ValueError(f"class index {index} is not in [0, {self.num_classes})")
+        return index
+
     # ---- generation ---------------------------------------------------------------------------
     def labels(self, batch_size: int, class_labels) -> torch.Tensor | None:
-        """``class_labels`` (one label, or one per row) as a (batch_size,) tensor on the device, checked."""
-        labels = check_class_labels(class_labels, batch_size, self.num_classes, who="this pipeline")
+        """``class_labels`` (one label, or one per row; NULL_CLASS for "no class" when the priors learned it) as a
+        (batch_size,) tensor on the device, checked."""
+        labels = check_class_labels(class_labels, batch_size, self.num_classes, null_class=self.null_class,
+                                    who="this pipeline")
         return labels.to(self.device) if labels is not None else None
 
     @torch.no_grad()

@@ -27,7 +27,8 @@ CODES_FILE = "codes.npz"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", type=Path, help="pipeline folder (pipeline.json)")
     p.add_argument("--num", type=int, default=16, help="number of samples")
-    p.add_argument("--class", dest="class_label", type=int, help="class to sample (class-conditional pipelines)")
+    p.add_argument("--class", dest="class_label",
+                   help="class name or index to sample (class-conditional pipelines; default: the classes in turn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int)
@@ -45,14 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path)
 
 
-def class_labels_for(pipe: TokgenPipeline, num: int, class_label: int | None) -> torch.Tensor | None:
-    """The requested class for every sample, or classes in turn when none is given."""
+def class_labels_for(pipe: TokgenPipeline, num: int, class_label: str | int | None) -> torch.Tensor | None:
+    """The requested class (a name or an index) for every sample, or classes in turn when none is given."""
     if pipe.num_classes == 0:
         if class_label is not None:
             raise ValueError("--class given, but this pipeline is unconditional")
         return None
     if class_label is not None:
-        return torch.full((num,), class_label, dtype=torch.long)
+        return torch.full((num,), pipe.class_index(class_label), dtype=torch.long)
     return torch.arange(num) % pipe.num_classes
 
 

@@ -363,7 +363,7 @@ def test_error_messages():
     with pytest.raises(BitstreamError, match="unsupported version 7"):
         unpack(blob[:2] + bytes([(7 << 4) | (blob[2] & 0xF)]) + blob[3:], FP)
     with pytest.raises(BitstreamError, match="corrupt header"):
-        unpack(blob[:2] + bytes([blob[2] | 0x8]) + blob[3:], FP)  # reserved flag
+        unpack(blob[:2] + bytes([blob[2] | 0xC]) + blob[3:], FP)  # a class label and "no class" at once
     with pytest.raises(BitstreamError, match="corrupt header"):
         unpack(blob[:2] + bytes([blob[2] & 0xF4 | (VERSION << 4)]) + blob[3:], FP)  # zero dims
     bad = bytearray(blob)

@@ -58,8 +58,8 @@ def compress_args(pipe, inp, out, report=None, class_label=None, size=None):
     return ns(pipeline=pipe, input=inp, out=out, report=report, class_label=class_label, size=size)
 
 
-def decompress_args(pipe, file, out, codes_out=None):
-    return ns(pipeline=pipe, file=file, out=out, codes_out=codes_out)
+def decompress_args(pipe, file, out, codes_out=None, max_input_size=C.MAX_INPUT_SIZE):
+    return ns(pipeline=pipe, file=file, out=out, codes_out=codes_out, max_input_size=max_input_size)
 
 
 def test_cli_round_trip_matches_encode(pipes, tmp_path):
@@ -322,3 +322,30 @@ def test_many_round_trips_slow(pipes):
         blob = C.compress(pipe, x[i], class_label=int(labels[i]))
         assert torch.equal(C.decompress(pipe, blob).codes[0], codes[0][i])
         assert len(blob) <= nll[i] / 8 * 1.01 + 16
+
+
+def test_class_conditional_pipeline_compresses_without_a_class(tmp_path, tiny):
+    """Priors trained with class dropout model p(codes) too: `tokgen compress` needs no --class then, the file
+    says it was coded without one, and `decompress` needs no flag. --class takes a name or an index."""
+    pipe = tiny.pipeline(3, num_classes=3, size=SIZE, class_names=["cat", "dog", "owl"], null_class=True)
+    pipe.save_pretrained(tmp_path / "pipe")
+    png = write_png(images(1, seed=9)[0], tmp_path / "in.png")
+    report = C.compress_main(args=compress_args(tmp_path / "pipe", png, tmp_path / "none.tkg"))
+    assert report["class_label"] is None and report["coded_without_class"]
+    header = bitstream.peek_header((tmp_path / "none.tkg").read_bytes())
+    assert header.class_label == bitstream.NULL_LABEL and report["header_bytes"] == HEADER  # no label byte
+    codes = C.decompress_main(args=decompress_args(tmp_path / "pipe", tmp_path / "none.tkg", tmp_path / "o.png"))
+    assert torch.equal(codes[0], encode_main(args=ns(model=tmp_path / "pipe", input=png, out=tmp_path / "e.npz",
+                                                     size=None))[0][0])
+    by_name = C.compress_main(args=compress_args(tmp_path / "pipe", png, tmp_path / "dog.tkg", class_label="dog"))
+    by_index = C.compress_main(args=compress_args(tmp_path / "pipe", png, tmp_path / "1.tkg", class_label="1"))
+    assert by_name["class_label"] == by_index["class_label"] == 1 and by_name["nll_bits"] == by_index["nll_bits"]
+    assert (tmp_path / "dog.tkg").read_bytes() == (tmp_path / "1.tkg").read_bytes()
+    assert by_name["nll_bits"] != report["nll_bits"]  # the class is what the prior is conditioned on
+    for bad, message in (("emu", "unknown class 'emu': one of cat, dog, owl"), ("7", r"not in \[0, 3\)")):
+        with pytest.raises(ValueError, match=message):
+            C.compress_main(args=compress_args(tmp_path / "pipe", png, tmp_path / "x.tkg", class_label=bad))
+    # a file coded without a class cannot be read by a pipeline whose priors have no "no class" label
+    blob = bitstream.pack(TokgenPipeline.from_pretrained(tmp_path / "pipe").fingerprint(), (SIZE, SIZE), b"\0" * 8,
+                          bitstream.NULL_LABEL)
+    assert bitstream.read(blob).header.class_label == bitstream.NULL_LABEL

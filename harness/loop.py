@@ -21,9 +21,10 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from harness.checkpoints import latest_valid_checkpoint, load_checkpoint, save_checkpoint
-from harness.config import config_to_dict
+from harness.config import config_to_dict, load_config_file, merge
 from harness.data_order import BatchStream
 from harness.folders import write_json
+from harness.output import add_output_arguments, log
 
 
 @dataclass
@@ -60,23 +61,50 @@ TRAINING_FLAGS = ("max_steps", "checkpoint_every", "batch_size", "lr", "seed", "
                   "num_workers", "log_with")
 
 
-def add_training_arguments(p) -> None:
-    """The flags for ``TrainingConfig`` fields (``TRAINING_FLAGS``; None = take the config's), plus --out, --config,
-    --resume and --quiet."""
+def add_training_arguments(p, defaults: dict[str, dict]) -> None:
+    """The flags for ``TrainingConfig`` fields (``TRAINING_FLAGS``; not given = the config's value), plus --out,
+    --config, --resume, --quiet and --json. ``defaults``: {preset name: its values}, quoted in the help so that
+    every flag says what a run will use without it."""
+    def default(field: str) -> str:
+        fallback = getattr(TrainingConfig(), field)
+        return "; ".join(f"{name}: {values.get(field, fallback)}" for name, values in defaults.items())
+
     p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--config", help="JSON training config, or the name of a preset in harness/presets")
-    p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
-    p.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
-    p.add_argument("--batch-size", type=int, help="samples per process per micro-batch")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--seed", type=int, help="seeds the model, the data order and every random crop")
+    p.add_argument("--config", help=f"JSON training config, or the name of a preset in harness/presets; its keys "
+                                    f"override the default preset ({', '.join(defaults)})")
+    flags = {"max_steps": (int, "optimizer steps to train for"),
+             "checkpoint_every": (int, "optimizer steps between checkpoints"),
+             "batch_size": (int, "samples per process per micro-batch"), "lr": (float, "peak learning rate"),
+             "seed": (int, "seeds the model, the data order and every random crop"),
+             "grad_accum": (int, "micro-batches per optimizer step"), "num_workers": (int, "data-loading processes")}
+    for field, (kind, text) in flags.items():
+        p.add_argument(f"--{field.replace('_', '-')}", type=kind, help=f"{text} (default: the config's; {default(field)})")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
-                   help="autocast precision (default: the config's, else Accelerate's: `accelerate launch` flags)")
-    p.add_argument("--log-with", help="tracker: auto (TensorBoard when installed), none, or an Accelerate tracker name")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--num-workers", type=int, help="data-loading processes")
-    p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint, exactly")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="autocast precision (default: the config's when it sets one, else Accelerate's: "
+                        "`accelerate config` / `accelerate launch --mixed_precision`)")
+    p.add_argument("--log-with", help="tracker: auto (TensorBoard when installed), none, or an Accelerate tracker "
+                                      "name such as wandb (default: auto)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest valid checkpoint, exactly, with the run's own config (only "
+                        "--max-steps may change)")
+    add_output_arguments(p)
+
+
+def check_resume_flags(args, names: tuple[str, ...], stored: dict) -> None:
+    """``--resume`` continues a run with its own config (``stored``): refuse the flags among ``names`` that would
+    change it (the same command again with --resume is fine; only --max-steps may differ)."""
+    def changes(name: str, value) -> bool:
+        if name == "config":  # a config file changes the run when a key of it differs from the run's
+            return merge(stored, load_config_file(value)) != stored
+        if name == "unconditional":
+            return stored.get("class_conditional", True) == bool(value)
+        return str(stored.get(name)) != str(value)
+
+    ignored = [f"--{name.replace('_', '-')}" for name in names if name != "max_steps"
+               and getattr(args, name, None) not in (None, False) and changes(name, getattr(args, name))]
+    if ignored:
+        raise ValueError(f"--resume continues the run with its own config ({args.out / 'config.json'}): "
+                         f"{', '.join(ignored)} would be ignored; only --max-steps may change (or start a new run)")
 
 
 def given_flags(args, names: tuple[str, ...]) -> dict:
@@ -281,17 +309,17 @@ def run_loop(state: LoopState, hooks: LoopHooks, stream: BatchStream, *, desc: s
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "usage", "bits_per_token")})
         hooks.every_step(state.step)
         if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
-            checkpoint(state, hooks, bar, stream)
+            checkpoint(state, hooks, stream)
     bar.close()
     return state.step
 
 
-def checkpoint(state: LoopState, hooks: LoopHooks, bar, stream: BatchStream) -> None:
+def checkpoint(state: LoopState, hooks: LoopHooks, stream: BatchStream) -> None:
     """The script's sync check (when it has one), then an atomic checkpoint."""
     if hooks.sync_check is not None:
         message = f"step {state.step}: {hooks.sync_check()}"
         if state.accelerator.is_main_process:
-            bar.write(message)
+            log.info(message)
     save_checkpoint(state.accelerator, state.run_dir, state.step, state.trainer_state(stream),
                     keep=state.cfg.keep_checkpoints)
 
@@ -302,10 +330,12 @@ def resume_position(state: LoopState, resume: bool) -> None:
         return
     folder = latest_valid_checkpoint(state.run_dir)
     if folder is None:
-        state.accelerator.print(f"no checkpoint in {state.run_dir}; starting from scratch")
+        if state.accelerator.is_main_process:
+            log.info(f"no checkpoint in {state.run_dir}; starting from scratch")
         return
     saved = load_checkpoint(state.accelerator, folder)
     state.guard.total, state.skips.count = saved.get("bad_steps", 0), saved.get("skipped_inputs", 0)
     state.step, state.consumed = saved["step"], saved["batches"]
     state.data_position = saved.get("data_position")
-    state.accelerator.print(f"resumed from {folder} at step {saved['step']}")
+    if state.accelerator.is_main_process:
+        log.info(f"resumed from {folder} at step {saved['step']}")

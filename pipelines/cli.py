@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 
@@ -44,25 +45,47 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():
         # Progress bars in log files: a line every 20 s instead of a redraw every 0.1 s.
         os.environ.setdefault("TQDM_MININTERVAL", "20")
-    parser = argparse.ArgumentParser(prog="tokgen", description="two-stage tokenized generation")
-    parser.add_argument("--version", action="version", version=f"tokgen {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Only the chosen subcommand's module is imported: building every parser would import them all.
-    chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_)
-        if name == chosen:
-            _entry(importlib.import_module(module), name, "add")(p)
-    args = parser.parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     entry = _entry(importlib.import_module(COMMANDS[args.command][0]), args.command, "main")
+    from harness.output import events_to_stderr  # here, not at the top: `tokgen --help` imports no torch
+
     try:
-        entry(args=args)
-    except (FileNotFoundError, ValueError) as err:
+        with events_to_stderr(getattr(args, "quiet", False)):
+            entry(args=args)
+    except KeyboardInterrupt:
+        print(f"tokgen {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as err:  # a user's error, a missing tool or file, a diverged run
         if os.environ.get("TOKGEN_DEBUG"):
             raise
-        print(f"tokgen {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
+        print(f"tokgen {args.command}: error: {message} (TOKGEN_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     return 0
+
+
+def description(module, fallback: str) -> str:
+    """A command's description: the first paragraph of its module's docstring, as plain text."""
+    doc = inspect.getdoc(module) or fallback
+    return " ".join(doc.split("\n\n", 1)[0].split()).replace("``", "`")
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The ``tokgen`` parser; only the chosen subcommand's module is imported (building every subcommand's
+    options would import them all, and torch with them)."""
+    parser = argparse.ArgumentParser(prog="tokgen", description="two-stage tokenized generation: tokenizers, "
+                                     "priors over their codes, pipelines that sample, compress and evaluate")
+    parser.add_argument("--version", action="version", version=f"tokgen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_) in COMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=help_, description=help_)
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_, description=description(module, help_))
+        _entry(module, name, "add")(p)
+    return parser
 
 
 if __name__ == "__main__":

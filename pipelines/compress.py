@@ -45,6 +45,7 @@ from data.codes import save_codes
 from data.files import MAX_INPUT_SIZE, check_input_size, write_output
 from data.modalities import value_span
 from harness.devices import add_device_arguments
+from harness.output import add_output_arguments, emit
 from pipelines import bitstream
 from pipelines.arithmetic import ArithmeticDecoder, ArithmeticEncoder, precision_for, quantize_cdf
 from pipelines.bitstream import NULL_LABEL, BitstreamError
@@ -346,6 +347,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
                         "priors learned one, as priors trained with class_dropout do)")
     p.add_argument("--size", type=int, help="resize the shorter side first (as `tokgen encode --size`)")
     add_device_arguments(p)
+    add_output_arguments(p)
 
 
 def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
@@ -356,6 +358,7 @@ def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-size", type=int, default=MAX_INPUT_SIZE,
                    help="refuse files claiming an input of more values than this (pixels, frames x pixels or "
                         f"samples), before decoding anything (default: {MAX_INPUT_SIZE:,}, Pillow's limit)")
+    add_output_arguments(p)
     add_device_arguments(p)
 
 
@@ -406,8 +409,8 @@ def compress_main(argv=None, args=None) -> dict:
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{args.input} {tuple(x.shape)} -> {args.out}: {nbytes} bytes ({report['bits_per_dim']:.4f} bits/dim; "
-          f"model NLL {report['nll_bits'] / 8:.1f} bytes), PSNR {report['psnr_db']:.2f} dB")
+    emit(args, f"{args.input} {tuple(x.shape)} -> {args.out}: {nbytes} bytes ({report['bits_per_dim']:.4f} bits/dim; "
+               f"model NLL {report['nll_bits'] / 8:.1f} bytes), PSNR {report['psnr_db']:.2f} dB", report)
     return report
 
 
@@ -433,5 +436,7 @@ def decompress_main(argv=None, args=None) -> list[torch.Tensor]:
     write_output(pipe.modality, x, args.out, pipe.tokenizer.sample_rate)
     if args.codes_out:
         save_codes(args.codes_out, [c[None] for c in result.codes], pipe.tokenizer.codebook_sizes)
-    print(f"{args.file} -> {args.out} {tuple(x.shape)}, codes {[tuple(c.shape) for c in result.codes]}")
+    emit(args, f"{args.file} -> {args.out} {tuple(x.shape)}, codes {[tuple(c.shape) for c in result.codes]}",
+         {"file": str(args.file), "output": str(args.out), "input_shape": list(x.shape),
+          "code_shapes": [list(c.shape) for c in result.codes], "class_label": result.class_label})
     return result.codes

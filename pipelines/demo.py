@@ -19,6 +19,7 @@ from data.files import center_crop_to_multiple
 from data.modalities import DEFAULT_SAMPLE_RATE, value_range
 from data.pictures import save_comparison, save_image_grid
 from harness.config import config_from_dict, preset
+from harness.output import add_output_arguments, emit, log
 from pipelines.judge import judge
 from pipelines.pipeline import TokgenPipeline
 from pipelines.sample import generate, write_outputs
@@ -62,28 +63,27 @@ DEMOS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", choices=sorted(DEMOS))
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dataset", default="digits", choices=sorted(DEMOS),
+                   help="built-in data to run the whole workflow on (default: digits)")
+    p.add_argument("--out", required=True, type=Path, help="folder for every run, the pipeline, samples and metrics")
     p.add_argument("--tokenizer-steps", type=int, help="override the tokenizer's training steps")
     p.add_argument("--prior-steps", type=int, help="override every prior's training steps")
     p.add_argument("--samples-per-class", type=int, help="class-conditional datasets: samples of each class")
-    p.add_argument("--num-samples", type=int, help="unconditional datasets: number of samples")
+    p.add_argument("--num", type=int, help="unconditional datasets: number of samples (default: the dataset's)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: the dataset's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the dataset's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seeds every stage: the same seed gives the same demo")
+    add_output_arguments(p)
 
 
 class Stages:
-    """Times each stage and prints a header so a long run reads as a sequence of steps."""
+    """Times each stage and logs a header so a long run reads as a sequence of steps."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self):
         self.times: dict[str, float] = {}
-        self.quiet = quiet
 
     def run(self, name: str, fn, *args, **kwargs):
-        if not self.quiet:
-            print(f"\n== {name} ==", flush=True)
+        log.info(f"== {name} ==")
         started = time.perf_counter()
         result = fn(*args, **kwargs)
         self.times[name.replace(" ", "_") + "_s"] = round(time.perf_counter() - started, 2)
@@ -127,8 +127,8 @@ def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages):
         labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
         nrow = per_class
     else:
-        labels, nrow = None, min(8, args.num_samples or spec.num_samples)
-    num = len(labels) if labels is not None else (args.num_samples or spec.num_samples)
+        labels, nrow = None, min(8, args.num or spec.num_samples)
+    num = len(labels) if labels is not None else (args.num or spec.num_samples)
     temperature = args.temperature or spec.temperature
     guidance = spec.guidance if args.guidance is None else args.guidance
     options = SamplingOptions(temperature=temperature, guidance=guidance)
@@ -139,7 +139,7 @@ def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages):
 
 def run(args: argparse.Namespace) -> dict:
     spec = DEMOS[args.dataset]
-    out, stages, started = args.out, Stages(args.quiet), time.perf_counter()
+    out, stages, started = args.out, Stages(), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     cfg, model_dir, tokenizer, tok_metrics = _tokenizer_stage(args, spec, stages)
     tokens = _export_stage(args, spec, cfg, tokenizer, stages)
@@ -263,5 +263,5 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         add_arguments(parser)
         args = parser.parse_args(argv)
     metrics = run(args)
-    print(summary(metrics, args.out))
+    emit(args, summary(metrics, args.out), metrics)
     return metrics

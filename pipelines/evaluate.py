@@ -23,6 +23,7 @@ from data import build_dataset, collate_samples
 from data.common import iterate_items
 from data.modalities import DEFAULT_EVAL_FRACTION, held_out_source
 from harness.devices import add_device_arguments
+from harness.output import add_output_arguments, emit, log
 from pipelines.bitstream import BitstreamError
 from pipelines.compress import coder_for
 from pipelines.pipeline import TokgenPipeline
@@ -32,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", type=Path, help="pipeline folder (pipeline.json)")
     p.add_argument("--data", required=True, help="held-out data: built-in name, folder or WebDataset shards")
     p.add_argument("--out", required=True, type=Path, help="folder for metrics.json")
-    p.add_argument("--split", default="eval", help="dataset split to score (default: eval, the held-out one)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--split", default="eval", choices=["train", "eval"],
+                   help="dataset split to score (default: eval, the held-out one)")
+    p.add_argument("--batch-size", type=int, default=64, help="items per forward pass (default: 64)")
     p.add_argument("--limit", type=int, help="score at most this many samples")
     p.add_argument("--size", type=int, help="data size option (default: from the pipeline's input shape)")
     p.add_argument("--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION,
@@ -43,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
     p.add_argument("--compress", type=int, default=0, metavar="N",
                    help="also compress the first N samples, check the round trip and report real sizes")
+    add_output_arguments(p)
 
 
 def _labels(pipe: TokgenPipeline, batch: dict) -> torch.Tensor | None:
@@ -94,7 +97,7 @@ def evaluate_pipeline(pipe: TokgenPipeline, dataset, batch_size: int = 64, limit
             coded += _compress_check(pipe, sized, x, codes, labels, compress - len(coded))
         count += x.shape[0]
         if progress:
-            print(f"  {count} samples, {bits.sum() / count:.2f} bits/sample", flush=True)
+            log.info(f"  {count} samples, {bits.sum() / count:.2f} bits/sample")
     if count == 0:
         raise ValueError("no held-out samples to evaluate")
     metrics = _nll_metrics(sized, bits / count, shape)
@@ -188,8 +191,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                "split": args.split, **metrics}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(_summary_line(pipe, metrics))
-    print(f"wrote {args.out / 'metrics.json'}")
+    emit(args, _summary_line(pipe, metrics) + f"; wrote {args.out / 'metrics.json'}", metrics)
     return metrics
 
 

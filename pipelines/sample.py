@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from data.codes import save_codes
 from data.pictures import write_samples
 from harness.devices import add_device_arguments
+from harness.output import add_output_arguments, emit
 from pipelines.pipeline import TokgenPipeline
 from stage2_prior.sampling import SamplingOptions
 
@@ -29,21 +30,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, default=16, help="number of samples")
     p.add_argument("--class", dest="class_label",
                    help="class name or index to sample (class-conditional pipelines; default: the classes in turn)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0, help="seeds the draws: the same seed gives the same codes (default: 0)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits: < 1 sharper, > 1 more varied (default: 1)")
+    p.add_argument("--top-k", type=int, help="draw among the k most likely codes only (default: all)")
+    p.add_argument("--top-p", type=float, help="draw among the smallest set of codes reaching probability p "
+                                               "(default: all)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale: 1 = none, > 1 = closer to the class asked for "
                         "(priors trained with class_dropout)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="samples drawn together (default: 64)")
     p.add_argument("--no-cache", action="store_true", help="full recompute per token (to verify/benchmark the cache)")
     p.add_argument("--codes-only", action="store_true", help="write codes, do not decode")
     p.add_argument("--size", type=int, help="images: sample at this side length (convolutional priors)")
     p.add_argument("--length", type=int,
                    help="video frames / audio samples to generate; longer than training slides a window")
     add_device_arguments(p)
-    p.add_argument("--out", required=True, type=Path)
+    add_output_arguments(p)
+    p.add_argument("--out", required=True, type=Path, help="folder for the samples, codes.npz and sampling.json")
 
 
 def class_labels_for(pipe: TokgenPipeline, num: int, class_label: str | int | None) -> torch.Tensor | None:
@@ -114,10 +118,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                               guidance=args.guidance, use_cache=not args.no_cache)
     labels = class_labels_for(pipe, args.num, args.class_label)
     samples, codes, seconds = generate(pipe, args.num, labels, args.seed, args.batch_size, options,
-                                       decode=not args.codes_only, length=args.length)
+                                       decode=not args.codes_only, quiet=args.quiet, length=args.length)
     write_outputs(pipe, args.out, codes, labels, samples)
     tokens = sum(c.numel() for c in codes)
     report = {"num": args.num, "seconds": seconds, "tokens_per_s": tokens / seconds, "cache": not args.no_cache}
     (args.out / "sampling.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    emit(args, f"{args.num} samples in {seconds:.1f} s ({report['tokens_per_s']:.0f} tokens/s) written to "
+               f"{args.out}", report)
     return report

@@ -16,6 +16,7 @@ import torch
 from data.codes import load_codes, save_codes
 from data.files import OUTPUT_SUFFIX, read_input, write_output
 from harness.devices import add_device_arguments, autocast, resolve_device, resolve_dtype
+from harness.output import add_output_arguments, emit
 from stage1_tokenizer.base import Tokenizer
 from stage1_tokenizer.registry import load_tokenizer
 
@@ -26,6 +27,7 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="codes file to write (.npz)")
     p.add_argument("--size", type=int, help="resize the shorter side first (audio: keep the first SIZE samples)")
     add_device_arguments(p)
+    add_output_arguments(p)
 
 
 def add_decode_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +37,7 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path,
                    help="output file (one item) or name pattern / folder (several items)")
     add_device_arguments(p)
+    add_output_arguments(p)
 
 
 def read_file(tokenizer: Tokenizer, path: Path, size: int | None = None) -> torch.Tensor:
@@ -53,7 +56,9 @@ def encode_main(argv=None, args=None) -> list[torch.Tensor]:
     with torch.no_grad(), autocast(device, dtype):
         codes = [c.cpu() for c in tokenizer.encode_levels(x[None].to(device))]
     save_codes(args.out, codes, tokenizer.codebook_sizes)
-    print(f"{args.input} {tuple(x.shape)} -> codes {[tuple(c.shape[1:]) for c in codes]} in {args.out}")
+    emit(args, f"{args.input} {tuple(x.shape)} -> codes {[tuple(c.shape[1:]) for c in codes]} in {args.out}",
+         {"input": str(args.input), "input_shape": list(x.shape), "codes": str(args.out),
+          "code_shapes": [list(c.shape[1:]) for c in codes]})
     return codes
 
 
@@ -94,5 +99,6 @@ def decode_main(argv=None, args=None) -> list[Path]:
     paths = [write_output(tokenizer.modality, item, path, tokenizer.sample_rate)
              for item, path in zip(x, output_paths(args.out, x.shape[0], tokenizer.modality))]
     where = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]} ...)"
-    print(f"decoded {args.codes} -> {where}, each {tuple(x.shape[1:])}")
+    emit(args, f"decoded {args.codes} -> {where}, each {tuple(x.shape[1:])}",
+         {"codes": str(args.codes), "outputs": [str(p) for p in paths], "shape": list(x.shape[1:])})
     return paths

@@ -18,6 +18,7 @@ from data import build_dataset, collate_samples
 from data.modalities import BITS_PER_VALUE
 from data.pictures import save_comparison
 from harness.devices import add_device_arguments, autocast, resolve_device, resolve_dtype
+from harness.output import add_output_arguments, emit
 from stage1_tokenizer.metrics import batch_metrics
 from stage1_tokenizer.perceptual import PerceptualLoss
 from stage1_tokenizer.quantizer import CodebookStats
@@ -91,16 +92,25 @@ def _code_metrics(tokenizer, stats: list[CodebookStats], input_shape) -> dict:
     return out
 
 
+def summary_line(metrics: dict) -> str:
+    """One line of what the evaluation found."""
+    quality = (f"{metrics['snr_db']:.2f} dB SNR, mel distance {metrics['mel_distance']:.2f} dB" if "snr_db" in metrics
+               else f"{metrics['psnr_db']:.2f} dB PSNR, SSIM {metrics['ssim']:.3f}"
+               + (f", LPIPS {metrics['lpips']:.3f}" if "lpips" in metrics else ""))
+    return f"{metrics['num_samples']} held-out items: {quality}, codebook usage {metrics['codebook_usage']:.2f}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="run folder, model folder or pipeline folder")
     p.add_argument("--data", required=True, help="built-in name, folder or shard pattern (held-out split)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-items", type=int)
+    p.add_argument("--out", required=True, type=Path, help="folder for metrics.json and reconstructions.png")
+    p.add_argument("--batch-size", type=int, default=64, help="items per forward pass (default: 64)")
+    p.add_argument("--limit", type=int, help="evaluate at most this many held-out items")
     p.add_argument("--size", type=int, help="input size (default: the training size from the run config)")
     p.add_argument("--no-lpips", action="store_true", help="do not compute LPIPS")
     add_held_out_arguments(p)
     add_device_arguments(p)
+    add_output_arguments(p)
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> dict:
@@ -115,9 +125,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     dataset = build_dataset(source, modality=tokenizer.modality, split="eval", channels=tokenizer.config.in_channels,
                             sample_rate=tokenizer.sample_rate, **options)
     args.out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(tokenizer, dataset, args.batch_size, args.max_items, not args.no_lpips,
-                       args.out / "reconstructions.png", dtype=resolve_dtype(args.dtype))
+    metrics = evaluate(tokenizer, dataset, args.batch_size, args.limit, not args.no_lpips,
+                       args.out / "reconstructions.png", quiet=args.quiet, dtype=resolve_dtype(args.dtype))
     metrics["held_out"] = held_out_report(source, options, dataset)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
+    emit(args, summary_line(metrics) + f"; wrote {args.out / 'metrics.json'}", metrics)
     return metrics

@@ -39,6 +39,7 @@ from data.tokens import MANIFEST
 from harness.data_order import SeededDataset
 from harness.devices import add_device_arguments, autocast, resolve_device, resolve_dtype
 from harness.folders import write_json
+from harness.output import add_output_arguments, emit
 from stage1_tokenizer.base import Tokenizer
 from stage1_tokenizer.registry import add_held_out_arguments, held_out_report, load_tokenizer, training_data
 
@@ -224,13 +225,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["train", "eval", "all"], default="all",
                    help="which split to export (default: all = train and the held-out eval)")
     p.add_argument("--size", type=int, help="input size (default: the tokenizer's training size, else 32)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="items encoded per forward pass (default: 64)")
     p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="seeds the training-split crops (deterministic)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     add_device_arguments(p)
     add_held_out_arguments(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_arguments(p)
 
 
 def export_accelerator(device: str) -> Accelerator:
@@ -265,9 +266,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                              seed=args.seed, num_workers=args.num_workers, source=str(args.data),
                              dtype=resolve_dtype(args.dtype), split_sources=held_out)
     if accelerator.is_main_process:
-        summary = {k: manifest[k] for k in ("num_samples", "num_classes", "input_shape", "export_seconds")}
-        summary["splits"] = {k: v["num_samples"] for k, v in manifest["splits"].items()}
-        summary["levels"] = [(lv["grid_shape"], lv["codebook_size"], lv["dtype"]) for lv in manifest["levels"]]
-        print(json.dumps(summary))
-        print(f"tokens written to {args.out}")
+        splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
+        emit(args, f"tokens of {splits} inputs {manifest['input_shape']} -> "
+                   f"{[lv['grid_shape'] for lv in manifest['levels']]} codes written to {args.out}", manifest)
     return manifest

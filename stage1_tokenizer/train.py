@@ -1,7 +1,8 @@
-"""``tokgen train-tokenizer``: train a VQ-VAE with Accelerate on one CPU, one GPU or many (DDP).
+"""``tokgen train-tokenizer``: train a tokenizer (VQ-VAE, or VQ-VAE-2 with ``"arch": "hvqvae"``) on images, audio
+or video with Accelerate, on one CPU, one GPU or many (DDP). The run folder gets the resolved config, checkpoints
+(``--resume`` continues exactly), TensorBoard logs, reconstruction pictures and the final ``model/``.
 
-parse config -> build -> train_step -> main. The resolved config, checkpoints, TensorBoard logs,
-reconstruction grids and the final ``model/`` folder all go into the run folder.
+parse config -> build -> train_step -> main.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from data.modalities import DEFAULT_EVAL_FRACTION, held_out_source
 from data.pictures import save_comparison
 from harness import loop
 from harness.config import config_from_dict, load_config_file, merge, preset, resolve
+from harness.output import emit
 from harness.schedule import warmup_cosine
 from stage1_tokenizer.audio_loss import MultiResolutionSTFTLoss
 from stage1_tokenizer.base import TokenizerConfig
@@ -64,29 +66,36 @@ class TokenizerTrainConfig(loop.TrainingConfig):
 
 # ---- parse ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="built-in name (digits, photos), image folder, or .tar shard pattern")
-    loop.add_training_arguments(p)
-    p.add_argument("--lpips-weight", type=float, help="images: weight of the LPIPS perceptual loss")
-    p.add_argument("--stft-weight", type=float, help="audio: weight of the multi-resolution STFT loss")
+    p.add_argument("--data", help="built-in name (digits, photos, spoken-digits, moving-digits), a folder of images, "
+                                  "audio or videos, or .tar shards (default: the config's; digits)")
+    loop.add_training_arguments(p, {name: preset(name) for name in ("tokenizer-digits", "tokenizer-image")})
+    p.add_argument("--lpips-weight", type=float, help="images: weight of the LPIPS perceptual loss (default: the "
+                                                      "config's; 0)")
+    p.add_argument("--stft-weight", type=float, help="audio: weight of the multi-resolution STFT loss (default: the "
+                                                     "config's; 0)")
     p.add_argument("--eval-fraction", type=float,
                    help="share of a folder's files (a shard set's samples) held out for evaluation, by a stable hash "
                         f"of the path (default: the config's, else {DEFAULT_EVAL_FRACTION}; 0 = none)")
     p.add_argument("--eval-data", help="a separate held-out source (then all of --data trains)")
     p.add_argument("--bad-input", choices=["skip", "fail"],
-                   help="an unreadable input: skip it and list it in RUN/skipped.txt, or stop")
+                   help="an unreadable input: skip it and list it in RUN/skipped.txt, or stop (default: skip)")
 
 
 def default_preset(data: str | None) -> dict:
     return preset("tokenizer-digits" if data in (None, "digits") else "tokenizer-image")
 
 
+FLAGS = ("data", *loop.TRAINING_FLAGS, "lpips_weight", "stft_weight", "bad_input", "eval_fraction", "eval_data")
+
+
 def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
     saved = args.out / "config.json"
     if args.resume and saved.is_file():
         # A resumed run keeps its own config; only the step budget may grow.
-        return resolve(TokenizerTrainConfig, json.loads(saved.read_text()), {"max_steps": args.max_steps})
-    flags = loop.given_flags(args, ("data", *loop.TRAINING_FLAGS, "lpips_weight", "stft_weight", "bad_input",
-                                    "eval_fraction", "eval_data"))
+        stored = json.loads(saved.read_text())
+        loop.check_resume_flags(args, (*FLAGS, "config"), stored)
+        return resolve(TokenizerTrainConfig, stored, {"max_steps": args.max_steps})
+    flags = loop.given_flags(args, FLAGS)
     base = default_preset(args.data)
     if args.config:
         base = merge(base, load_config_file(args.config))
@@ -213,7 +222,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         add_arguments(parser)
         args = parser.parse_args(argv)
     cfg = parse_config(args)
-    return train(cfg, args.out, resume=args.resume, quiet=args.quiet)
+    model = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
+    emit(args, f"tokenizer saved to {model}", {"model": str(model), "run": str(args.out)})
+    return model
 
 
 def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:

@@ -1,4 +1,5 @@
-"""``tokgen train-prior``: train an autoregressive prior on exported tokens, with Accelerate.
+"""``tokgen train-prior``: train an autoregressive prior (transformer, gated PixelCNN or WaveNet) on one level of
+exported tokens, with Accelerate; held-out bits per token and per dimension are logged and saved beside the model.
 
 The code grid shape, codebook size, class count and (for a lower level) the upper level's grid come
 from the token manifest, never from the user: the model config only says how big the network is.
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from data.tokens import TokenDataset, read_manifest
 from harness import loop
 from harness.config import config_from_dict, load_config_file, merge, preset, resolve
+from harness.output import emit, log
 from harness.schedule import warmup_cosine
 from stage2_prior.base import NULL_CLASS, PriorConfig
 from stage2_prior.registry import ARCHS, prior_classes, write_prior_run
@@ -66,17 +68,21 @@ def collate(samples: list[dict]) -> dict:
 
 # ---- parse ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", help="token folder from `tokgen export-tokens`")
-    loop.add_training_arguments(p)
-    p.add_argument("--level", type=int, help="which level to model (0 = top); lower levels see the one above")
+    p.add_argument("--tokens", help="token folder from `tokgen export-tokens` (required)")
+    loop.add_training_arguments(p, {"prior-default": preset("prior-default")})
+    p.add_argument("--level", type=int, help="which level to model (0 = top); lower levels see the one above "
+                                             "(default: 0)")
     p.add_argument("--arch", choices=sorted(ARCHS), help="prior architecture (default: the config's)")
-    p.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    p.add_argument("--unconditional", action="store_true", help="ignore the tokens' class labels")
 
 
 def parse_config(args: argparse.Namespace) -> PriorTrainConfig:
     saved = args.out / "config.json"
     if args.resume and saved.is_file():
-        return resolve(PriorTrainConfig, json.loads(saved.read_text()), {"max_steps": args.max_steps})
+        stored = json.loads(saved.read_text())
+        loop.check_resume_flags(args, ("tokens", "level", "arch", *loop.TRAINING_FLAGS, "config", "unconditional"),
+                                stored)
+        return resolve(PriorTrainConfig, stored, {"max_steps": args.max_steps})
     flags = loop.given_flags(args, ("tokens", "level", "arch", *loop.TRAINING_FLAGS))
     if args.unconditional:
         flags["class_conditional"] = False
@@ -204,7 +210,12 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(prog="tokgen train-prior", description=__doc__)
         add_arguments(parser)
         args = parser.parse_args(argv)
-    return train(parse_config(args), args.out, resume=args.resume, quiet=args.quiet)
+    model = train(parse_config(args), args.out, resume=args.resume, quiet=args.quiet)
+    info = json.loads((args.out / "prior.json").read_text()) if (args.out / "prior.json").is_file() else {}
+    held = info.get("eval", {})
+    line = f"prior saved to {model}" + (f" ({held['bits_per_token']:.4f} held-out bits/token)" if held else "")
+    emit(args, line, {"model": str(model), **info})
+    return model
 
 
 def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
@@ -219,8 +230,9 @@ def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: boo
                                accelerator)
             state.model.train()
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-            accelerator.print(f"step {step}: held-out {metrics['bits_per_token']:.4f} bits/token, "
-                              f"{metrics['bits_per_dim']:.4f} bits/dim")
+            if accelerator.is_main_process:
+                log.info(f"step {step}: held-out {metrics['bits_per_token']:.4f} bits/token, "
+                         f"{metrics['bits_per_dim']:.4f} bits/dim")
 
     def hooks(guard: loop.BadStepGuard) -> loop.LoopHooks:
         return loop.LoopHooks(step=lambda batch: train_step(state, batch, accelerator, guard), every_step=every_step)

@@ -65,6 +65,54 @@ def test_help_and_version_start_without_torch(flag):
         assert "train-tokenizer" in done.stdout and "decompress" in done.stdout
 
 
+def test_every_command_explains_itself():
+    """A description for every subcommand and help on every option (the training flags quote the presets)."""
+    import argparse
+
+    from pipelines.cli import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        parser = build_parser([name])
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        assert command.description and len(command.description) > 30, name
+        for action in command._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+        options = {o for a in command._actions for o in a.option_strings}
+        if name not in ("make-pipeline",):  # every command that prints a result can be quiet and speak JSON
+            assert {"--quiet", "--json"} <= options, name
+    # one name per idea across commands
+    assert "--max-items" not in build_parser(["evaluate-tokenizer"]).format_help()
+    for name in ("train-tokenizer", "train-prior"):
+        text = build_parser([name])._subparsers._group_actions[0].choices[name].format_help()
+        assert "(default: the config's;" in text and "--log-with" in text, name
+
+
+def test_user_errors_are_one_line_with_a_nonzero_exit(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": {"quantizer": {"ema": "false"}}}))
+    assert tokgen("train-tokenizer", "--config", bad, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "QuantizerConfig.ema: expected true or false, got 'false'" in err
+    (tmp_path / "lr.json").write_text(json.dumps({"lr": "1e-3"}))
+    assert tokgen("train-tokenizer", "--config", tmp_path / "lr.json", "--out", tmp_path / "run") == 2
+    assert "TokenizerTrainConfig.lr: expected a number, got '1e-3'" in capsys.readouterr().err
+
+
+def test_resume_refuses_the_flags_it_would_ignore(tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"model": {"in_channels": 1, "channels": [8, 8], "num_res_blocks": 1,
+                                            "factors": [4, 4], "quantizer": {"codebook_size": 16, "dim": 8}},
+                                  "size": 16, "batch_size": 8, "image_every": 0, "max_steps": 2,
+                                  "checkpoint_every": 2}))
+    assert tokgen("train-tokenizer", "--config", config, "--out", tmp_path / "run") == 0
+    capsys.readouterr()
+    assert tokgen("train-tokenizer", "--out", tmp_path / "run", "--resume", "--lr", "0.1", "--batch-size", "4") == 2
+    err = capsys.readouterr().err
+    assert "--batch-size, --lr would be ignored; only --max-steps may change" in err
+    assert tokgen("train-tokenizer", "--out", tmp_path / "run", "--resume", "--max-steps", "3", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(tmp_path / "run" / "model")
+
+
 # ---- tokgen sample ---------------------------------------------------------------------------------
 def test_sample(pipe_dir, tmp_path, capsys):
     out = tmp_path / "s"
@@ -241,7 +289,7 @@ def train_prior(fresh_accelerate):
     def run(tokens: Path, out: Path, config: Path | None, *extra) -> int:
         given = ("--config", config) if config is not None else ()
         try:
-            return tokgen("train-prior", "--tokens", tokens, "--out", out, *given, "--quiet", *extra)
+            return tokgen("train-prior", "--tokens", tokens, "--out", out, *given, *extra)  # bars off: TQDM_DISABLE
         finally:
             fresh_accelerate()
 
@@ -290,7 +338,7 @@ def test_train_prior_and_resume(tokens_dir, tmp_path, crash_after_checkpoint, ca
     assert not (resumed / "model").exists()
     capsys.readouterr()
     assert train_prior(tokens_dir, resumed, config, "--resume", "--max-steps", 6) == 0
-    assert "step_00000003 at step 3" in capsys.readouterr().out  # really resumed, not restarted
+    assert "step_00000003 at step 3" in capsys.readouterr().err  # really resumed (a run event, on stderr)
     a, b = weights(whole), weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
@@ -329,8 +377,7 @@ def test_train_prior_errors(tokens_dir, tmp_path, capsys, train_prior):
 # ---- tokgen demo ---------------------------------------------------------------------------------------
 def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert tokgen("demo", "--out", out, "--tokenizer-steps", 5, "--prior-steps", 5, "--samples-per-class", 1,
-                  "--quiet") == 0
+    assert tokgen("demo", "--out", out, "--tokenizer-steps", 5, "--prior-steps", 5, "--samples-per-class", 1) == 0
     # the preset samples with classifier-free guidance, and the suggested command says so
     assert "--guidance 2.0 --out more_samples" in capsys.readouterr().out
     for name in ("samples.png", "reconstructions.png", "samples_vs_real.png"):

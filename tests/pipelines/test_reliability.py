@@ -134,8 +134,8 @@ def _resume_equals_uninterrupted(tmp_path: Path, args: list[str], kill_at: int) 
     subprocess.run(_tokgen("train-tokenizer", *args, "--out", str(straight), "--quiet"), cwd=ROOT, env=env,
                    check=True, capture_output=True, timeout=600)
     _kill_after_checkpoint(_tokgen("train-tokenizer", *args, "--out", str(killed), "--quiet"), killed, kill_at)
-    done = subprocess.run(_tokgen("train-tokenizer", "--out", str(killed), "--resume", "--quiet"), cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_tokgen("train-tokenizer", "--out", str(killed), "--resume"), cwd=ROOT,
+                          env={**env, "TQDM_DISABLE": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout + done.stderr
     a, b = _final_weights(straight), _final_weights(killed)

@@ -4,6 +4,7 @@ the non-finite-loss guard. ``train.main`` runs in-process on CPU."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -146,16 +147,17 @@ def test_exact_resume(tmp_path, reference_run):
     assert not torch.allclose(at8["encoder.net.0.weight"], resumed["encoder.net.0.weight"])
 
 
-def test_resume_skips_corrupt_checkpoint(tmp_path, reference_run, capsys):
+def test_resume_skips_corrupt_checkpoint(tmp_path, reference_run, caplog):
+    caplog.set_level(logging.INFO, logger="tokgen")  # run events go to the "tokgen" logger
     out = tmp_path / "run"
     run(out, "--config", str(write_config(tmp_path)), "--max-steps", "8")
     broken = out / "checkpoints" / "step_00000008" / "model.safetensors"
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # truncated mid-write
     assert "checksum" in verify_checkpoint(broken.parent)
-    capsys.readouterr()
+    caplog.clear()
     with pytest.warns(UserWarning, match="step_00000008 is unusable"):
         run(out, "--resume", "--max-steps", "12")
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "resumed from" in printed and "step_00000004 at step 4" in printed
     assert_same_weights(weights(out / "model" / "model.safetensors"),
                         weights(reference_run / "model" / "model.safetensors"))
@@ -177,17 +179,18 @@ def test_exact_resume_after_crash_with_cosine_schedule(tmp_path, crash_after_che
                         weights(tmp_path / "whole" / "model" / "model.safetensors"))
 
 
-def test_resume_without_checkpoint_starts_from_scratch(tmp_path, capsys):
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="tokgen")
     out = tmp_path / "run"
     run(out, "--config", str(write_config(tmp_path)), "--max-steps", "2", "--resume")
-    assert "no checkpoint" in capsys.readouterr().out
+    assert "no checkpoint" in caplog.text
     assert (out / "model" / "model.safetensors").is_file()
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
 def test_evaluate_tokenizer(reference_run, tmp_path):
     out = tmp_path / "eval"
-    metrics = evaluate.main([str(reference_run), "--data", "digits", "--out", str(out), "--max-items", "48",
+    metrics = evaluate.main([str(reference_run), "--data", "digits", "--out", str(out), "--limit", "48",
                              "--batch-size", "16", "--no-lpips"])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
@@ -132,6 +133,10 @@ def make_accelerator(run_dir: Path, mixed_precision: str | None, grad_accum: int
     # Buffers (EMA codebooks) must not be broadcast from rank 0 on every forward: that would hide a
     # desynchronised codebook instead of letting the checkpoint check catch it.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # Accelerate keeps one state per process: a second run in the same process (the demo trains a tokenizer, then
+    # priors) would silently keep the first run's precision and compile backend. The process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(
         mixed_precision=mixed_precision,
         dynamo_backend=dynamo_backend,

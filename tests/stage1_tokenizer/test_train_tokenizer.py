@@ -302,3 +302,26 @@ def test_data_options_are_dropped_when_data_names_another_source(tmp_path):
     assert same.data == "moving-digits" and same.data_options == {"max_digits": 1}
     other = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--config", preset, "--data", "clips/"]))
     assert other.data == "clips/" and other.data_options == {}  # max_digits would break a video folder reader
+
+
+def test_a_compiled_model_trains_the_same_and_resumes(tmp_path, crash_after_checkpoint):
+    """`"dynamo_backend"` compiles the model through Accelerate (torch.compile): the same weights as eager
+    training, checkpoints without compile's name prefix, and exact resume. aot_eager keeps this test fast;
+    `inductor` (the GPU default) runs in test-slow."""
+    eager = run(tmp_path / "eager", "--config", str(write_config(tmp_path, max_steps=6)))
+    compiled_config = write_config(tmp_path, max_steps=6, dynamo_backend="aot_eager")
+    compiled = run(tmp_path / "compiled", "--config", str(compiled_config))
+    assert_same_weights(weights(compiled / "model.safetensors"), weights(eager / "model.safetensors"), atol=1e-5)
+    assert not any(k.startswith("_orig_mod") for k in weights(compiled / "model.safetensors"))
+    disarm = crash_after_checkpoint(4)
+    with pytest.raises(crash_after_checkpoint.error):
+        run(tmp_path / "crashed", "--config", str(compiled_config))
+    disarm()
+    resumed = run(tmp_path / "crashed", "--resume")
+    assert_same_weights(weights(resumed / "model.safetensors"), weights(compiled / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_runs(tmp_path):
+    model = run(tmp_path / "run", "--config", str(write_config(tmp_path, max_steps=3, dynamo_backend="inductor")))
+    assert VQVAE.from_pretrained(model).config.quantizer.codebook_size == 32

@@ -76,11 +76,14 @@ class PretrainedMixin:
     model_type: str
     legacy_model_types: tuple[str, ...] = ()
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Write the folder; ``state_dict``: the full weights when they are sharded across processes (FSDP:
+        ``accelerator.get_state_dict(model)``), else the module's own."""
         def write(tmp: Path) -> None:
             config = {"model_type": self.model_type, **config_to_dict(self.config)}
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            weights = self.state_dict() if state_dict is None else state_dict
+            state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"model_type": self.model_type})
 
         atomic_write_dir(Path(path), write)

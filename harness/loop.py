@@ -163,6 +163,14 @@ def open_run(run_dir: Path, cfg: TrainingConfig, tracker: str) -> tuple[Accelera
     return accelerator, cfg
 
 
+def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights under the model's own names; call on every process (FSDP gathers the shards).
+
+    ``accelerator.get_state_dict`` unwraps DDP and FSDP but keeps ``torch.compile``'s ``_orig_mod.`` prefix."""
+    weights = accelerator.get_state_dict(model)
+    return {k.replace("_orig_mod.", ""): v for k, v in weights.items()}
+
+
 def hyperparameters(values: dict, prefix: str = "") -> dict:
     """A nested config as the flat scalars trackers take: ``model/quantizer/dim``; lists and None as text."""
     out = {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from data import build_dataset as build_data, collate_samples
 from data.common import iterate_items
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         args = parser.parse_args(argv)
     cfg = parse_config(args)
     model = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
-    emit(args, f"tokenizer saved to {model}", {"model": str(model), "run": str(args.out)})
+    if PartialState().is_main_process:
+        emit(args, f"tokenizer saved to {model}", {"model": str(model), "run": str(args.out)})
     return model
 
 
@@ -249,8 +251,9 @@ def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet:
     loop.train_loop(accelerator, run_dir, cfg, state.dataset, collate_samples, hooks, resume=resume, quiet=quiet,
                     desc="train-tokenizer", bad_input=cfg.bad_input)
     model = accelerator.unwrap_model(state.model)
+    weights = loop.full_state_dict(accelerator, state.model)
     if accelerator.is_main_process:
-        model.save_pretrained(run_dir / "model")
+        model.save_pretrained(run_dir / "model", weights)
         save_preview(state, accelerator, run_dir / "reconstructions.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch.utils.data import DataLoader
 
 from data.tokens import TokenDataset, read_manifest
@@ -211,10 +212,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         add_arguments(parser)
         args = parser.parse_args(argv)
     model = train(parse_config(args), args.out, resume=args.resume, quiet=args.quiet)
-    info = json.loads((args.out / "prior.json").read_text()) if (args.out / "prior.json").is_file() else {}
-    held = info.get("eval", {})
-    line = f"prior saved to {model}" + (f" ({held['bits_per_token']:.4f} held-out bits/token)" if held else "")
-    emit(args, line, {"model": str(model), **info})
+    if PartialState().is_main_process:
+        info = json.loads((args.out / "prior.json").read_text()) if (args.out / "prior.json").is_file() else {}
+        held = info.get("eval", {})
+        line = f"prior saved to {model}" + (f" ({held['bits_per_token']:.4f} held-out bits/token)" if held else "")
+        emit(args, line, {"model": str(model), **info})
     return model
 
 
@@ -242,8 +244,9 @@ def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: boo
                     desc=f"train-prior (level {cfg.level})")
     model = accelerator.unwrap_model(state.model)
     held_out = evaluate(model, state.eval_set, state.dims_per_sample, accelerator) if state.eval_set else None
+    weights = loop.full_state_dict(accelerator, state.model)
     if accelerator.is_main_process:
-        model.save_pretrained(run_dir / "model")
+        model.save_pretrained(run_dir / "model", weights)
         _write_info(cfg, held_out, run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

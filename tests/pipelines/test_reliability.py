@@ -236,3 +236,29 @@ def test_bad_input_policy_fail_stops_with_the_file_named(tmp_path):
         train.main(["--config", str(config), "--out", str(tmp_path / "run"), "--max-steps", "2", "--quiet",
                     "--bad-input", "fail"])
     assert not (tmp_path / "run" / "model").exists()
+
+
+# ---- a prior sharded with FSDP across 2 CPU processes ------------------------------------------------
+def test_fsdp_prior_on_two_cpu_processes_equals_one_process(tmp_path, tiny):
+    """`accelerate launch --use_fsdp --fsdp_version 2` (FSDP2: parameters sharded across the 2 processes, on the
+    CPU with gloo) trains the same prior as one process at the same global batch, and saves the full weights."""
+    tokens = _make_tokens(tmp_path, tiny)
+    config = {"model": {"dim": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0}, "class_dropout": 0.0,
+              "max_steps": 6, "warmup_steps": 1, "checkpoint_every": 0, "eval_every": 0, "log_every": 3,
+              "log_with": "none"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    runs = {"one": ([], 8), "fsdp": ([str(Path(sys.executable).with_name("accelerate")), "launch", "--use_fsdp",
+                                      "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
+                                      "--mixed_precision", "no", "--dynamo_backend", "no", "-m"], 4)}
+    for name, (launcher, batch) in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({**config, "batch_size": batch}))
+        command = (launcher or [sys.executable, "-m"]) + ["pipelines.cli", "train-prior", "--tokens", str(tokens),
+                                                          "--out", str(tmp_path / name), "--config",
+                                                          str(tmp_path / f"{name}.json"), "--quiet"]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, fsdp = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "fsdp")
+    assert one.keys() == fsdp.keys()
+    for key in one:
+        assert one[key].shape == fsdp[key].shape, key  # the full weights, not one process's shard
+        assert torch.allclose(one[key], fsdp[key], atol=1e-5), key

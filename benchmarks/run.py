@@ -16,7 +16,7 @@ import time
 
 from benchmarks.common import THREADS_ENV, apply_threads, command_line, machine_info, machine_line, write_result
 
-BENCHMARKS = ["tokenizer_step", "codebook_usage", "sampling", "prior_train", "export"]
+BENCHMARKS = ["tokenizer_step", "codebook_usage", "sampling", "prior_train", "export", "prior_stream"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,9 @@ def short(fingerprint: str | None) -> str:
     return str(fingerprint)[:12]
 
 
+SHARD_MTIME = 0
+
+
 class ShardWriter:
     """Writes shards ``{split}-{rank}-{i}.tar`` one at a time: ``.tmp`` first, sidecar, then rename."""
 
@@ -60,7 +63,9 @@ class ShardWriter:
         self.current = index
         self.tmp = self.out_dir / (shard_name(self.split, self.rank, index) + ".tmp")
         self.stream = open(self.tmp, "wb")
-        self.writer = wds.TarWriter(self.stream, encoder=False)
+        # a whole-second mtime: with time.time()'s float, tarfile adds a pax header to every member (the shards
+        # double in size); a fixed one makes a re-export byte-identical
+        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=SHARD_MTIME)
         self.count, self.max_label, self.skipped, self.keys = 0, -1, [], set()
         self.first_index, self.last_index, self.started = None, None, time.time()
         self.input_shape = None

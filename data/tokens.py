@@ -13,7 +13,7 @@ Each sample of a shard holds ``__key__``, ``codes.npz`` (the codes layout of :mo
 
 * :func:`read_manifest` / :func:`check_tokenizer`: what a token folder holds, and whether it was made
   by the tokenizer a prior belongs to.
-* :class:`TokenDataset`: streams a split's shards (WebDataset), split by process then by data-loader
+* :class:`TokenDataset`: streams a split's shards (:mod:`data.tar_reader`), split by process then by data-loader
   worker, shuffled deterministically per epoch (``set_epoch``).
 * :func:`load_all`: a whole (small) split in memory, in dataset-index order.
 * :func:`collate_tokens`: batches the samples of either.
@@ -32,12 +32,14 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .codes import codes_to_bytes, load_codes
+from .tar_reader import tar_samples
 
 FORMAT = "tokgen-tokens"
 VERSION = 2  # 2: one codes.npz entry per sample (version 1 had codes.npy / codes_K.npy)
 MANIFEST = "manifest.json"
 CODES_ENTRY = "codes.npz"
 META_ENTRY = "meta.json"
+SHARD = "__shard__"  # which shard a raw sample came from (for error messages)
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<rank>\d{2})-(?P<index>\d{6})\.tar$")
 
 
@@ -126,9 +128,24 @@ def _decode(sample: dict, levels: list[int], where: str) -> dict:
     if CODES_ENTRY not in sample:
         raise ValueError(f"sample {sample.get('__key__')} in {where} lacks {CODES_ENTRY}")
     codes = load_codes(sample[CODES_ENTRY])
-    meta = json.loads(sample[META_ENTRY]) if META_ENTRY in sample else {}
-    return {"codes": [codes[lv][0] for lv in levels], "label": int(meta.get("label", -1)),
-            "key": str(meta.get("key", sample.get("__key__"))), "index": int(meta.get("index", -1))}
+    try:
+        meta = json.loads(sample[META_ENTRY]) if META_ENTRY in sample else {}
+        return {"codes": [codes[lv][0] for lv in levels], "label": int(meta.get("label", -1)),
+                "key": str(meta.get("key", sample.get("__key__"))), "index": int(meta.get("index", -1))}
+    except (TypeError, AttributeError, IndexError) as err:  # valid JSON of the wrong shape, too few levels
+        raise ValueError(f"sample {sample.get('__key__')} in {where} is damaged: {err}") from err
+
+
+def _check_codes(sample: dict, shapes: list[tuple], sizes: list[int], levels: list[int], where: str) -> None:
+    """A decoded sample's grids have the manifest's shapes and codes in [0, codebook size): damaged or foreign
+    files stop here with the file named, not in the prior's embedding."""
+    for c, shape, k, lv in zip(sample["codes"], shapes, sizes, levels):
+        if tuple(c.shape) != shape:
+            raise ValueError(f"sample {sample['key']!r} in {where} has a level-{lv} grid of shape "
+                             f"{tuple(c.shape)}, but the manifest says {shape}")
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
+            raise ValueError(f"sample {sample['key']!r} in {where} has level-{lv} codes outside [0, {k}): "
+                             "the files are corrupt")
 
 
 class TokenDataset(IterableDataset):
@@ -209,17 +226,21 @@ class TokenDataset(IterableDataset):
             random.Random(base + order_seed).shuffle(shards)
         if not shards:
             return
-        urls = [str(self.path / s) for s in shards]
-        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
-                            empty_check=False)
-        where = f"{self.path} ({self.split})"
-        ds = ds.map(lambda s: _decode(s, self.levels, where))
+        if info is not None:  # each data-loader worker reads its own shards
+            shards = shards[info.id :: info.num_workers]
+        # the shuffle buffer holds the samples' bytes, decoded only once drawn (and only by the process keeping
+        # them): a buffer of decoded tensors fragments the heap, its resident size grew by ~100 MiB
+        ds = ({**raw, SHARD: s} for s in shards for raw in tar_samples(self.path / s))
         if self.shuffle > 1:
             rng = random.Random(base + 7919 * order_seed + 104_729 * worker + 1)
-            ds = ds.shuffle(self.shuffle, initial=min(100, self.shuffle), rng=rng)
+            ds = wds.shuffle(self.shuffle, initial=min(100, self.shuffle), rng=rng)(ds)
         rank, world = self.process_index, self.num_processes
-        for n, sample in enumerate(ds):
+        shapes, sizes = self.grid_shapes, self.codebook_sizes
+        for n, raw in enumerate(ds):
             if not self.by_sample or n % world == rank:
+                where = str(self.path / raw[SHARD])
+                sample = _decode(raw, self.levels, where)
+                _check_codes(sample, shapes, sizes, self.levels, where)
                 yield {"codes": sample["codes"], "label": sample["label"], "key": sample["key"]}
 
 
@@ -241,13 +262,9 @@ def load_all(path: str | Path, split: str = "train", levels: Sequence[int] | Non
         file = path / shard
         if not file.is_file():
             raise FileNotFoundError(f"shard {file} listed in {path / MANIFEST} is missing: re-run `tokgen export-tokens`")
-        for raw in wds.WebDataset(str(file), shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                  empty_check=False):
+        for raw in tar_samples(file):
             s = _decode(raw, chosen, str(file))
-            for c, shape, lv in zip(s["codes"], shapes, chosen):
-                if tuple(c.shape) != shape:
-                    raise ValueError(f"sample {s['key']!r} in {file} has a level-{lv} grid of shape "
-                                     f"{tuple(c.shape)}, but the manifest says {shape}")
+            _check_codes(s, shapes, sizes, chosen, str(file))
             samples.append(s)
     if len(samples) != int(info["num_samples"]):
         raise ValueError(f"{path} ({split}) holds {len(samples)} samples but its manifest says "
@@ -257,9 +274,6 @@ def load_all(path: str | Path, split: str = "train", levels: Sequence[int] | Non
         codes = [torch.stack([s["codes"][i] for s in samples]) for i in range(len(chosen))]
     else:
         codes = [torch.empty((0, *shape), dtype=torch.long) for shape in shapes]
-    for c, k, lv in zip(codes, sizes, chosen):
-        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
-            raise ValueError(f"level-{lv} codes of {path} ({split}) leave [0, {k}): the files are corrupt")
     labels = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     return codes, labels, [s["key"] for s in samples]
 

@@ -68,6 +68,26 @@ class EpochBatches:
         return batches[start:]
 
 
+class RepeatedStream(IterableDataset):
+    """An iterable dataset read ``times`` times per epoch, each pass with its own shuffle (``set_epoch``): a token
+    split smaller than one batch still fills batches, as ``EpochBatches`` repeats a small map-style dataset."""
+
+    def __init__(self, dataset: IterableDataset, times: int):
+        self.dataset, self.times, self.epoch = dataset, times, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        for r in range(self.times):
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch * self.times + r)
+            yield from self.dataset
+
+
 class BatchStream:
     """Endless batches for one rank, from a position a checkpoint recorded (``position()``), exactly.
 
@@ -81,13 +101,18 @@ class BatchStream:
         self.dataset, self.batch_size, self.seed, self.collate = dataset, batch_size, seed, collate
         self.num_workers = num_workers
         self.iterable = isinstance(dataset, IterableDataset)
+        if self.iterable and hasattr(dataset, "__len__") and 0 < len(dataset) < batch_size:
+            self.dataset = RepeatedStream(dataset, math.ceil(batch_size / len(dataset)))
         self.plan = None if self.iterable else EpochBatches(len(dataset), batch_size, seed, rank, world)
         self.epoch, self.batch = self._start(position or {})
         self._batches = self._stream()
 
     def _start(self, position: dict) -> tuple[int, int]:
         if "epoch" in position:
-            return int(position["epoch"]), int(position["batch"])
+            epoch, batch = int(position["epoch"]), int(position["batch"])
+            if not self.iterable and batch >= len(self.plan):  # recorded just after an epoch's last batch
+                return epoch + 1, 0
+            return epoch, batch
         consumed = int(position.get("batches", 0))  # checkpoints of tokgen 0.1 count batches only
         if self.iterable:
             return 0, consumed

@@ -121,7 +121,9 @@ class TokgenPipeline:
     # ---- saving -------------------------------------------------------------------------------
     @classmethod
     def from_runs(cls, tokenizer_path, prior_paths: list, class_names: list[str] | None = None) -> "TokgenPipeline":
-        """Assemble from training runs, checking every prior was trained on this tokenizer's tokens."""
+        """Assemble from training runs, checking every prior was trained on this tokenizer's tokens.
+
+        ``class_names`` default to those the priors' token folder recorded (a folder's subfolder names)."""
         tokenizer = load_tokenizer(tokenizer_path)
         fp, priors, input_shape = tokenizer.fingerprint(), [], None
         for path in prior_paths:
@@ -131,6 +133,7 @@ class TokgenPipeline:
                     raise ValueError(f"the prior in {path} was trained on tokens of another tokenizer "
                                      f"({info['tokenizer_fingerprint'][:12]}, not {fp[:12]})")
                 input_shape = tuple(info["input_shape"])
+                class_names = class_names or info.get("class_names")
             priors.append(load_prior(folder))
         if input_shape is None:
             raise ValueError("cannot tell the input shape: pass prior run folders (with prior.json)")

@@ -176,12 +176,24 @@ def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 6
     if acc.is_main_process:
         manifest = build_manifest(out_dir, list(datasets), world, info, previous, time.time() - started, source,
                                   split_sources)
+        names = class_names(datasets) or (previous or {}).get("class_names")
+        if names:
+            manifest["class_names"] = names
         write_json(out_dir / MANIFEST, manifest)
         if manifest.get("skipped"):
             warnings.warn(f"{len(manifest['skipped'])} unreadable inputs were skipped; they are listed "
                           f"under 'skipped' in {out_dir / MANIFEST}")
     acc.wait_for_everyone()
     return manifest if manifest is not None else json.loads((out_dir / MANIFEST).read_text())
+
+
+def class_names(datasets: Mapping) -> list[str] | None:
+    """The label names of a folder's datasets (its subfolders, ``dataset.classes``), None when they have none."""
+    for ds in datasets.values():
+        names = getattr(ds, "classes", None)
+        if isinstance(names, (list, tuple)) and names:
+            return [str(n) for n in names]
+    return None
 
 
 def _check_request(dataset, split: str, batch_size: int, shard_size: int) -> dict:

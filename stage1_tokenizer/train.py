@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import DistributedType
 
 from data import build_dataset as build_data, collate_samples
 from data.common import iterate_items
@@ -142,6 +143,10 @@ def _perceptual(cfg: TokenizerTrainConfig, device) -> torch.nn.Module | None:
 
 
 def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # the codebook's EMA statistics and restarts are all-reduced by the quantizer itself, over whole tensors
+        raise ValueError("train-tokenizer runs under DDP, not FSDP (tokenizers are small; FSDP is for big priors): "
+                         "launch it without --use_fsdp")
     torch.manual_seed(cfg.seed)
     model = TOKENIZERS[cfg.arch][0](cfg.model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

@@ -259,4 +259,6 @@ def _write_info(cfg: PriorTrainConfig, held_out: dict | None, run_dir: Path) -> 
             "tokens": str(cfg.tokens), "input_shape": manifest["input_shape"], "arch": cfg.arch}
     if held_out is not None:
         info["eval"] = held_out
+    if manifest.get("class_names") and cfg.class_conditional:
+        info["class_names"] = manifest["class_names"]  # the folder's subfolders: make-pipeline names the classes
     write_prior_run(run_dir, info)

@@ -44,3 +44,32 @@ def test_bad_files_are_clear_errors(tmp_path):
         load_codes(tmp_path / "text.npz")
     with pytest.raises(ValueError, match="2 code levels but 1"):
         save_codes(tmp_path / "x.npz", [torch.zeros(1, 2), torch.zeros(1, 2)], [4])
+
+
+def test_bytes_read_the_same_through_the_fast_path_and_zipfile(tmp_path):
+    """Shard samples (bytes) skip zipfile when the npz is the plain uncompressed one np.savez writes; a compressed
+    npz, or one whose member is damaged, goes through zipfile and reads the same or fails the same way."""
+    import io
+    import zipfile
+
+    from data import codes as codes_module
+
+    levels = [torch.randint(0, 300, (2, 3, 5)), torch.randint(0, 7, (2, 6, 10))]
+    data = codes_to_bytes(levels, [300, 7])
+    assert codes_module._read_stored(data, 10**6, "x") is not None  # the fast path takes it
+    fast = load_codes(data)
+    slow = load_codes(save_codes(tmp_path / "c.npz", levels, [300, 7]))  # a path: zipfile
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(fast, slow, levels))
+
+    packed = io.BytesIO()
+    np.savez_compressed(packed, level_0=levels[0].numpy().astype(np.uint16), level_1=levels[1].numpy())
+    assert codes_module._read_stored(packed.getvalue(), 10**6, "x") is None
+    assert all(torch.equal(a, b) for a, b in zip(load_codes(packed.getvalue()), levels))
+
+    damaged = bytearray(data)
+    damaged[30 + 11 + 20 + 5] ^= 0xFF  # inside level_0 (after its 30-byte header, name, zip64 extra): bad CRC
+    assert codes_module._read_stored(bytes(damaged), 10**6, "x") is None
+    with pytest.raises(ValueError, match="not a codes file"):
+        load_codes(bytes(damaged))
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert sorted(z.namelist()) == ["level_0.npy", "level_1.npy"]

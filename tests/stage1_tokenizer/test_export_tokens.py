@@ -111,6 +111,25 @@ def test_reader_errors(tmp_path):
         read_manifest(tmp_path)
 
 
+def test_damaged_shards_stop_the_stream_with_the_file_named(tmp_path, tiny):
+    """A code outside the codebook (a foreign or damaged shard) and a cut-off shard: one ValueError each, from the
+    streaming reader and from load_all, never an IndexError deep in a prior."""
+    tok, ds = tiny.vqvae(codebook_size=64), tiny.images(noise=0.0)
+    export_tokens(tok, ds, tmp_path / "tok", batch_size=8, shard_size=16, progress=False)
+    manifest = read_manifest(tmp_path / "tok")
+    manifest["levels"][0]["codebook_size"] = 2  # the shards now hold codes the manifest says cannot exist
+    (tmp_path / "tok" / "manifest.json").write_text(json.dumps(manifest))
+    for read in (lambda: list(TokenDataset(tmp_path / "tok", shuffle=0)), lambda: load_all(tmp_path / "tok")):
+        with pytest.raises(ValueError, match=r"codes outside \[0, 2\).*corrupt"):
+            read()
+    manifest["levels"][0]["codebook_size"] = 64
+    (tmp_path / "tok" / "manifest.json").write_text(json.dumps(manifest))
+    shard = tmp_path / "tok" / "train-00-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    with pytest.raises(ValueError, match="train-00-000001.tar is truncated"):
+        list(TokenDataset(tmp_path / "tok", shuffle=0))
+
+
 def test_two_splits_and_merge(tmp_path, tiny):
     tok = tiny.vqvae(codebook_size=64)
     export_tokens(tok, {"train": tiny.images(12, noise=NOISE), "eval": tiny.images(6, noise=NOISE)}, tmp_path / "a", batch_size=4,

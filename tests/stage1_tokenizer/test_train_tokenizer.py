@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from harness.checkpoints import verify_checkpoint
@@ -325,3 +327,9 @@ def test_a_compiled_model_trains_the_same_and_resumes(tmp_path, crash_after_chec
 def test_inductor_compiled_training_runs(tmp_path):
     model = run(tmp_path / "run", "--config", str(write_config(tmp_path, max_steps=3, dynamo_backend="inductor")))
     assert VQVAE.from_pretrained(model).config.quantizer.codebook_size == 32
+
+
+def test_fsdp_is_refused_with_one_line():
+    """Under `accelerate launch --use_fsdp` a tokenizer would hang in the codebook's all-reduce: refuse it."""
+    with pytest.raises(ValueError, match="runs under DDP, not FSDP"):
+        train.build(None, SimpleNamespace(distributed_type=DistributedType.FSDP))

@@ -7,8 +7,10 @@ digits prior preset (``prior-digits``: transformer dim 128, 3 layers, batch 32, 
 through ``stage2_prior.train.train``, reading the tokens either as ``tokgen train-prior`` does (streaming
 ``TokenDataset``: shuffle buffer 1,000) or the way it did before (the whole split in memory: ``load_all``, then an
 in-memory dataset). Reported per run: the peak RSS increase over the process's RSS before training (imports
-done; the high-water mark reset), and the training-step rate after 10 warm-up steps (median of the per-step
-times). Runs alternate sizes and modes round by round.
+done; the high-water mark reset), the training-step rate after 10 warm-up steps (median of the per-step
+times) and the median time the loop waits for a batch (all of the reader's cost with no data-loader workers).
+K = 500 steps: memory reaches its plateau once the shuffle buffer has turned over. Runs alternate sizes and modes
+round by round.
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ class InMemory(torch.utils.data.Dataset):
 
 def worker(tokens: str, mode: str, steps: int) -> dict:
     """Train the digits prior for ``steps`` steps on ``tokens``; peak RSS increase and step times."""
+    from harness import data_order
     from harness.config import config_from_dict, preset
     from stage2_prior import train as prior_train
 
@@ -85,6 +88,16 @@ def worker(tokens: str, mode: str, steps: int) -> dict:
         return out
 
     prior_train.train_step = timed
+    waits: list[float] = []  # time the loop waits for each batch: the reader's whole cost on one process
+    next_batch = data_order.BatchStream.__next__
+
+    def timed_next(self):
+        t0 = time.perf_counter()
+        out = next_batch(self)
+        waits.append(time.perf_counter() - t0)
+        return out
+
+    data_order.BatchStream.__next__ = timed_next
     values = {**preset("prior-digits"), "tokens": tokens, "max_steps": steps, "checkpoint_every": 0,
               "eval_every": 0, "log_with": "none", "warmup_steps": 10}
     if mode.startswith("stream") and mode != "stream":
@@ -95,7 +108,8 @@ def worker(tokens: str, mode: str, steps: int) -> dict:
         prior_train.train(cfg, Path(run), quiet=True)
         seconds = time.perf_counter() - started
     gaps = [b - a for a, b in zip(stamps[10:], stamps[11:])]
-    return {**rss.as_dict(), "seconds": seconds, "median_step_s": median(gaps), "steps": len(stamps)}
+    return {**rss.as_dict(), "seconds": seconds, "median_step_s": median(gaps), "steps": len(stamps),
+            "median_batch_wait_s": median(waits[10:])}
 
 
 def run(quick: bool = False) -> dict:
@@ -113,12 +127,15 @@ def run(quick: bool = False) -> dict:
     for key, runs in results.items():
         mode, n = key.split()
         peak, step = median([r["peak_increase_mib"] for r in runs]), median([r["median_step_s"] for r in runs])
+        wait = median([r["median_batch_wait_s"] for r in runs])
         summary[key] = {"samples": int(n), "mode": mode, "peak_increase_mib": peak, "median_step_s": step,
-                        "seconds": median([r["seconds"] for r in runs]), "runs": runs}
-        rows.append([mode, int(n), round(peak, 1), round(1 / step, 1), round(summary[key]["seconds"], 1)])
+                        "median_batch_wait_s": wait, "seconds": median([r["seconds"] for r in runs]), "runs": runs}
+        rows.append([mode, int(n), round(peak, 1), round(1 / step, 2), round(1000 * wait, 2),
+                     round(summary[key]["seconds"], 1)])
     for n in sizes:
         summary[f"speed stream/memory {n}"] = summary[f"memory {n}"]["median_step_s"] / summary[f"stream {n}"]["median_step_s"]
-    markdown = table(["reader", "training samples", "peak RSS increase (MiB)", "steps/s", "run (s)"], rows)
+    markdown = table(["reader", "training samples", "peak RSS increase (MiB)", "steps/s", "wait per batch (ms)",
+                      "run (s)"], rows)
     ratios = ", ".join(f"{n}: {summary[f'speed stream/memory {n}']:.2f}" for n in sizes)
     return {"title": "train-prior: streaming tokens vs the whole split in memory",
             "markdown": markdown + f"\n\nstreaming speed / in-memory speed: {ratios}", "results": summary,

@@ -58,3 +58,21 @@ def add_device_arguments(p) -> None:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                    help="inference precision: bf16/fp16 run the networks under autocast; quantizer and coder stay "
                         "exact (default: fp32)")
+
+
+# glibc's largest dynamic mmap threshold (4 Mi longs, 32 MiB on 64-bit), less room for the chunk header
+_HEAP_WARMUP_BYTES = (32 << 20) - (1 << 16)
+
+
+def keep_large_buffers_on_the_heap() -> None:
+    """Let glibc serve CPU tensors up to 32 MiB from its heap instead of a fresh mmap each time.
+
+    glibc mmaps every allocation above its mmap threshold (128 KiB at start) and unmaps it on free; it raises the
+    threshold only after such a block is freed. Until then each training step on the CPU maps and faults in its
+    activation buffers anew: 2-3 times the page faults and ~10% slower steps (BENCHMARKS.md, streaming tokens),
+    unless something earlier happened to free a big block (loading a dataset into memory did). Freeing one
+    32 MiB block now raises the threshold to its maximum. Other allocators (macOS, jemalloc) ignore it.
+    """
+    block = bytearray(_HEAP_WARMUP_BYTES)
+    del block
+

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from harness.checkpoints import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from harness.config import config_to_dict, load_config_file, merge
 from harness.data_order import BatchStream
+from harness.devices import keep_large_buffers_on_the_heap
 from harness.folders import write_json
 from harness.output import add_output_arguments, log
 
@@ -156,6 +157,8 @@ def open_run(run_dir: Path, cfg: TrainingConfig, tracker: str) -> tuple[Accelera
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum, cfg.log_with, cfg.dynamo_backend)
+    if accelerator.device.type == "cpu":
+        keep_large_buffers_on_the_heap()
     cfg = replace(cfg, mixed_precision=accelerator.mixed_precision)
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", config_to_dict(cfg))

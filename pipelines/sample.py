@@ -27,7 +27,7 @@ CODES_FILE = "codes.npz"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", type=Path, help="pipeline folder (pipeline.json)")
-    p.add_argument("--num", type=int, default=16, help="number of samples")
+    p.add_argument("--num", type=int, default=16, help="number of samples (default: 16)")
     p.add_argument("--class", dest="class_label",
                    help="class name or index to sample (class-conditional pipelines; default: the classes in turn)")
     p.add_argument("--seed", type=int, default=0, help="seeds the draws: the same seed gives the same codes (default: 0)")
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "(default: all)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale: 1 = none, > 1 = closer to the class asked for "
-                        "(priors trained with class_dropout)")
+                        "(priors trained with class_dropout; default: 1)")
     p.add_argument("--batch-size", type=int, default=64, help="samples drawn together (default: 64)")
     p.add_argument("--no-cache", action="store_true", help="full recompute per token (to verify/benchmark the cache)")
     p.add_argument("--codes-only", action="store_true", help="write codes, do not decode")

@@ -238,7 +238,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which split to export (default: all = train and the held-out eval)")
     p.add_argument("--size", type=int, help="input size (default: the tokenizer's training size, else 32)")
     p.add_argument("--batch-size", type=int, default=64, help="items encoded per forward pass (default: 64)")
-    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default: 10000)")
     p.add_argument("--seed", type=int, default=0, help="seeds the training-split crops (deterministic)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     add_device_arguments(p)

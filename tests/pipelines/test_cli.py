@@ -77,6 +77,8 @@ def test_every_command_explains_itself():
         assert command.description and len(command.description) > 30, name
         for action in command._actions:
             assert action.help, (name, action.option_strings or action.dest)
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in action.help, (name, action.option_strings, "says not what it uses")
         options = {o for a in command._actions for o in a.option_strings}
         if name not in ("make-pipeline",):  # every command that prints a result can be quiet and speak JSON
             assert {"--quiet", "--json"} <= options, name

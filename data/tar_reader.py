@@ -1,8 +1,8 @@
 """Samples of a local tar shard, read straight from the headers.
 
 Why not ``tarfile`` (or WebDataset's reader, built on it): its stream parser costs about 100 us per member, and a
-token sample is two small members (``codes.npz``, ``meta.json``), so reading one batch of 32 took longer than
-decoding it and a tenth of a CPU prior's training step (BENCHMARKS.md, "streaming tokens"). The format read here
+token sample is two small members (``codes.npz``, ``meta.json``): parsing the tar cost as much as decoding the
+codes, and the two together a tenth of a CPU prior's training step (BENCHMARKS.md §11b). The format read here
 is what ``tarfile``/``webdataset.TarWriter`` write: POSIX ustar headers, with pax extended headers (``x``: a long
 path, a size) and GNU long names (``L``) in front of a member; directories, links and global headers are skipped.
 The input is untrusted: a header with a bad checksum, a size past the end of the file or a cut-off member is a

@@ -69,7 +69,7 @@ def keep_large_buffers_on_the_heap() -> None:
 
     glibc mmaps every allocation above its mmap threshold (128 KiB at start) and unmaps it on free; it raises the
     threshold only after such a block is freed. Until then each training step on the CPU maps and faults in its
-    activation buffers anew: 2-3 times the page faults and ~10% slower steps (BENCHMARKS.md, streaming tokens),
+    activation buffers anew: 2-3 times the page faults and ~10% slower steps (BENCHMARKS.md §11b),
     unless something earlier happened to free a big block (loading a dataset into memory did). Freeing one
     32 MiB block now raises the threshold to its maximum. Other allocators (macOS, jemalloc) ignore it.
     """

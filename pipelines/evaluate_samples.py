@@ -381,7 +381,8 @@ def evaluate_samples(pipe: TokgenPipeline, args: argparse.Namespace) -> dict:
     mem = memorization(feats[0], feats[2], feats[1])
     metrics = {"sampling": {"num_samples": args.num, "seed": args.seed, "temperature": args.temperature,
                             "guidance": args.guidance, "batch_size": args.batch_size, "seconds": round(seconds, 2),
-                            **({"per_class": args.num / pipe.num_classes} if labels is not None else {})},
+                            **({"per_class": torch.bincount(labels, minlength=pipe.num_classes).tolist()}
+                               if labels is not None else {})},
                "distance_to_real": distance_to_real(pipe.modality, *feats)}
     if labels is not None:
         metrics["judge"] = stages.run("judge", judge_samples, pipe, train_set, train, held_out, samples, labels,

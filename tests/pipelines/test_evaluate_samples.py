@@ -115,3 +115,15 @@ def test_bad_input_is_one_clear_line(pipes, tmp_path, capsys, extra, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_video_features_and_lpips_per_frame():
+    from stage1_tokenizer.perceptual import PerceptualLoss
+
+    clips = torch.rand(3, 1, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+    space = ES.FeatureSpace("video", 16000, ES.VGGFeatures.from_shared_weights())
+    assert space(clips).shape == (3, 512)
+    perceptual = PerceptualLoss()
+    same = torch.stack([clips[0], clips[0]])
+    assert ES.mean_pairwise_lpips(same, torch.tensor([[0, 1]]), "video", perceptual) == pytest.approx(0, abs=1e-6)
+    assert ES.mean_pairwise_lpips(clips, ES.random_pairs(3, 10, 0), "video", perceptual) > 0.01

@@ -6,7 +6,7 @@ real items of ``--data`` (a built-in name, a folder or shards, split as ``evalua
 - distance to real: a Frechet distance between the samples and at most ``--num-real`` held-out items, on the
   offline features of ``stage1_tokenizer.fidelity`` (images ``fd_vgg16``, video ``fd_vgg16_frames``: per-frame
   VGG16 averaged over a clip, audio ``fd_logmel``: log-mel statistics). The same distance between the held-out
-  items and as many training items is the floor: what two real sets of that size score.
+  items and as many training items as there are samples is the floor: what real data scores at those sizes.
 - judge (class-conditional pipelines): the share of samples a classifier trained on the real training items
   labels as the class asked for, per class and overall; its accuracy on the held-out items is the ceiling.
 - diversity: mean LPIPS (AlexNet) over random pairs of samples (video: frame t against frame t; audio has no
@@ -208,9 +208,10 @@ def nearest(queries: torch.Tensor, references: torch.Tensor, chunk: int = 1024) 
 # ---- the measures -------------------------------------------------------------------------------
 def distance_to_real(modality: str, samples: torch.Tensor, held_out: torch.Tensor, train: torch.Tensor) -> dict:
     """Frechet distances of features (N, D) samples, (M, D) held-out and (K, D) training items: samples against
-    held-out, and as the floor held-out against min(M, K) evenly spaced training items."""
+    held-out, and as the floor held-out against as many training items as there are samples (min(N, K), evenly
+    spaced): the bias of a Frechet distance depends on the set sizes, so the floor uses the same ones."""
     key = DISTANCE_KEYS[modality]
-    picks = torch.linspace(0, len(train) - 1, min(len(held_out), len(train))).round().long()
+    picks = torch.linspace(0, len(train) - 1, min(len(samples), len(train))).round().long()
     return {key: frechet_distance(samples, held_out),
             f"{key}_train_vs_held_out": frechet_distance(train[picks], held_out),
             "features": FEATURE_NAMES[modality], "num_samples": len(samples), "num_held_out": len(held_out),

@@ -53,6 +53,7 @@ FEATURE_NAMES = {"image": "VGG16 (ImageNet) conv features at 128x128, average-po
                  "video": "VGG16 (ImageNet) conv features at 128x128 per frame, averaged over the frames (512)",
                  "audio": "mean and std over time of 64 log-mel bands in dB (128)"}
 COPY_PERCENTILE = 1.0  # a sample nearer to a training item than this percentile of held-out items is a possible copy
+FEW_HELD_OUT = 100  # below this many held-out items their 1st percentile is about their minimum: a rough threshold
 LPIPS_MIN_SIDE = 32  # AlexNet's strides leave no feature map below this: smaller images are upsampled to it
 
 
@@ -243,6 +244,9 @@ class Memorization:
                 "held_out_nearest_train": percentiles(self.held_out_distance),
                 "copy_threshold": self.threshold, "copy_threshold_percentile": COPY_PERCENTILE,
                 "possible_copies": float(self.copy.double().mean()), "num_possible_copies": int(self.copy.sum()),
+                **({"note": f"only {len(self.held_out_distance)} held-out items: the copy threshold is about their "
+                            "minimum nearest distance, a rough reference"}
+                   if len(self.held_out_distance) < FEW_HELD_OUT else {}),
                 "closest": [{"sample": int(i), "train_item": int(self.index[i]), "distance": float(self.distance[i])}
                             for i in self.closest(k)]}
 

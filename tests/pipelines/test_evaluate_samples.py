@@ -54,6 +54,7 @@ def test_cli_writes_metrics_and_pictures(pipes, tmp_path, capsys):
     assert m["num_train_compared"] == 20 and m["num_train_cap"] == 20 and len(m["closest"]) == 4
     assert [c["distance"] for c in m["closest"]] == sorted(c["distance"] for c in m["closest"])
     assert 0 <= m["possible_copies"] <= 1 and m["samples_nearest_train"]["median"] > 0
+    assert "only 10 held-out items" in m["note"]  # the threshold is about their minimum: said so
     for picture in ("samples.png", "closest_pairs.png"):
         assert (out / picture).stat().st_size > 0 and picture in metrics["pictures"]
     assert (out / "codes.npz").is_file() and (out / "labels.npy").is_file()
@@ -81,7 +82,7 @@ def test_memorization_flags_a_copy_of_a_training_item():
     summary = mem.to_dict(num_train=200, k=3)
     assert summary["num_possible_copies"] == 1 and summary["closest"][0] == {"sample": 5, "train_item": 17,
                                                                              "distance": pytest.approx(0, abs=1e-6)}
-    assert summary["held_out_nearest_train"]["p1"] == pytest.approx(mem.threshold)
+    assert summary["held_out_nearest_train"]["p1"] == pytest.approx(mem.threshold) and "note" not in summary
 
 
 def test_pairs_and_distinct_codes():

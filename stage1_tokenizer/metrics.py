@@ -1,6 +1,8 @@
 """Reconstruction metrics per item: what each modality's users compare tokenizers by.
 
-image: PSNR, SSIM (Wang et al. 2004), LPIPS; video: per-frame PSNR and SSIM; audio: SNR and log-mel distance.
+image: PSNR, SSIM (Wang et al. 2004), LPIPS; video: per-frame PSNR, SSIM and LPIPS, averaged over each clip's
+frames; audio: SNR and log-mel distance. SSIM matches scikit-image's ``structural_similarity`` with
+``gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1`` (tested).
 """
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from stage1_tokenizer.audio_loss import mel_distance
+
+LPIPS_MIN_SIZE = 32  # AlexNet's five pooling stages leave nothing of smaller images (lpips raises)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, peak: float = 1.0) -> torch.Tensor:
@@ -17,7 +21,11 @@ def psnr(x: torch.Tensor, y: torch.Tensor, peak: float = 1.0) -> torch.Tensor:
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004, Gaussian window) of (B, C, H, W) images in [0, 1]."""
+    """Per-image SSIM (Wang et al. 2004, Gaussian window) of (B, C, H, W) images in [0, 1] -> (B,).
+
+    An 11-tap Gaussian window (sigma 1.5, scikit-image's 3.5-sigma truncation), population (co)variances,
+    averaged over the valid positions and the channels: scikit-image's figure with those settings.
+    """
     c = x.shape[1]
     window = min(window, x.shape[-1], x.shape[-2])
     coords = torch.arange(window, dtype=x.dtype, device=x.device) - window // 2
@@ -40,19 +48,30 @@ def snr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(signal.clamp(min=1e-10) / noise)
 
 
+def per_frame(metric, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A per-image metric over the frames of (B, C, T, H, W) clips, averaged over each clip's T frames -> (B,)."""
+    frames = lambda t: t.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B, C, T, H, W) -> (B*T, C, H, W)
+    return metric(frames(x), frames(y)).view(x.shape[0], -1).mean(1)
+
+
 def batch_metrics(x: torch.Tensor, recon: torch.Tensor, modality: str, sample_rate: int, perceptual) -> dict:
-    """Per-item metric sums of one batch: what a modality's users compare tokenizers by."""
+    """Per-item metric sums of one batch: what a modality's users compare tokenizers by.
+
+    x, recon: (B, C, H, W) images, (B, C, T, H, W) clips or (B, 1, T) audio; ``perceptual`` (LPIPS on
+    images in [0, 1]) or None; no LPIPS on items smaller than ``LPIPS_MIN_SIZE``.
+    """
     out = {"mse": (recon - x).pow(2).flatten(1).mean(1)}
     if modality == "audio":
         out["snr_db"] = snr(x, recon)
         out["mel_distance"] = mel_distance(recon, x, sample_rate)
     elif modality == "video":
-        frames = lambda t: t.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B, C, T, H, W) -> (B*T, C, H, W)
-        out["psnr_db"] = psnr(frames(recon), frames(x)).view(x.shape[0], -1).mean(1)  # per-frame PSNR
-        out["ssim"] = ssim(frames(recon), frames(x)).view(x.shape[0], -1).mean(1)
+        out["psnr_db"] = per_frame(psnr, recon, x)
+        out["ssim"] = per_frame(ssim, recon, x)
+        if perceptual is not None and min(x.shape[-2:]) >= LPIPS_MIN_SIZE:
+            out["lpips"] = per_frame(perceptual, recon, x)
     else:
         out["psnr_db"] = psnr(recon, x)
         out["ssim"] = ssim(recon, x)
-        if perceptual is not None:
+        if perceptual is not None and min(x.shape[-2:]) >= LPIPS_MIN_SIZE:
             out["lpips"] = perceptual(recon, x)
     return {k: float(v.sum()) for k, v in out.items()}

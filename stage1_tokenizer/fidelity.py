@@ -243,7 +243,8 @@ class PairedFeatures:
         gathered; empty where a model is missing or fewer than 2 items came."""
         out = {}
         if "vgg_real" in self.parts and len(self.features("vgg_real")) >= 2:
-            out["fd_vgg16"] = frechet_distance(self.features("vgg_real"), self.features("vgg_fake"))
+            key = "fd_vgg16_frames" if self.modality == "video" else "fd_vgg16"  # the name evaluate-samples uses
+            out[key] = frechet_distance(self.features("vgg_real"), self.features("vgg_fake"))
         if "inception_real" in self.parts and len(self.features("inception_real")) >= 2:
             out.update(inception_metrics(self.features("inception_real"), self.features("inception_fake"),
                                          self.features("inception_logits")))

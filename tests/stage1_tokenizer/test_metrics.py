@@ -2,6 +2,8 @@
 ``evaluate`` on a tiny video tokenizer (per-frame LPIPS, FD-VGG16 on per-frame features)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -55,7 +57,7 @@ def test_video_metrics_are_per_frame_averages():
     clips = torch.rand(2, 3, 4, 32, 32, generator=g)
     recon = (clips + 0.1 * torch.randn(clips.shape, generator=g)).clamp(0, 1)
     recon[:, :, 0] = clips[:, :, 0]  # a perfect first frame: PSNR per frame, not over the clip
-    metrics = batch_metrics(clips, recon, "video", 16000, Stub())
+    metrics = {k: float(v.sum()) for k, v in batch_metrics(clips, recon, "video", 16000, Stub()).items()}
     frames = [(recon[:, :, t], clips[:, :, t]) for t in range(4)]
     expected_psnr = torch.stack([psnr(r, c) for r, c in frames], 1).mean(1).sum()
     expected_ssim = torch.stack([ssim(r, c) for r, c in frames], 1).mean(1).sum()
@@ -84,12 +86,42 @@ def test_evaluate_video_reports_per_frame_lpips_and_fd_vgg16(tiny):
         pytest.skip("the shared VGG16/AlexNet backbones are not here")
     tokenizer = tiny.vqvae(modality="video", factors=(2, 4, 4), codebook_size=16)
     metrics = evaluate(tokenizer, TinyClips(), batch_size=1, quiet=True, fd_vgg16=True)  # 2 batches
-    for key in ("psnr_db", "ssim", "lpips", "fd_vgg16", "codebook_usage"):
+    for key in ("psnr_db", "ssim", "lpips", "fd_vgg16_frames", "codebook_usage"):
         assert key in metrics, key
-    assert metrics["fd_vgg16"] > 0 and "fid" not in metrics  # no Inception file named
+    assert metrics["fd_vgg16_frames"] > 0 and "fid" not in metrics  # no Inception file named
     lpips = PerceptualLoss()
     with torch.no_grad():
         recon = tokenizer.decode_clamped(tokenizer.encode_levels(TinyClips().clips)).float()
-        direct = batch_metrics(TinyClips().clips, recon, "video", 16000, lpips)["lpips"] / 2
+        direct = float(batch_metrics(TinyClips().clips, recon, "video", 16000, lpips)["lpips"].mean())
     assert metrics["lpips"] == pytest.approx(direct, rel=1e-4)
-    assert "fd_vgg16" not in evaluate(tokenizer, TinyClips(1), quiet=True, lpips=False, fd_vgg16=True)  # needs 2
+    assert "fd_vgg16_frames" not in evaluate(tokenizer, TinyClips(1), quiet=True, lpips=False, fd_vgg16=True)  # needs 2
+
+
+class TinyWaves(Dataset):
+    """Harmonic clips with a gliding pitch and a syllable-like envelope, 0.512 s at 16 kHz (long enough for STOI)."""
+
+    def __init__(self, n: int = 3, samples: int = 8192, sample_rate: int = 16000):
+        t = torch.arange(samples) / sample_rate
+        pitch = 120 + 40 * torch.arange(n)[:, None] + 30 * t
+        phase = 2 * torch.pi * torch.cumsum(pitch / sample_rate, dim=1)
+        envelope = 0.5 + 0.5 * torch.sin(2 * torch.pi * 4 * t).abs()
+        self.waves = (0.3 * envelope * sum(torch.sin(k * phase) / k for k in range(1, 6)))[:, None]
+
+    def __len__(self) -> int:
+        return len(self.waves)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.waves[i], "label": 0, "key": f"clip{i}", "skipped": []}
+
+
+def test_evaluate_audio_reports_the_fields_metrics_and_bitrate(tiny):
+    tokenizer = tiny.vqvae(modality="audio", factors=(16,), codebook_size=256)
+    metrics = evaluate(tokenizer, TinyWaves(), batch_size=2, quiet=True)  # 2 batches
+    for key in ("snr_db", "si_sdr_db", "stoi", "mel_distance", "mel_distance_multiscale", "codebook_usage"):
+        assert math.isfinite(metrics[key]), key
+    assert -1 <= metrics["stoi"] <= 1 and "visqol_mos" not in metrics  # ViSQOL only when asked
+    assert metrics["bitrate_kbps"] == pytest.approx(8 * 8192 / 16 / 0.512 / 1000)  # 512 codes of 8 bits in 0.512 s
+    assert "unscored_items" not in metrics
+    short = TinyWaves(samples=2048)  # 0.128 s: too short for STOI, scored by the rest
+    metrics = evaluate(tokenizer, short, batch_size=2, quiet=True)
+    assert metrics["unscored_items"] == {"stoi": 3} and "stoi" not in metrics and math.isfinite(metrics["si_sdr_db"])

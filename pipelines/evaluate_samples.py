@@ -85,8 +85,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of a folder's files (a shard set's samples) held out, by a stable hash of the path "
                         f"(default: {DEFAULT_EVAL_FRACTION})")
     p.add_argument("--eval-data", help="a separate held-out source instead of --data's held-out part")
+    p.add_argument("--data-options", type=data_options, default={},
+                   help="the reader options the tokenizer was trained with, as the run config's \"data_options\" "
+                        "(JSON; e.g. '{\"max_digits\": 1}' for the moving-digits demo; default: none)")
     add_device_arguments(p)
     add_output_arguments(p)
+
+
+def data_options(text: str) -> dict:
+    """``--data-options``: a JSON object of reader options."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of reader options, got {text!r}")
+    return value
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -146,7 +160,8 @@ def load_real(pipe: TokgenPipeline, args: argparse.Namespace):
     sets = {}
     for split in ("eval", "train"):
         source, fraction = held_out_source(args.data, split, args.eval_fraction, args.eval_data)
-        sets[split] = build_dataset(source, **dataset_options(pipe, split), eval_fraction=fraction)
+        reader = args.data_options if source == args.data else {}  # they belong to --data's reader
+        sets[split] = build_dataset(source, **dataset_options(pipe, split), eval_fraction=fraction, **reader)
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)  # training datasets crop at random: the same items every run
         held_out = read_items(sets["eval"], args.num_real or args.num, "held-out")

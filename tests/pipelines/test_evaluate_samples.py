@@ -128,3 +128,12 @@ def test_video_features_and_lpips_per_frame():
     same = torch.stack([clips[0], clips[0]])
     assert ES.mean_pairwise_lpips(same, torch.tensor([[0, 1]]), "video", perceptual) == pytest.approx(0, abs=1e-6)
     assert ES.mean_pairwise_lpips(clips, ES.random_pairs(3, 10, 0), "video", perceptual) > 0.01
+
+
+def test_data_options_are_a_json_object():
+    import argparse
+
+    assert ES.data_options('{"max_digits": 1}') == {"max_digits": 1}
+    for bad in ("max_digits=1", "[1]"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ES.data_options(bad)

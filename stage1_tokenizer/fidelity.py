@@ -31,7 +31,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
-from torchvision.models import vgg16
+from torchvision.models.vgg import cfgs, make_layers
 
 from data.spectrogram import log_mel_spectrogram
 from stage1_tokenizer.perceptual import BACKBONE_FILES, find_backbone, weight_dirs
@@ -56,7 +56,7 @@ class VGGFeatures(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = vgg16().features
+        self.features = make_layers(cfgs["D"])  # VGG16's conv layers only: its 120M-parameter classifier is unused
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval().requires_grad_(False)

@@ -47,6 +47,7 @@ class DemoSpec:
     # training items searched for each sample's nearest one (memorization): VGG16 features cost ~0.1 s an image
     # (a clip: per frame) on 2 CPU cores, so the video demo searches fewer
     nearest_train_items: int = 500
+    distance_items: int | None = None  # held-out items the tokenizer's FD-VGG16 compares (None: all of them)
 
 
 # The class-conditional priors learn a null class (class_dropout 0.1) and sample with classifier-free
@@ -62,7 +63,7 @@ DEMOS = {
     "spoken-digits": DemoSpec("tokenizer-spoken-digits", ("prior-spoken-digits",), samples_per_class=4,
                               export_size=8192, guidance=2.0),
     "moving-digits": DemoSpec("tokenizer-moving-digits", ("prior-moving-digits",), samples_per_class=2,
-                              guidance=6.0, nearest_train_items=100),
+                              guidance=6.0, nearest_train_items=50, distance_items=40),
 }
 
 
@@ -99,8 +100,12 @@ def _tokenizer_stage(args, spec: DemoSpec, stages: Stages):
     cfg = replace(cfg, seed=args.seed, max_steps=args.tokenizer_steps or cfg.max_steps)
     model_dir = stages.run("train tokenizer", tok_train.train, cfg, args.out / "tokenizer_run", quiet=args.quiet)
     tokenizer = load_tokenizer(model_dir)
-    metrics = stages.run("evaluate tokenizer", evaluate, tokenizer, tok_train.build_dataset(cfg, "eval"),
+    # on the items the prior learns (spoken digits: whole 0.51 s words, long enough for STOI; the training windows
+    # of 0.26 s are not)
+    sized = replace(cfg, size=spec.export_size or cfg.size)
+    metrics = stages.run("evaluate tokenizer", evaluate, tokenizer, tok_train.build_dataset(sized, "eval"),
                          lpips=tokenizer.modality in ("image", "video"), fd_vgg16=True,
+                         distance_items=spec.distance_items,
                          preview_path=args.out / "reconstructions.png", quiet=args.quiet)
     return cfg, model_dir, tokenizer, metrics
 
@@ -239,7 +244,7 @@ def _full_photo(tokenizer, out: Path) -> dict:
 def _tokenizer_summary(m: dict) -> dict:
     keys = ("psnr_db", "ssim", "lpips", "fd_vgg16", "fd_vgg16_frames", "snr_db", "si_sdr_db", "stoi", "mel_distance",
             "mel_distance_multiscale", "bitrate_kbps", "sample_rate", "codebook_usage", "codebook_usage_per_level",
-            "perplexity", "codes_per_input", "compression_ratio", "full_photo", "unscored_items", "num_samples")
+            "perplexity", "codes_per_input", "compression_ratio", "full_photo", "unscored_items", "num_samples", "distance_items")
     return {k: m[k] for k in keys if k in m}
 
 

@@ -64,7 +64,8 @@ def _distances(modality: str, n: int, fd_vgg16: bool, fid_weights: Path | None, 
 @torch.no_grad()
 def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = None, lpips: bool = True,
              preview_path: Path | None = None, quiet: bool = False, dtype: torch.dtype = torch.float32,
-             fd_vgg16: bool = False, fid_weights: Path | None = None, visqol: bool = False) -> dict:
+             fd_vgg16: bool = False, fid_weights: Path | None = None, visqol: bool = False,
+             distance_items: int | None = None) -> dict:
     """Metrics over a whole held-out dataset (codebook usage needs all of it).
 
     image: psnr_db, ssim, lpips (when the backbone is available), fd_vgg16, and fid (rFID), kid, kid_std,
@@ -72,7 +73,8 @@ def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = N
     lpips, fd_vgg16_frames on per-frame features; audio: snr_db, mel_distance (dB), si_sdr_db, stoi,
     mel_distance_multiscale, visqol_mos (opt-in) and bitrate_kbps; all: mse, codebook usage and perplexity (per
     level); ``unscored_items`` counts the items a metric could not score (clips too short for STOI/ViSQOL). The distances compare the originals with their reconstructions (>= 2 items).
-    ``fd_vgg16`` is opt-in here (the command turns it on): ~0.4 s an item on one CPU core, twice per item.
+    ``fd_vgg16`` is opt-in here (the command turns it on): ~0.4 s an item on one CPU core, twice per item;
+    ``distance_items`` gives the distances only the first that many items (recorded as ``distance_items``).
     """
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
@@ -94,8 +96,9 @@ def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = N
         for s, c in zip(stats, codes):
             s.update(c)
         means.update(batch_metrics(x, recon, modality, sample_rate, perceptual, visqol and modality == "audio"))
-        if distances is not None:
-            distances.update(x.float(), recon)
+        room = x.shape[0] if distance_items is None else max(0, distance_items - count)
+        if distances is not None and room > 0:
+            distances.update(x[:room].float(), recon[:room])
         if preview is None:
             preview = (x[:16].cpu(), recon[:16].cpu())
         count += x.shape[0]
@@ -107,7 +110,8 @@ def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = N
     metrics = means.means()
     if means.unscored(count):
         metrics["unscored_items"] = means.unscored(count)
-    metrics.update(distances.metrics() if distances is not None else {})
+    if distances is not None:
+        metrics.update(distances.metrics(), distance_items=min(count, distance_items or count))
     if modality == "audio":
         metrics["sample_rate"] = sample_rate
     metrics.update(_code_metrics(tokenizer, stats, input_shape), num_samples=count)

@@ -94,6 +94,9 @@ def test_evaluate_video_reports_per_frame_lpips_and_fd_vgg16(tiny):
         recon = tokenizer.decode_clamped(tokenizer.encode_levels(TinyClips().clips)).float()
         direct = float(batch_metrics(TinyClips().clips, recon, "video", 16000, lpips)["lpips"].mean())
     assert metrics["lpips"] == pytest.approx(direct, rel=1e-4)
+    capped = evaluate(tokenizer, TinyClips(3), batch_size=2, quiet=True, lpips=False, fd_vgg16=True, distance_items=2)
+    assert capped["distance_items"] == 2 and capped["num_samples"] == 3  # the distance saw the first 2 clips only
+    assert capped["fd_vgg16_frames"] == pytest.approx(metrics["fd_vgg16_frames"], rel=1e-6)  # the same 2 clips
     assert "fd_vgg16_frames" not in evaluate(tokenizer, TinyClips(1), quiet=True, lpips=False, fd_vgg16=True)  # needs 2
 
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "export-tokens": ("stage1_tokenizer.export", "encode a dataset into WebDataset token shards"),
     "train-prior": ("stage2_prior.train", "train an autoregressive prior on exported tokens"),
     "evaluate-prior": ("pipelines.evaluate", "held-out NLL in bits per token and per dimension"),
+    "evaluate-samples": ("pipelines.evaluate_samples", "distance to real, judge, diversity, memorization of samples"),
     "make-pipeline": ("pipelines.assemble", "assemble a pipeline from a tokenizer run and prior runs"),
     "sample": ("pipelines.sample", "sample from a pipeline and decode"),
     "encode": ("stage1_tokenizer.codec", "encode one file into codes (.npz)"),

@@ -20,6 +20,7 @@ from data.modalities import DEFAULT_SAMPLE_RATE, value_range
 from data.pictures import save_comparison, save_image_grid
 from harness.config import config_from_dict, preset
 from harness.output import add_output_arguments, emit, log
+from pipelines import evaluate_samples as quality
 from pipelines.judge import judge
 from pipelines.pipeline import TokgenPipeline
 from pipelines.sample import generate, write_outputs
@@ -43,6 +44,10 @@ class DemoSpec:
     full_photo: bool = False  # also reconstruct a held-out photo at its full size
     temperature: float = 1.0  # sampling temperature (a small prior's tails make messy samples at 1.0)
     guidance: float = 1.0  # classifier-free guidance scale (> 1 needs priors trained with class_dropout)
+    # training items searched for each sample's nearest one (memorization): VGG16 features cost ~0.1 s an image
+    # (a clip: per frame) on 2 CPU cores, so the video demo searches fewer
+    nearest_train_items: int = 500
+    distance_items: int | None = None  # held-out items the tokenizer's FD-VGG16 compares (None: all of them)
 
 
 # The class-conditional priors learn a null class (class_dropout 0.1) and sample with classifier-free
@@ -58,7 +63,7 @@ DEMOS = {
     "spoken-digits": DemoSpec("tokenizer-spoken-digits", ("prior-spoken-digits",), samples_per_class=4,
                               export_size=8192, guidance=2.0),
     "moving-digits": DemoSpec("tokenizer-moving-digits", ("prior-moving-digits",), samples_per_class=2,
-                              guidance=6.0),
+                              guidance=6.0, nearest_train_items=50, distance_items=40),
 }
 
 
@@ -95,8 +100,12 @@ def _tokenizer_stage(args, spec: DemoSpec, stages: Stages):
     cfg = replace(cfg, seed=args.seed, max_steps=args.tokenizer_steps or cfg.max_steps)
     model_dir = stages.run("train tokenizer", tok_train.train, cfg, args.out / "tokenizer_run", quiet=args.quiet)
     tokenizer = load_tokenizer(model_dir)
-    metrics = stages.run("evaluate tokenizer", evaluate, tokenizer, tok_train.build_dataset(cfg, "eval"),
-                         lpips=tokenizer.modality == "image",
+    # on the items the prior learns (spoken digits: whole 0.51 s words, long enough for STOI; the training windows
+    # of 0.26 s are not)
+    sized = replace(cfg, size=spec.export_size or cfg.size)
+    metrics = stages.run("evaluate tokenizer", evaluate, tokenizer, tok_train.build_dataset(sized, "eval"),
+                         lpips=tokenizer.modality in ("image", "video"), fd_vgg16=True,
+                         distance_items=spec.distance_items,
                          preview_path=args.out / "reconstructions.png", quiet=args.quiet)
     return cfg, model_dir, tokenizer, metrics
 
@@ -157,6 +166,7 @@ def run(args: argparse.Namespace) -> dict:
     if labels is not None:
         judged = stages.run("judge samples", _judge, spec, cfg, samples, labels, num_classes, args.seed, out)
     write_outputs(pipe, out, codes, labels, samples, nrow=nrow)
+    measured = stages.run("measure samples", _measure_samples, spec, cfg, pipe, samples, codes, args.seed, out)
     metrics = {
         "dataset": args.dataset,
         "modality": pipe.modality,
@@ -164,11 +174,33 @@ def run(args: argparse.Namespace) -> dict:
         "prior": _prior_summary(prior_runs),
         "sampling": {"num_samples": samples.shape[0], "seconds": seconds, **settings,
                      "tokens_per_s": samples.shape[0] * pipe.num_tokens / seconds,
-                     **({"judge": judged} if judged else {})},
+                     **({"judge": judged} if judged else {}), **measured},
         "timing": {**stages.times, "total_s": round(time.perf_counter() - started, 2)},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _measure_samples(spec: DemoSpec, cfg, pipe: TokgenPipeline, samples: torch.Tensor, codes: list[torch.Tensor],
+                     seed: int, out: Path) -> dict:
+    """What ``tokgen evaluate-samples`` measures, on the demo's samples and data (benchmarks/PROTOCOL.md): distance to
+    as many held-out items as there are samples, diversity, memorization against ``spec.nearest_train_items``
+    training items; ``closest_pairs.png``. (The judge ran before, on every held-out item.)"""
+    sized = replace(cfg, size=spec.sample_size or spec.export_size or cfg.size)  # the items the pipeline makes
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # training datasets crop at random: the same items every run
+        held_out = quality.read_items(tok_train.build_dataset(sized, "eval"), len(samples), "held-out")
+        train = quality.read_items(tok_train.build_dataset(sized, "train"), spec.nearest_train_items, "training")
+    space = quality.FeatureSpace.for_pipeline(pipe)
+    feats = [space(x) for x in (samples, held_out.x, train.x)]
+    mem = quality.memorization(feats[0], feats[2], feats[1])
+    order = mem.closest(16)
+    save_comparison(samples[order].float(), train.x[mem.index[order]], out / "closest_pairs.png",
+                    modality=pipe.modality, sample_rate=pipe.tokenizer.sample_rate)
+    return {"distance_to_real": quality.distance_to_real(pipe.modality, *feats),
+            "diversity": quality.diversity(samples, held_out.x, (feats[0], feats[1]), codes, pipe.modality, 1000,
+                                           seed, pipe.device),
+            "memorization": mem.to_dict(len(train.x), 16)}
 
 
 def _judge(spec: DemoSpec, cfg, samples: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
@@ -210,8 +242,9 @@ def _full_photo(tokenizer, out: Path) -> dict:
 
 
 def _tokenizer_summary(m: dict) -> dict:
-    keys = ("psnr_db", "ssim", "lpips", "snr_db", "mel_distance", "sample_rate", "codebook_usage", "codebook_usage_per_level", "perplexity",
-            "codes_per_input", "compression_ratio", "full_photo")
+    keys = ("psnr_db", "ssim", "lpips", "fd_vgg16", "fd_vgg16_frames", "snr_db", "si_sdr_db", "stoi", "mel_distance",
+            "mel_distance_multiscale", "bitrate_kbps", "sample_rate", "codebook_usage", "codebook_usage_per_level",
+            "perplexity", "codes_per_input", "compression_ratio", "full_photo", "unscored_items", "num_samples", "distance_items")
     return {k: m[k] for k in keys if k in m}
 
 
@@ -227,9 +260,9 @@ def _prior_summary(prior_runs: list[Path]) -> dict:
     return out
 
 
-LOOK_AT = {"image": ("samples.png", "reconstructions.png"),
-           "audio": ("sample_*.wav", "spectrograms.png", "samples_vs_real.png"),
-           "video": ("sample_*.mp4", "frames.png", "samples_vs_real.png", "reconstructions.png")}
+LOOK_AT = {"image": ("samples.png", "reconstructions.png", "closest_pairs.png"),
+           "audio": ("sample_*.wav", "spectrograms.png", "samples_vs_real.png", "closest_pairs.png"),
+           "video": ("sample_*.mp4", "frames.png", "samples_vs_real.png", "reconstructions.png", "closest_pairs.png")}
 
 
 def summary(metrics: dict, out: Path) -> str:
@@ -242,12 +275,16 @@ def summary(metrics: dict, out: Path) -> str:
         j = s["judge"]
         extra.append(f"  judge:     a classifier trained on real data labels {j['sample_accuracy']:.0%} of the samples as the "
                      f"class asked for ({j['real_accuracy']:.0%} of held-out real items)")
-    quality = (f"{t['snr_db']:.2f} dB SNR, mel distance {t['mel_distance']:.2f} dB" if "snr_db" in t
-               else f"{t['psnr_db']:.2f} dB PSNR")
+    d, m = s["distance_to_real"], s["memorization"]
+    key = quality.DISTANCE_KEYS[metrics["modality"]]
+    extra.append(f"  samples:   {key} {d[key]:.2f} to held-out items (training items: {d[key + '_train_vs_held_out']:.2f}), "
+                 f"possible copies of a training item {m['possible_copies']:.0%}")
+    recon = (f"{t['snr_db']:.2f} dB SNR, STOI {t.get('stoi', float('nan')):.2f}, {t['bitrate_kbps']:.1f} kbps" if "snr_db" in t
+             else f"{t['psnr_db']:.2f} dB PSNR")
     return "\n".join([
         "",
         f"tokgen demo ({metrics['dataset']}) finished in {metrics['timing']['total_s']:.0f} s",
-        f"  tokenizer: {quality} held-out, codebook usage {t['codebook_usage']:.2f}",
+        f"  tokenizer: {recon} held-out, codebook usage {t['codebook_usage']:.2f}",
         f"  prior:     {p['bits_per_token']:.3f} bits/token, {p['bits_per_dim']:.4f} bits/dim held-out",
         f"  sampling:  {s['tokens_per_s']:.0f} tokens/s" + (f", guidance {guided}" if guided else ""),
         *extra,

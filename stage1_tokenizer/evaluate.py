@@ -1,7 +1,12 @@
 """``tokgen evaluate-tokenizer``: held-out reconstruction quality and codebook statistics.
 
-Writes ``metrics.json`` (psnr_db, ssim, lpips when the backbone is available, codebook_usage and
-perplexity per level, codes per input, compression ratio) and ``reconstructions.png``.
+Writes ``metrics.json`` (images and video: psnr_db, ssim, lpips when the backbone is available; audio: snr_db,
+si_sdr_db, stoi, mel distances, bitrate_kbps and ViSQOL when asked; all: codebook_usage and perplexity per level,
+codes per input, compression ratio) and ``reconstructions.png``. Distribution distances between the held-out
+originals and their reconstructions: ``fd_vgg16`` always (offline VGG16 features; video: ``fd_vgg16_frames``,
+per frame), and for images rFID as ``fid`` with ``kid``/``kid_std`` and the reconstructions'
+``inception_score`` when the user names the Inception file (``--fid-weights`` or ``$TOKGEN_FID_WEIGHTS``).
+Features are computed batch by batch; only they are kept.
 """
 from __future__ import annotations
 
@@ -18,8 +23,11 @@ from data import build_dataset, collate_samples
 from data.modalities import BITS_PER_VALUE
 from data.pictures import save_comparison
 from harness.devices import add_device_arguments, autocast, resolve_device, resolve_dtype
-from harness.output import add_output_arguments, emit
-from stage1_tokenizer.metrics import batch_metrics
+from harness.output import add_output_arguments, emit, log
+from stage1_tokenizer.fidelity import (FID_WEIGHTS_ENV, InceptionFeatures, PairedFeatures, VGGFeatures,
+                                       check_fid_weights, fid_weights_hint, fid_weights_path)
+from stage1_tokenizer.audio_metrics import VISQOL_MISSING, bitrate_kbps, visqol_available
+from stage1_tokenizer.metrics import LPIPS_MIN_SIZE, MetricMeans, batch_metrics
 from stage1_tokenizer.perceptual import PerceptualLoss
 from stage1_tokenizer.quantizer import CodebookStats
 from stage1_tokenizer.registry import add_held_out_arguments, held_out_report, load_tokenizer, training_data
@@ -33,23 +41,51 @@ def _try_lpips():
         return None
 
 
+def _try_vgg():
+    try:
+        return VGGFeatures.from_shared_weights()
+    except Exception as err:  # reported, not fatal: the offline distance needs the shared backbone
+        warnings.warn(f"FD-VGG16 not computed: {err}")
+        return None
+
+
+def _distances(modality: str, n: int, fd_vgg16: bool, fid_weights: Path | None, device) -> PairedFeatures | None:
+    """What gathers the distribution distances' features, or None (audio, fewer than 2 items, nothing asked)."""
+    if modality not in ("image", "video") or n < 2:
+        return None
+    vgg = _try_vgg() if fd_vgg16 else None
+    inception = InceptionFeatures(fid_weights) if fid_weights is not None and modality == "image" else None
+    if vgg is None and inception is None:
+        return None
+    return PairedFeatures(modality, vgg.to(device) if vgg is not None else None,
+                          inception.to(device) if inception is not None else None)
+
+
 @torch.no_grad()
 def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = None, lpips: bool = True,
-             preview_path: Path | None = None, quiet: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+             preview_path: Path | None = None, quiet: bool = False, dtype: torch.dtype = torch.float32,
+             fd_vgg16: bool = False, fid_weights: Path | None = None, visqol: bool = False,
+             distance_items: int | None = None) -> dict:
     """Metrics over a whole held-out dataset (codebook usage needs all of it).
 
-    image: psnr_db, ssim, lpips (when the backbone is available); video: per-frame psnr_db and ssim;
-    audio: snr_db and mel_distance (dB); all: mse, codebook usage and perplexity (per level).
+    image: psnr_db, ssim, lpips (when the backbone is available), fd_vgg16, and fid (rFID), kid, kid_std,
+    inception_score(_std) with ``fid_weights`` (the checked Inception file); video: per-frame psnr_db, ssim and
+    lpips, fd_vgg16_frames on per-frame features; audio: snr_db, mel_distance (dB), si_sdr_db, stoi,
+    mel_distance_multiscale, visqol_mos (opt-in) and bitrate_kbps; all: mse, codebook usage and perplexity (per
+    level); ``unscored_items`` counts the items a metric could not score (clips too short for STOI/ViSQOL). The distances compare the originals with their reconstructions (>= 2 items).
+    ``fd_vgg16`` is opt-in here (the command turns it on): ~0.4 s an item on one CPU core, twice per item;
+    ``distance_items`` gives the distances only the first that many items (recorded as ``distance_items``).
     """
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
     modality, sample_rate = tokenizer.modality, tokenizer.sample_rate
     stats = [CodebookStats(k) for k in tokenizer.codebook_sizes]
-    perceptual = _try_lpips() if lpips and modality == "image" else None
+    perceptual = _try_lpips() if lpips and modality in ("image", "video") else None
     perceptual = perceptual.to(device) if perceptual is not None else None
-    sums: dict[str, float] = {}
+    means = MetricMeans()
     count, preview, input_shape = 0, None, None
     n = len(dataset) if max_items is None else min(max_items, len(dataset))
+    distances = _distances(modality, n, fd_vgg16, fid_weights, device)
     for start in tqdm(range(0, n, batch_size), desc="evaluate", disable=quiet):
         batch = collate_samples([dataset[i] for i in range(start, min(n, start + batch_size))])
         x = batch["x"].to(device)
@@ -59,14 +95,23 @@ def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = N
             recon = tokenizer.decode_clamped(codes).float()
         for s, c in zip(stats, codes):
             s.update(c)
-        for key, value in batch_metrics(x, recon, modality, sample_rate, perceptual).items():
-            sums[key] = sums.get(key, 0.0) + value
+        means.update(batch_metrics(x, recon, modality, sample_rate, perceptual, visqol and modality == "audio"))
+        room = x.shape[0] if distance_items is None else max(0, distance_items - count)
+        if distances is not None and room > 0:
+            distances.update(x[:room].float(), recon[:room])
         if preview is None:
             preview = (x[:16].cpu(), recon[:16].cpu())
         count += x.shape[0]
     if count == 0:
         raise ValueError("the evaluation dataset is empty")
-    metrics = {k: v / count for k, v in sums.items()}
+    if perceptual is not None and "lpips" not in means.sums:
+        warnings.warn(f"LPIPS not computed: it needs items of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}, "
+                      f"got {input_shape[-2]}x{input_shape[-1]}")
+    metrics = means.means()
+    if means.unscored(count):
+        metrics["unscored_items"] = means.unscored(count)
+    if distances is not None:
+        metrics.update(distances.metrics(), distance_items=min(count, distance_items or count))
     if modality == "audio":
         metrics["sample_rate"] = sample_rate
     metrics.update(_code_metrics(tokenizer, stats, input_shape), num_samples=count)
@@ -89,15 +134,21 @@ def _code_metrics(tokenizer, stats: list[CodebookStats], input_shape) -> dict:
     }
     if len(stats) > 1:
         out["codebook_usage_per_level"] = [s.usage for s in stats]
+    if tokenizer.modality == "audio":  # what audio codecs are compared at
+        out["bitrate_kbps"] = bitrate_kbps(tokenizer.codebook_sizes, shapes, input_shape[-1], tokenizer.sample_rate)
     return out
 
 
 def summary_line(metrics: dict) -> str:
     """One line of what the evaluation found."""
-    quality = (f"{metrics['snr_db']:.2f} dB SNR, mel distance {metrics['mel_distance']:.2f} dB" if "snr_db" in metrics
+    quality = (f"{metrics['snr_db']:.2f} dB SNR, SI-SDR {metrics['si_sdr_db']:.2f} dB, STOI {metrics.get('stoi', float('nan')):.3f}, "
+               f"mel distance {metrics['mel_distance']:.2f} dB at {metrics['bitrate_kbps']:.2f} kbps" if "snr_db" in metrics
                else f"{metrics['psnr_db']:.2f} dB PSNR, SSIM {metrics['ssim']:.3f}"
                + (f", LPIPS {metrics['lpips']:.3f}" if "lpips" in metrics else ""))
-    return f"{metrics['num_samples']} held-out items: {quality}, codebook usage {metrics['codebook_usage']:.2f}"
+    distances = "".join(f", {name} {metrics[key]:.{digits}f}" for key, name, digits in
+                        (("fd_vgg16", "FD-VGG16", 2), ("fd_vgg16_frames", "FD-VGG16 (frames)", 2), ("fid", "rFID", 2), ("kid", "KID", 4)) if key in metrics)
+    return (f"{metrics['num_samples']} held-out items: {quality}{distances}, "
+            f"codebook usage {metrics['codebook_usage']:.2f}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,6 +159,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="evaluate at most this many held-out items")
     p.add_argument("--size", type=int, help="input size (default: the training size from the run config)")
     p.add_argument("--no-lpips", action="store_true", help="do not compute LPIPS")
+    p.add_argument("--no-fd-vgg16", action="store_true",
+                   help="do not compute the offline Frechet distance on VGG16 features (about 0.4 s an item on "
+                        "one CPU core)")
+    p.add_argument("--visqol", action="store_true",
+                   help="audio: also ViSQOL MOS-LQO (speech mode; about 0.35 s a clip; clips of at least 0.64 s; "
+                        "needs `pip install tokgen[visqol]`) (default: off)")
+    p.add_argument("--fid-weights", type=Path,
+                   help=f"the standard FID Inception file (torch-fidelity's weights-inception-2015-12-05-"
+                        f"6726825d.pth, checked by sha256) for rFID, KID and IS on images (default: "
+                        f"${FID_WEIGHTS_ENV}; without either, no FID)")
     add_held_out_arguments(p)
     add_device_arguments(p)
     add_output_arguments(p)
@@ -118,6 +179,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(prog="tokgen evaluate-tokenizer")
         add_arguments(parser)
         args = parser.parse_args(argv)
+    fid_weights = fid_weights_path(args.fid_weights)
+    if args.visqol and not visqol_available():
+        raise ValueError(VISQOL_MISSING)
+    if fid_weights is not None:
+        check_fid_weights(fid_weights)  # a wrong file stops here, before the evaluation's minutes
     tokenizer, device = load_tokenizer(args.model), resolve_device(args.device)
     tokenizer.to(device)
     source, options = training_data(args.model, args.size).held_out(args.data, "eval", args.eval_fraction,
@@ -125,8 +191,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     dataset = build_dataset(source, modality=tokenizer.modality, split="eval", channels=tokenizer.config.in_channels,
                             sample_rate=tokenizer.sample_rate, **options)
     args.out.mkdir(parents=True, exist_ok=True)
+    if fid_weights is None and tokenizer.modality == "image":
+        log.info(fid_weights_hint())
     metrics = evaluate(tokenizer, dataset, args.batch_size, args.limit, not args.no_lpips,
-                       args.out / "reconstructions.png", quiet=args.quiet, dtype=resolve_dtype(args.dtype))
+                       args.out / "reconstructions.png", quiet=args.quiet, dtype=resolve_dtype(args.dtype),
+                       fd_vgg16=not args.no_fd_vgg16, fid_weights=fid_weights, visqol=args.visqol)
     metrics["held_out"] = held_out_report(source, options, dataset)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     emit(args, summary_line(metrics) + f"; wrote {args.out / 'metrics.json'}", metrics)

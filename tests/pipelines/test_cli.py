@@ -377,12 +377,13 @@ def test_train_prior_errors(tokens_dir, tmp_path, capsys, train_prior):
 
 
 # ---- tokgen demo ---------------------------------------------------------------------------------------
-def test_demo_smoke(tmp_path, capsys):
+def test_demo_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("stage1_tokenizer.fidelity.FEATURE_SIZE", 32)  # VGG16 features 16x cheaper, same code path
     out = tmp_path / "demo"
     assert tokgen("demo", "--out", out, "--tokenizer-steps", 5, "--prior-steps", 5, "--samples-per-class", 1) == 0
     # the preset samples with classifier-free guidance, and the suggested command says so
     assert "--guidance 2.0 --out more_samples" in capsys.readouterr().out
-    for name in ("samples.png", "reconstructions.png", "samples_vs_real.png"):
+    for name in ("samples.png", "reconstructions.png", "samples_vs_real.png", "closest_pairs.png"):
         assert (out / name).stat().st_size > 0, name
     samples = np.load(out / "samples.npy")
     assert samples.shape == (10, 1, 32, 32) and samples.min() >= 0 and samples.max() <= 1
@@ -392,6 +393,10 @@ def test_demo_smoke(tmp_path, capsys):
                          ("prior", "bits_per_dim"), ("sampling", "tokens_per_s"), ("timing", "total_s")]:
         assert isinstance(metrics[section][key], (int, float)), (section, key)
     assert metrics["sampling"]["guidance"] == 2.0 and metrics["sampling"]["temperature"] == 1.0
+    assert metrics["tokenizer"]["fd_vgg16"] > 0 and metrics["tokenizer"]["lpips"] > 0
+    measured = metrics["sampling"]  # what `tokgen evaluate-samples` reports, on the demo's samples
+    assert measured["distance_to_real"]["fd_vgg16"] > 0 and measured["distance_to_real"]["num_held_out"] == 10
+    assert measured["memorization"]["num_train_compared"] == 500 and 0 <= measured["diversity"]["lpips_samples"]
     judged = metrics["sampling"]["judge"]  # a classifier trained on real digits labels the samples
     assert 0 <= judged["sample_accuracy"] <= 1 and judged["real_accuracy"] > 0.5 and judged["num_samples"] == 10
     pipe = TokgenPipeline.from_pretrained(out / "pipeline")

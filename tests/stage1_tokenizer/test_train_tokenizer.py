@@ -193,8 +193,9 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path, caplog):
 def test_evaluate_tokenizer(reference_run, tmp_path):
     out = tmp_path / "eval"
     metrics = evaluate.main([str(reference_run), "--data", "digits", "--out", str(out), "--limit", "48",
-                             "--batch-size", "16", "--no-lpips"])
+                             "--batch-size", "16", "--no-lpips", "--no-fd-vgg16"])
     saved = json.loads((out / "metrics.json").read_text())
+    assert "fd_vgg16" not in saved and "lpips" not in saved  # both skipped when asked (tests/stage1_tokenizer/test_fidelity.py)
     assert saved == json.loads(json.dumps(metrics))
     for key in ("psnr_db", "codebook_usage", "perplexity", "ssim", "mse"):
         assert key in saved, key

@@ -28,6 +28,7 @@ from stage1_tokenizer import train as tok_train
 from stage1_tokenizer.evaluate import evaluate
 from stage1_tokenizer.export import export_tokens
 from stage1_tokenizer.metrics import psnr
+from stage1_tokenizer.perceptual import find_backbone
 from stage1_tokenizer.registry import load_tokenizer
 from stage2_prior import train as prior_train
 from stage2_prior.sampling import SamplingOptions
@@ -186,6 +187,10 @@ def _measure_samples(spec: DemoSpec, cfg, pipe: TokgenPipeline, samples: torch.T
     """What ``tokgen evaluate-samples`` measures, on the demo's samples and data (benchmarks/PROTOCOL.md): distance to
     as many held-out items as there are samples, diversity, memorization against ``spec.nearest_train_items``
     training items; ``closest_pairs.png``. (The judge ran before, on every held-out item.)"""
+    if pipe.modality != "audio" and find_backbone("vgg") is None:  # a demo still finishes, as without LPIPS
+        log.warning("samples not measured: the offline VGG16 backbone (vgg16_features.safetensors) is not in "
+                    "$TOKGEN_WEIGHTS or shared/weights (see `tokgen evaluate-samples`)")
+        return {}
     sized = replace(cfg, size=spec.sample_size or spec.export_size or cfg.size)  # the items the pipeline makes
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # training datasets crop at random: the same items every run
@@ -275,10 +280,10 @@ def summary(metrics: dict, out: Path) -> str:
         j = s["judge"]
         extra.append(f"  judge:     a classifier trained on real data labels {j['sample_accuracy']:.0%} of the samples as the "
                      f"class asked for ({j['real_accuracy']:.0%} of held-out real items)")
-    d, m = s["distance_to_real"], s["memorization"]
+    d, m = s.get("distance_to_real"), s.get("memorization")
     key = quality.DISTANCE_KEYS[metrics["modality"]]
-    extra.append(f"  samples:   {key} {d[key]:.2f} to held-out items (training items: {d[key + '_train_vs_held_out']:.2f}), "
-                 f"possible copies of a training item {m['possible_copies']:.0%}")
+    extra += [] if d is None else [f"  samples:   {key} {d[key]:.2f} to held-out items (training items: {d[key + '_train_vs_held_out']:.2f}), "
+                 f"possible copies of a training item {m['possible_copies']:.0%}"]
     recon = (f"{t['snr_db']:.2f} dB SNR, STOI {t.get('stoi', float('nan')):.2f}, {t['bitrate_kbps']:.1f} kbps" if "snr_db" in t
              else f"{t['psnr_db']:.2f} dB PSNR")
     return "\n".join([

@@ -8,8 +8,11 @@ import torch
 
 from pipelines import evaluate_samples as ES
 from pipelines.cli import main
+from stage1_tokenizer.perceptual import find_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+needs_vgg = pytest.mark.skipif(find_backbone("vgg") is None or find_backbone("alex") is None,
+                               reason="the shared VGG16/AlexNet backbones are not here")
 
 FAST = ["--num-train", "20", "--num-real", "10", "--pairs", "20", "--judge-steps", "5", "--closest", "4",
         "--device", "cpu"]
@@ -33,6 +36,7 @@ def pipes(tmp_path_factory, tiny) -> dict:
     return out
 
 
+@needs_vgg
 def test_cli_writes_metrics_and_pictures(pipes, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate-samples", str(pipes["cond"]), "--data", "digits", "--num", "10", "--out", str(out),
@@ -60,6 +64,7 @@ def test_cli_writes_metrics_and_pictures(pipes, tmp_path, capsys):
     assert (out / "codes.npz").is_file() and (out / "labels.npy").is_file()
 
 
+@needs_vgg
 def test_unconditional_pipeline_has_no_judge(pipes, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate-samples", str(pipes["uncond"]), "--data", "digits", "--num", "4", "--out", str(out),
@@ -118,6 +123,7 @@ def test_bad_input_is_one_clear_line(pipes, tmp_path, capsys, extra, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+@needs_vgg
 def test_video_features_and_lpips_per_frame():
     from stage1_tokenizer.perceptual import PerceptualLoss
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 
 log = logging.getLogger("tokgen")
 
@@ -56,3 +57,20 @@ def events_to_stderr(quiet: bool = False):
         log.removeHandler(handler)
         log.setLevel(level)
         log.propagate = propagate
+
+
+class Stages:
+    """Times each stage of a long command and logs a header as it starts, so the run reads as a sequence of steps.
+
+    ``times``: stage name (spaces as underscores) + "_s" -> seconds; ``header`` formats the logged line."""
+
+    def __init__(self, header: str = "== {} =="):
+        self.header = header
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        log.info(self.header.format(name))
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[name.replace(" ", "_") + "_s"] = round(time.perf_counter() - started, 2)
+        return result

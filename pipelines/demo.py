@@ -19,7 +19,7 @@ from data.files import center_crop_to_multiple
 from data.modalities import DEFAULT_SAMPLE_RATE, value_range
 from data.pictures import save_comparison, save_image_grid
 from harness.config import config_from_dict, preset
-from harness.output import add_output_arguments, emit, log
+from harness.output import Stages, add_output_arguments, emit, log
 from pipelines import evaluate_samples as quality
 from pipelines.judge import judge
 from pipelines.pipeline import TokgenPipeline
@@ -80,20 +80,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="seeds every stage: the same seed gives the same demo")
     add_output_arguments(p)
-
-
-class Stages:
-    """Times each stage and logs a header so a long run reads as a sequence of steps."""
-
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    def run(self, name: str, fn, *args, **kwargs):
-        log.info(f"== {name} ==")
-        started = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.times[name.replace(" ", "_") + "_s"] = round(time.perf_counter() - started, 2)
-        return result
 
 
 def _tokenizer_stage(args, spec: DemoSpec, stages: Stages):
@@ -199,9 +185,7 @@ def _measure_samples(spec: DemoSpec, cfg, pipe: TokgenPipeline, samples: torch.T
     space = quality.FeatureSpace.for_pipeline(pipe)
     feats = [space(x) for x in (samples, held_out.x, train.x)]
     mem = quality.memorization(feats[0], feats[2], feats[1])
-    order = mem.closest(16)
-    save_comparison(samples[order].float(), train.x[mem.index[order]], out / "closest_pairs.png",
-                    modality=pipe.modality, sample_rate=pipe.tokenizer.sample_rate)
+    quality.save_closest_pairs(pipe, out, samples, train, mem, 16)
     return {"distance_to_real": quality.distance_to_real(pipe.modality, *feats),
             "diversity": quality.diversity(samples, held_out.x, (feats[0], feats[1]), codes, pipe.modality, 1000,
                                            seed, pipe.device),

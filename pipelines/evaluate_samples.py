@@ -37,7 +37,7 @@ from data.common import iterate_items
 from data.modalities import DEFAULT_EVAL_FRACTION, held_out_source, value_range
 from data.pictures import save_comparison
 from harness.devices import add_device_arguments
-from harness.output import add_output_arguments, emit, log
+from harness.output import Stages, add_output_arguments, emit
 from pipelines.evaluate import dataset_options
 from pipelines.judge import judge
 from pipelines.pipeline import TokgenPipeline
@@ -367,29 +367,21 @@ def write_pictures(pipe: TokgenPipeline, out: Path, samples: torch.Tensor, codes
     n = len(samples)
     per_class = n // pipe.num_classes if pipe.num_classes and n % pipe.num_classes == 0 else 0
     write_outputs(pipe, out, codes, labels, samples, nrow=per_class if 1 < per_class <= 20 else min(10, n))
-    order = mem.closest(k)
-    save_comparison(samples[order].float(), train.x[mem.index[order]], out / "closest_pairs.png",
-                    modality=pipe.modality, sample_rate=pipe.tokenizer.sample_rate)
+    save_closest_pairs(pipe, out, samples, train, mem, k)
     return sorted(p.name for p in out.glob("*.png"))
 
 
-class Stages:
-    """Seconds per stage, logged as each starts (a run on CPU takes minutes)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def run(self, name: str, fn, *args, **kwargs):
-        log.info(f"evaluate-samples: {name}")
-        started = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.seconds[name.replace(" ", "_")] = round(time.perf_counter() - started, 2)
-        return result
+def save_closest_pairs(pipe: TokgenPipeline, out: Path, samples: torch.Tensor, train: RealItems, mem: Memorization,
+                       k: int) -> None:
+    """``closest_pairs.png``: the k samples (N, C, *S) nearest to a training item, closest first, each above it."""
+    order = mem.closest(k)
+    save_comparison(samples[order].float(), train.x[mem.index[order]], out / "closest_pairs.png",
+                    modality=pipe.modality, sample_rate=pipe.tokenizer.sample_rate)
 
 
 def evaluate_samples(pipe: TokgenPipeline, args: argparse.Namespace) -> dict:
     """Sample, measure against ``--data``'s real items, write the pictures; the metrics (see the module doc)."""
-    stages, started = Stages(), time.perf_counter()
+    stages, started = Stages("evaluate-samples: {}"), time.perf_counter()
     held_out, train, train_set = stages.run("read real items", load_real, pipe, args)
     labels = sample_labels(pipe, args.num)
     options = SamplingOptions(temperature=args.temperature, guidance=args.guidance)
@@ -412,7 +404,7 @@ def evaluate_samples(pipe: TokgenPipeline, args: argparse.Namespace) -> dict:
     metrics["memorization"] = {**mem.to_dict(len(train.x), args.closest), "num_train_cap": args.num_train}
     metrics["pictures"] = stages.run("pictures", write_pictures, pipe, args.out, samples, codes, labels, train, mem,
                                      args.closest)
-    metrics["seconds"] = {**stages.seconds, "total": round(time.perf_counter() - started, 2)}
+    metrics["seconds"] = {**stages.times, "total_s": round(time.perf_counter() - started, 2)}
     return metrics
 
 

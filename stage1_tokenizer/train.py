@@ -87,6 +87,14 @@ def default_preset(data: str | None) -> dict:
     return preset("tokenizer-digits" if data in (None, "digits") else "tokenizer-image")
 
 
+def for_arch(base: dict, arch: str) -> dict:
+    """``base`` as the start of a config for ``arch``: another architecture starts from its own model fields."""
+    if arch == base.get("arch", "vqvae"):
+        return base
+    dropped = {"model", "level_dropout_steps"}  # the model's fields, and what only a hierarchy anneals
+    return {key: value for key, value in base.items() if key not in dropped}
+
+
 FLAGS = ("data", *loop.TRAINING_FLAGS, "lpips_weight", "stft_weight", "bad_input", "eval_fraction", "eval_data")
 
 
@@ -100,7 +108,8 @@ def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
     flags = loop.given_flags(args, FLAGS)
     base = default_preset(args.data)
     if args.config:
-        base = merge(base, load_config_file(args.config))
+        file = load_config_file(args.config)
+        base = merge(for_arch(base, file.get("arch", base.get("arch", "vqvae"))), file)
     if args.data and base.get("data") not in (None, args.data):
         base = {**base, "data_options": {}}  # reader options belong to the source they were written for
     return resolve(TokenizerTrainConfig, base, flags)

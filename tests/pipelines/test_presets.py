@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from harness.config import PRESET_DIR, preset
 from pipelines.demo import DEMOS
@@ -105,3 +106,21 @@ def test_every_prior_config_works_through_the_command_line(name, tmp_path):
     grid = [8] if cfg.arch == "wavenet" else [4, 4]
     manifest = {"levels": [{"grid_shape": grid, "codebook_size": 16}] * 2, "num_classes": 10}
     prior_classes(cfg.arch)[0](model_config(replace(cfg, level=1), manifest))  # a conditioned lower level too
+
+
+# The train step of rosinality/vq-vae-2-pytorch's default VQVAE on a 64x64 image, forward and backward, counted
+# with torch.utils.flop_counter by benchmarks/peer_vqvae.py (23.2 GFLOP for a batch of 16).
+PEER_TRAIN_GFLOP_PER_64PX_IMAGE = 23.2 / 16
+
+
+def test_the_default_image_preset_spends_no_more_compute_than_the_peer():
+    cfg = config_from_dict(TokenizerTrainConfig, preset("tokenizer-image"))
+    torch.manual_seed(0)
+    tokenizer = TOKENIZERS[cfg.arch][0](cfg.model_config)
+    x = torch.rand(2, 3, 64, 64)
+    with FlopCounterMode(display=False) as counter:
+        tokenizer(x).loss.backward()
+    per_image = counter.get_total_flops() / 2 / 1e9
+    assert per_image <= PEER_TRAIN_GFLOP_PER_64PX_IMAGE, per_image
+    codes = tokenizer.encode_levels(x)
+    assert [tuple(c.shape[1:]) for c in codes] == [(8, 8), (16, 16)]  # the peer's grids: 8x top, 4x bottom

@@ -44,9 +44,9 @@ def photo_folder(root: Path) -> Path:
 
 def test_a_folder_of_seven_photos_goes_through_the_chain_with_default_flags(tmp_path, capsys):
     photos = photo_folder(tmp_path / "photos")
-    run, tokens, prior, pipe = (tmp_path / n for n in ("run", "tokens", "prior", "pipe"))
+    run, tokens, top, bottom, pipe = (tmp_path / n for n in ("run", "tokens", "top", "bottom", "pipe"))
 
-    # default preset (tokenizer-image: batch 16 > 6 training photos), only fewer steps
+    # default preset (tokenizer-image: two levels, batch 16 > 6 training photos), only fewer steps
     assert tokgen("train-tokenizer", "--data", photos, "--out", run, "--max-steps", 3, "--quiet") == 0
     config = json.loads((run / "config.json").read_text())
     assert config["eval_fraction"] == 0.1 and config["batch_size"] == 16
@@ -67,8 +67,11 @@ def test_a_folder_of_seven_photos_goes_through_the_chain_with_default_flags(tmp_
     assert set(splits["eval"]["read_from"]["files"]) == held_files
     assert set(splits["train"]["read_from"]["files"]) == train_files
 
-    assert tokgen("train-prior", "--tokens", tokens, "--out", prior, "--max-steps", 2, "--quiet") == 0
-    assert tokgen("make-pipeline", "--tokenizer", run, "--priors", prior, "--out", pipe, "--quiet") == 0
+    levels = json.loads((tokens / "manifest.json").read_text())["levels"]
+    assert [level["grid_shape"] for level in levels] == [[8, 8], [16, 16]]  # top (8x) first, as for VQ-VAE-2
+    assert tokgen("train-prior", "--tokens", tokens, "--out", top, "--max-steps", 2, "--quiet") == 0
+    assert tokgen("train-prior", "--tokens", tokens, "--level", 1, "--out", bottom, "--max-steps", 2, "--quiet") == 0
+    assert tokgen("make-pipeline", "--tokenizer", run, "--priors", top, bottom, "--out", pipe, "--quiet") == 0
     assert json.loads((pipe / "pipeline.json").read_text())["class_names"] == ["beach", "forest"]
 
     photo = photos / "forest" / "photo0.png"  # 64x64: the priors' grid
@@ -78,7 +81,7 @@ def test_a_folder_of_seven_photos_goes_through_the_chain_with_default_flags(tmp_
     assert tokgen("decompress", pipe, packed, "--out", restored, "--codes-out", tmp_path / "back.npz",
                   "--quiet") == 0
     with np.load(tmp_path / "codes.npz") as encoded, np.load(tmp_path / "back.npz") as decoded:
-        assert np.array_equal(encoded["level_0"], decoded["level_0"])
+        assert all(np.array_equal(encoded[k], decoded[k]) for k in ("level_0", "level_1"))
     assert Image.open(restored).size == (64, 64)
     assert tokgen("compress", pipe, photo, "--out", tmp_path / "named.tkg", "--class", "forest", "--quiet") == 0
     assert tokgen("compress", pipe, photo, "--out", tmp_path / "bad.tkg", "--class", "desert", "--quiet") == 2

@@ -307,6 +307,24 @@ def test_data_options_are_dropped_when_data_names_another_source(tmp_path):
     assert other.data == "clips/" and other.data_options == {}  # max_digits would break a video folder reader
 
 
+def test_a_one_level_config_over_the_two_level_default_keeps_none_of_its_model_fields(tmp_path):
+    """A folder gets the hierarchical tokenizer-image preset; a config file for another arch replaces its model."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    default = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--data", "photos/"]))
+    assert default.arch == "hvqvae" and default.level_dropout_steps > 0
+    one_level = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--data", "photos/",
+                                                      "--config", "tokenizer-digits"]))
+    assert one_level.arch == "vqvae" and one_level.level_dropout_steps == 0
+    assert one_level.model == train.preset("tokenizer-digits")["model"]
+    wider = tmp_path / "wider.json"  # no arch: the default's, with its other model fields kept
+    wider.write_text('{"model": {"hidden": 96}}')
+    merged = train.parse_config(parser.parse_args(["--out", str(tmp_path), "--data", "photos/", "--config", str(wider)]))
+    assert merged.arch == "hvqvae" and merged.model["hidden"] == 96 and merged.model["patch"] == [4, 4]
+
+
 def test_a_compiled_model_trains_the_same_and_resumes(tmp_path, crash_after_checkpoint):
     """`"dynamo_backend"` compiles the model through Accelerate (torch.compile): the same weights as eager
     training, checkpoints without compile's name prefix, and exact resume. aot_eager keeps this test fast;

@@ -1,0 +1,449 @@
+"""tokgen's image tokenizer side by side with rosinality/vq-vae-2-pytorch (the VQ-VAE-2 most people run).
+
+``python -m benchmarks.peer_vqvae --peer PATH [--seconds 300] [--seeds 0,1] [--parts speed,quality,sampling]
+[--quick]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch (its ``vqvae.py`` and
+``pixelsnail.py`` are imported from there; nothing is vendored).
+
+Three parts (the tokenizer ones with tokgen figure from the shipped ``harness/presets/tokenizer-image.json`` (the preset a user's
+own folder gets, unless a row says otherwise):
+
+* speed (one process, one thread, interleaved rounds): images/s of the train step (forward, loss, backward,
+  optimizer step: tokgen's ``stage1_tokenizer.train.train_step``, the peer's MSE + 0.25 latent loss with
+  Adam as its ``train_vqvae.py``), of encode (input -> codes) and of decode (codes -> image), at 64 px (batch
+  16) and 256 px (batch 4); the FLOPs of each (``torch.utils.flop_counter``) and the achieved GFLOP/s against
+  this machine's measured one-thread fp32 peak (``peak_gflops``). Rows: the peer's default ``VQVAE``, tokgen's preset,
+  tokgen's earlier preset (the one this benchmark replaced) and a tokgen hierarchical model of the peer's
+  size with residual blocks at full resolution (what issue 19 measured first).
+* quality at equal wall-clock: the peer and tokgen train at the same time, one process and one thread each
+  (so both see the same machine load), on random 64x64 crops of the built-in training photos, for the same
+  number of seconds; then both reconstruct the held-out whole photos (coffee, chelsea; cropped to a multiple
+  of 8): PSNR, LPIPS (AlexNet, the shared offline backbone) and the share of each level's codes in use.
+  The two have the same code grids (4x and 8x downsampling, 512 codes per level).
+* sampling: a 32x32 top-level code map from the peer's PixelSNAIL through its ``sample.py`` loop against
+  tokgen's cached priors of about its size (``benchmarks/peer_sampling.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.tokenizer_step import ONE_LEVEL_CONFIG
+from benchmarks.common import ROOT, interleaved, machine_info, machine_line, median, table, \
+    write_result
+
+SPEED_CASES = [(64, 16), (256, 4)]
+PEER_SIZED = {  # the peer's size (2.09M parameters against 1.39M), residual blocks at full resolution
+    "arch": "hvqvae", "data": "photos", "lr": 0.0005, "warmup_steps": 100, "max_steps": 20000,
+    "model": {"modality": "image", "in_channels": 3, "channels": [64, 64], "hidden": 64, "num_res_blocks": 2,
+              "factors": [[4, 4], [2, 2]], "quantizer": {"codebook_size": 512, "dim": 64, "commitment_weight": 0.25,
+                                                         "ema": True, "decay": 0.99, "restart_threshold": 1.0}},
+}
+PEER_LR = 3e-4  # train_vqvae.py's default
+PEER_LATENT_WEIGHT = 0.25  # train_vqvae.py's latent_loss_weight
+
+
+# ---- the two models ---------------------------------------------------------------------------
+def add_peer_path(path: str) -> None:
+    """Put the peer's checkout first on ``sys.path`` (its modules import each other by their bare names)."""
+    root = Path(path).resolve()
+    if not (root / "vqvae.py").is_file() or not (root / "pixelsnail.py").is_file():
+        raise SystemExit(f"--peer {path}: no vqvae.py/pixelsnail.py there; give a checkout of "
+                         "rosinality/vq-vae-2-pytorch")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+def import_peer(path: str):
+    """The peer's ``VQVAE`` class from its checkout (``vqvae.py`` imports its own ``distributed`` package)."""
+    add_peer_path(path)
+    from vqvae import VQVAE  # noqa: E402  (the peer's module, found on the path just added)
+
+    return VQVAE
+
+
+def tokgen_config(values: dict, size: int, batch: int):
+    """A whole training config (``{}``: the shipped preset) at this size and batch."""
+    from harness.config import config_from_dict, preset
+    from stage1_tokenizer.train import TokenizerTrainConfig
+
+    merged = {**(values or preset("tokenizer-image")), "size": size, "batch_size": batch, "image_every": 0}
+    return config_from_dict(TokenizerTrainConfig, merged)
+
+
+class TokgenSide:
+    """A tokgen tokenizer as its trainer builds and steps it."""
+
+    def __init__(self, values: dict, size: int, batch: int, run_dir: Path):
+        from harness import loop
+        from stage1_tokenizer.train import build
+
+        self.cfg = tokgen_config(values, size, batch)
+        self.accelerator = loop.make_accelerator(run_dir, "no", 1, log_with="none")
+        self.state = build(self.cfg, self.accelerator)
+        self.model = self.accelerator.unwrap_model(self.state.model)
+        self.guard = loop.BadStepGuard(self.cfg.max_bad_steps)
+
+    def train_step(self, x) -> None:
+        from stage1_tokenizer.train import train_step
+
+        if train_step(self.state, {"x": x}, self.accelerator, self.guard) is None:
+            raise RuntimeError("tokgen's step was skipped (non-finite loss)")
+
+    def encode(self, x) -> list:
+        return self.model.encode_levels(x)
+
+    def decode(self, codes):
+        return self.model.decode_levels(codes).clamp(0, 1)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def eval(self):
+        self.model.eval()
+
+
+class PeerSide:
+    """The peer's ``VQVAE`` with its training recipe; takes and gives images in [0, 1] like tokgen."""
+
+    def __init__(self, vqvae_class):
+        import torch
+
+        self.model = vqvae_class()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=PEER_LR)
+
+    def train_step(self, x) -> None:
+        import torch.nn.functional as F
+
+        x = x * 2 - 1  # the peer trains on images normalised to [-1, 1]
+        self.optimizer.zero_grad()
+        recon, latent_loss = self.model(x)
+        loss = F.mse_loss(recon, x) + PEER_LATENT_WEIGHT * latent_loss.mean()
+        loss.backward()
+        self.optimizer.step()
+
+    def encode(self, x) -> list:
+        _, _, _, top, bottom = self.model.encode(x * 2 - 1)
+        return [top, bottom]
+
+    def decode(self, codes):
+        return ((self.model.decode_code(*codes) + 1) / 2).clamp(0, 1)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def eval(self):
+        self.model.eval()
+
+
+# ---- speed ------------------------------------------------------------------------------------
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _best_gflops(fn, flops: float, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return flops / median(times) / 1e9
+
+
+def peak_gflops() -> dict:
+    """This machine's fp32 throughput on the current thread count: a 1536x1536 matmul (torch.mm) and a
+    256-channel 3x3 conv on 32x32 maps (oneDNN), the larger of which is the peak a step is compared with
+    (on AMD CPUs the BLAS behind torch.mm can run well below what oneDNN's convs reach)."""
+    import torch
+
+    n = 1536
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    x, conv = torch.randn(8, 256, 32, 32), torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    with torch.no_grad():
+        mm = _best_gflops(lambda: a @ b, 2 * n**3)
+        cv = _best_gflops(lambda: conv(x), 2 * 8 * 256 * 256 * 9 * 32 * 32)
+    return {"matmul": mm, "conv3x3": cv, "peak": max(mm, cv)}
+
+
+def speed_contenders(peer_path: str, size: int, batch: int, tmp: Path) -> dict:
+    vqvae_class = import_peer(peer_path)
+    sides = {"rosinality VQVAE (default)": PeerSide(vqvae_class),
+             "tokgen tokenizer-image (shipped)": TokgenSide({}, size, batch, tmp / "a"),
+             "tokgen earlier tokenizer-image": TokgenSide(ONE_LEVEL_CONFIG, size, batch, tmp / "b"),
+             "tokgen peer-sized, full-resolution blocks": TokgenSide(PEER_SIZED, size, batch, tmp / "c")}
+    return sides
+
+
+def speed_worker(peer_path: str, size: int, batch: int, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, size, size)
+    with tempfile.TemporaryDirectory(prefix="tokgen-peer-") as tmp:
+        sides = speed_contenders(peer_path, size, batch, Path(tmp))
+        fns, flops, params = {}, {}, {}
+        for name, side in sides.items():
+            params[name] = sum(p.numel() for p in side.parameters())
+            with torch.no_grad():
+                codes = side.encode(x)
+            fns[f"{name}|train"] = lambda side=side: side.train_step(x)
+            fns[f"{name}|encode"] = lambda side=side: _no_grad(side.encode, x)
+            fns[f"{name}|decode"] = lambda side=side, codes=codes: _no_grad(side.decode, codes)
+            for key in ("train", "encode", "decode"):
+                flops[f"{name}|{key}"] = count_flops(fns[f"{name}|{key}"])
+        times = interleaved(fns, repeats=repeats, warmup=1)
+    return {"size": size, "batch": batch, "threads": 1, "parameters": params, "flops": flops, "seconds": times,
+            "peak_gflops": peak_gflops()}
+
+
+def _no_grad(fn, arg):
+    import torch
+
+    with torch.no_grad():
+        fn(arg)
+
+
+# ---- quality at equal wall-clock ---------------------------------------------------------------
+def held_out_photos():
+    """The held-out whole photos in [0, 1], each cropped to a multiple of 8 (both nets are convolutional)."""
+    from data.builtin import PHOTOS_EVAL, load_photo
+
+    photos = []
+    for name in PHOTOS_EVAL:
+        x = load_photo(name)
+        h, w = (s // 8 * 8 for s in x.shape[-2:])
+        photos.append((name, x[:, :h, :w].unsqueeze(0)))
+    return photos
+
+
+def score(side) -> dict:
+    import torch
+
+    from stage1_tokenizer.metrics import psnr
+    from stage1_tokenizer.perceptual import PerceptualLoss
+
+    side.eval()
+    lpips = PerceptualLoss()
+    rows, used = {}, None
+    with torch.no_grad():
+        for name, x in held_out_photos():
+            codes = side.encode(x)
+            recon = side.decode(codes)
+            rows[name] = {"psnr": float(psnr(recon, x).mean()), "lpips": float(lpips(recon, x).mean())}
+            seen = [set(c.flatten().tolist()) for c in codes]
+            used = seen if used is None else [a | b for a, b in zip(used, seen)]
+    n = len(rows)
+    return {"photos": rows, "psnr": sum(r["psnr"] for r in rows.values()) / n,
+            "lpips": sum(r["lpips"] for r in rows.values()) / n,
+            "codes_used_top_first": [len(u) / 512 for u in used]}
+
+
+def quality_worker(side_name: str, peer_path: str, seconds: float, seed: int, values: dict) -> dict:
+    import torch
+
+    from data import collate_samples
+    from data.builtin import PhotosDataset
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="tokgen-peer-") as tmp:
+        side = PeerSide(import_peer(peer_path)) if side_name == "peer" else TokgenSide(values, 64, 16, Path(tmp))
+        crops = PhotosDataset(split="train", size=64)
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            batch = collate_samples([crops[i] for i in range(16)])["x"]
+            side.train_step(batch)
+            steps += 1
+        trained_s = time.perf_counter() - t0
+        return {"side": side_name, "steps": steps, "seconds": trained_s, "seed": seed,
+                "parameters": sum(p.numel() for p in side.parameters()), **score(side)}
+
+
+def worker_process(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.peer_vqvae", "--worker", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def collect(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {proc.args} failed ({proc.returncode}):\n{err[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def side_by_side(peer_path: str, seconds: float, seed: int, values: dict) -> list[dict]:
+    """The peer and tokgen trained at the same time, one thread each."""
+    procs = [worker_process(["quality", side, peer_path, str(seconds), str(seed), json.dumps(values)])
+             for side in ("peer", "tokgen")]
+    return [collect(p) for p in procs]
+
+
+# ---- every shipped tokenizer preset ------------------------------------------------------------
+def preset_input(cfg):
+    """One input of the preset's training size: (1, C, L) audio, (1, C, T, H, W) video, (1, C, H, W) images."""
+    import torch
+
+    m = cfg.model_config
+    if m.modality == "audio":
+        return torch.rand(1, m.in_channels, cfg.size) * 2 - 1
+    if m.modality == "video":
+        return torch.rand(1, m.in_channels, cfg.frames, cfg.size, cfg.size)
+    return torch.rand(1, m.in_channels, cfg.size, cfg.size)
+
+
+def preset_flops() -> list[dict]:
+    """Train-step FLOPs (forward + backward of the loss) per input and per input value of every tokenizer preset."""
+    import torch
+
+    from harness.config import config_from_dict, preset, preset_names
+    from stage1_tokenizer.registry import TOKENIZERS
+    from stage1_tokenizer.train import TokenizerTrainConfig
+
+    rows = []
+    for name in (n for n in preset_names() if n.startswith("tokenizer-")):
+        cfg = config_from_dict(TokenizerTrainConfig, preset(name))
+        torch.manual_seed(0)
+        model = TOKENIZERS[cfg.arch][0](cfg.model_config)
+        x = preset_input(cfg).repeat_interleave(2, dim=0)
+        flops = count_flops(lambda: model(x).loss.backward()) / 2
+        rows.append({"preset": name, "modality": cfg.model_config.modality, "input": list(x.shape[1:]),
+                     "parameters": sum(p.numel() for p in model.parameters()), "train_flops": flops,
+                     "train_flops_per_value": flops / x[0].numel()})
+    return rows
+
+
+def presets_table(rows: list[dict], peer_per_value: float) -> str:
+    out = [[r["preset"], r["modality"], "x".join(map(str, r["input"])), f"{r['parameters'] / 1e6:.2f}M",
+            f"{r['train_flops'] / 1e9:.2f}", f"{r['train_flops_per_value'] / 1e3:.0f}",
+            f"{r['train_flops_per_value'] / peer_per_value:.2f}x"] for r in rows]
+    return (table(["preset", "modality", "input", "params", "train GFLOP per input", "kFLOP per input value",
+                   "vs peer per pixel value"], out)
+            + f"\n\nThe peer's default VQVAE: {peer_per_value / 1e3:.0f} kFLOP per input value (a 64x64x3 image).")
+
+
+# ---- tables -----------------------------------------------------------------------------------
+def speed_table(runs: list[dict]) -> str:
+    rows = []
+    for r in runs:
+        peer = "rosinality VQVAE (default)"
+        for name, params in r["parameters"].items():
+            row = [f"{r['size']} px, batch {r['batch']}", name, f"{params / 1e6:.2f}M"]
+            for key in ("train", "encode", "decode"):
+                s, ps = median(r["seconds"][f"{name}|{key}"]), median(r["seconds"][f"{peer}|{key}"])
+                gf = r["flops"][f"{name}|{key}"] / 1e9
+                row += [f"{r['batch'] / s:.2f}", f"{ps / s:.2f}x", f"{gf:.1f} ({gf * 1e9 / r['flops'][f'{peer}|{key}']:.2f}x)"]
+            train_gflops = r["flops"][f"{name}|train"] / median(r["seconds"][f"{name}|train"]) / 1e9
+            row.append(f"{train_gflops:.0f} ({100 * train_gflops / r['peak_gflops']['peak']:.0f}%)")
+            rows.append(row)
+    columns = ["input", "model", "params", "train img/s", "vs peer", "train GFLOP", "encode img/s", "vs peer",
+               "encode GFLOP", "decode img/s", "vs peer", "decode GFLOP", "train GFLOP/s (of peak)"]
+    peaks = "; ".join(f"{r['size']} px worker: matmul {r['peak_gflops']['matmul']:.0f}, 3x3 conv "
+                      f"{r['peak_gflops']['conv3x3']:.0f}" for r in runs)
+    return (table(columns, rows) + f"\n\nOne thread. GFLOP: per step of the batch (torch.utils.flop_counter; a "
+            f"multiply-add is 2). Peak, measured in the same workers (fp32 GFLOP/s): {peaks}.")
+
+
+def quality_table(pairs: list[list[dict]]) -> str:
+    rows = []
+    for pair in pairs:
+        for r in pair:
+            rows.append([r["seed"], "rosinality VQVAE" if r["side"] == "peer" else "tokgen tokenizer-image",
+                         f"{r['parameters'] / 1e6:.2f}M", r["steps"], f"{r['seconds']:.0f}",
+                         f"{r['psnr']:.2f}", f"{r['lpips']:.4f}",
+                         " / ".join(f"{u:.2f}" for u in r["codes_used_top_first"])])
+    return table(["seed", "model", "params", "steps", "train s", "held-out PSNR dB", "held-out LPIPS",
+                  "codes used (top / bottom)"], rows)
+
+
+PARTS = ("speed", "presets", "quality", "sampling")
+
+
+def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, cases: list[tuple[int, int]],
+            parts: tuple[str, ...] = PARTS) -> dict:
+    from benchmarks.peer_sampling import sampling_table
+
+    result, md = {"title": "Side by side with rosinality/vq-vae-2-pytorch", "train_seconds": seconds}, []
+    if "speed" in parts:
+        result["speed"] = [json.loads(_worker_json(["speed", peer_path, str(s), str(b), str(repeats)]))
+                           for s, b in cases]
+        md.append("### Speed\n\n" + speed_table(result["speed"]))
+    if "presets" in parts:
+        import torch
+
+        vqvae_class, x = import_peer(peer_path), torch.rand(2, 3, 64, 64)
+        peer = PeerSide(vqvae_class)
+        peer_per_value = count_flops(lambda: peer.train_step(x)) / x.numel()
+        result["presets"] = {"rows": preset_flops(), "peer_train_flops_per_value": peer_per_value}
+        md.append("### FLOPs of every shipped tokenizer preset\n\n" + presets_table(result["presets"]["rows"],
+                                                                                   peer_per_value))
+    if "quality" in parts:
+        result["quality"] = [side_by_side(peer_path, seconds, seed, {}) for seed in seeds]
+        md.append("### Held-out quality at equal wall-clock\n\n" + quality_table(result["quality"]))
+    if "sampling" in parts:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.peer_sampling", "--worker", peer_path, "8",
+                               str(max(2, repeats // 2))], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the sampling worker failed:\n{proc.stderr[-4000:]}")
+        result["sampling"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        md.append("### Top-prior sampling, 32x32 codes\n\n" + sampling_table(result["sampling"]))
+    result["markdown"] = "\n\n".join(md)
+    return result
+
+
+def _worker_json(args: list[str]) -> str:
+    proc = worker_process(args)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed ({proc.returncode}):\n{err[-4000:]}")
+    return out.strip().splitlines()[-1]
+
+
+def worker_main(argv: list[str]) -> None:
+    kind, rest = argv[0], argv[1:]
+    if kind == "speed":
+        result = speed_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+    else:
+        result = quality_worker(rest[0], rest[1], float(rest[2]), int(rest[3]), json.loads(rest[4]))
+    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peer_vqvae", description=__doc__.split("\n")[0])
+    p.add_argument("--peer", required=True, help="a checkout of rosinality/vq-vae-2-pytorch")
+    p.add_argument("--seconds", type=float, default=300, help="training time of each side (default 300)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one side-by-side pair each")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--quick", action="store_true", help="smoke run: 20 s of training, 2 speed rounds at 64 px")
+    args = p.parse_args(argv)
+    seconds, repeats = (20.0, 2) if args.quick else (args.seconds, 5)
+    seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.quick else None]
+    info, t0 = machine_info(), time.perf_counter()
+    parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+    if set(parts) - set(PARTS):
+        p.error(f"--parts: choose from {', '.join(PARTS)}")
+    result = run_all(args.peer, seconds, seeds, repeats, SPEED_CASES[:1] if args.quick else SPEED_CASES, parts)
+    name = "peer_vqvae" + ("" if parts == PARTS else "." + "_".join(parts))
+    command = "python -m benchmarks.peer_vqvae " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = write_result(name + (".quick" if args.quick else ""), result, info, command,
+                        time.perf_counter() - t0)
+    print(f"# {result['title']}\n\n`{command}`\n\nMachine: {machine_line(info)}\n\n{result['markdown']}\n\n({path})")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2:])
+    else:
+        sys.exit(main())

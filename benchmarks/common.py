@@ -89,6 +89,40 @@ def interleaved(fns: dict[str, Callable[[], float | None]], repeats: int, warmup
     return times
 
 
+# ---- compute ------------------------------------------------------------------------------------
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _median_gflops(fn, flops: float, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return flops / median(times) / 1e9
+
+
+def peak_gflops() -> dict:
+    """This machine's fp32 throughput on the current thread count: a 1536x1536 matmul (torch.mm) and a
+    256-channel 3x3 conv on 32x32 maps (oneDNN), the larger of which is the peak a step is compared with
+    (on AMD CPUs the BLAS behind torch.mm can run well below what oneDNN's convs reach)."""
+    import torch
+
+    n = 1536
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    x, conv = torch.randn(8, 256, 32, 32), torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    with torch.no_grad():
+        mm = _median_gflops(lambda: a @ b, 2 * n**3)
+        cv = _median_gflops(lambda: conv(x), 2 * 8 * 256 * 256 * 9 * 32 * 32)
+    return {"matmul": mm, "conv3x3": cv, "peak": max(mm, cv)}
+
+
 # ---- memory -------------------------------------------------------------------------------------
 def rss_kib() -> int:
     """Current resident set size in KiB (VmRSS)."""

@@ -38,9 +38,10 @@ def tokgen_priors() -> dict:
     from stage2_prior.pixelcnn import GatedPixelCNNPrior, GatedPixelCNNPriorConfig
     from stage2_prior.transformer import TransformerPrior, TransformerPriorConfig
 
-    pixelcnn = GatedPixelCNNPriorConfig(grid_shape=GRID, vocab_size=VOCAB, channels=256, num_layers=20, kernel_size=5,
-                                        head_channels=512)
-    transformer = TransformerPriorConfig(grid_shape=GRID, vocab_size=VOCAB, dim=384, num_layers=8, num_heads=8)
+    # about the peer's 85M parameters
+    pixelcnn = GatedPixelCNNPriorConfig(grid_shape=GRID, vocab_size=VOCAB, channels=320, num_layers=20, kernel_size=5,
+                                        head_channels=640)
+    transformer = TransformerPriorConfig(grid_shape=GRID, vocab_size=VOCAB, dim=768, num_layers=12, num_heads=12)
     return {"tokgen gated PixelCNN (cached)": GatedPixelCNNPrior(pixelcnn).eval(),
             "tokgen transformer (KV cache)": TransformerPrior(transformer).eval()}
 

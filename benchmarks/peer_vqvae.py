@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from benchmarks.tokenizer_step import ONE_LEVEL_CONFIG
-from benchmarks.common import ROOT, interleaved, machine_info, machine_line, median, table, \
+from benchmarks.common import ROOT, count_flops, interleaved, peak_gflops, machine_info, machine_line, median, table, \
     write_result
 
 SPEED_CASES = [(64, 16), (256, 4)]
@@ -142,39 +142,6 @@ class PeerSide:
 
 
 # ---- speed ------------------------------------------------------------------------------------
-def count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
-def _best_gflops(fn, flops: float, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return flops / median(times) / 1e9
-
-
-def peak_gflops() -> dict:
-    """This machine's fp32 throughput on the current thread count: a 1536x1536 matmul (torch.mm) and a
-    256-channel 3x3 conv on 32x32 maps (oneDNN), the larger of which is the peak a step is compared with
-    (on AMD CPUs the BLAS behind torch.mm can run well below what oneDNN's convs reach)."""
-    import torch
-
-    n = 1536
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    x, conv = torch.randn(8, 256, 32, 32), torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
-    with torch.no_grad():
-        mm = _best_gflops(lambda: a @ b, 2 * n**3)
-        cv = _best_gflops(lambda: conv(x), 2 * 8 * 256 * 256 * 9 * 32 * 32)
-    return {"matmul": mm, "conv3x3": cv, "peak": max(mm, cv)}
-
-
 def speed_contenders(peer_path: str, size: int, batch: int, tmp: Path) -> dict:
     vqvae_class = import_peer(peer_path)
     sides = {"rosinality VQVAE (default)": PeerSide(vqvae_class),

@@ -7,18 +7,21 @@ for the 512-code image tokenizer) exports the built-in ``digits`` set with ``exp
 ``prior-default.json``: dim 256, 8 layers; both class-conditional on the 10 digit labels, batch 32,
 dropout 0.1) exactly as ``tokgen train-prior`` does, and ``stage2_prior.train.train_step`` (forward,
 cross-entropy, backward, clipping, AdamW, schedule) runs on a fixed batch. Steps of the two presets
-alternate (interleaved rounds); tokens/s = batch x 64 tokens / median step time.
+alternate (interleaved rounds); tokens/s = batch x 64 tokens / median step time. The FLOPs of a step
+(``torch.utils.flop_counter``) over its median time give the achieved GFLOP/s, set against this machine's
+measured peak (``benchmarks.common.peak_gflops``).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import interleaved, median, table
+from benchmarks.common import count_flops, interleaved, median, peak_gflops, table
 
 PRESETS = {"prior-digits": 128, "prior-default": 512}  # preset -> codebook size of the tokens
 
@@ -58,11 +61,14 @@ def run(quick: bool = False) -> dict:
             cfg = config_from_dict(PriorTrainConfig, values)
             state = build(cfg, accelerator)
             state.model.train()
-            batch = collate([state.train_set[i] for i in range(cfg.batch_size)])
+            # the token set streams (an IterableDataset since issue 15): the first batch of its order
+            batch = collate(list(itertools.islice(iter(state.train_set), cfg.batch_size)))
             guard = loop.BadStepGuard(cfg.max_bad_steps)
             states[name] = (state, batch)
             steps[name] = (lambda s=state, b=batch, g=guard: train_step(s, b, accelerator, g) and None)
         times = interleaved(steps, repeats=repeats, warmup=2)
+        flops = {name: count_flops(step) for name, step in steps.items()}
+        peak = peak_gflops()
         rows, data = [], []
         for name, (state, batch) in states.items():
             model = accelerator.unwrap_model(state.model)
@@ -70,15 +76,20 @@ def run(quick: bool = False) -> dict:
             tokens = batch["codes"][0].numel() * batch["codes"].shape[0]
             step = median(times[name])
             params = sum(p.numel() for p in model.parameters())
+            gflops = flops[name] / step / 1e9
             data.append({"preset": name, "dim": cfg.dim, "layers": cfg.num_layers, "heads": cfg.num_heads,
                          "vocab": cfg.vocab_size, "grid": list(cfg.grid_shape), "num_classes": cfg.num_classes,
                          "params": params, "batch": batch["codes"].shape[0], "tokens_per_step": tokens,
-                         "step_s": times[name], "median_step_s": step, "tokens_per_s": tokens / step})
+                         "step_s": times[name], "median_step_s": step, "tokens_per_s": tokens / step,
+                         "train_flops": flops[name], "achieved_gflops": gflops, "peak_gflops": peak})
             rows.append([name, f"{cfg.dim}/{cfg.num_layers}/{cfg.num_heads}", f"{params / 1e6:.2f}M",
                          f"{cfg.grid_shape[0]}x{cfg.grid_shape[1]}, {cfg.vocab_size}", batch["codes"].shape[0],
-                         repeats, f"{1000 * step:.0f}", f"{tokens / step:,.0f}"])
+                         repeats, f"{1000 * step:.0f}", f"{tokens / step:,.0f}", f"{flops[name] / 1e9:.1f}",
+                         f"{gflops:.0f} ({100 * gflops / peak['peak']:.0f}%)"])
     md = table(["preset", "dim/layers/heads", "params", "grid, vocab", "batch", "timed steps", "median step ms",
-                "tokens/s"], rows)
+                "tokens/s", "GFLOP per step", "GFLOP/s (of peak)"], rows)
+    md += (f"\n\nFLOPs: one step under torch.utils.flop_counter. Peak (fp32, this process's threads): matmul "
+           f"{peak['matmul']:.0f}, 3x3 conv {peak['conv3x3']:.0f} GFLOP/s; the larger is the reference.")
     return {"title": "Prior training throughput (CPU)", "markdown": md, "presets": data, "quick": quick}
 
 

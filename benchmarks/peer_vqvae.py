@@ -12,7 +12,7 @@ own folder gets, unless a row says otherwise):
   Adam as its ``train_vqvae.py``), of encode (input -> codes) and of decode (codes -> image), at 64 px (batch
   16) and 256 px (batch 4); the FLOPs of each (``torch.utils.flop_counter``) and the achieved GFLOP/s against
   this machine's measured one-thread fp32 peak (``peak_gflops``). Rows: the peer's default ``VQVAE``, tokgen's preset,
-  tokgen's earlier preset (the one this benchmark replaced) and a tokgen hierarchical model of the peer's
+  tokgen's earlier preset (the one the shipped preset replaced) and a tokgen hierarchical model of the peer's
   size with residual blocks at full resolution (what issue 19 measured first).
 * quality at equal wall-clock: the peer and tokgen train at the same time, one process and one thread each
   (so both see the same machine load), on random 64x64 crops of the built-in training photos, for the same

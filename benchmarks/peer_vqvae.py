@@ -4,8 +4,8 @@
 [--quick]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch (its ``vqvae.py`` and
 ``pixelsnail.py`` are imported from there; nothing is vendored).
 
-Three parts (the tokenizer ones with tokgen figure from the shipped ``harness/presets/tokenizer-image.json`` (the preset a user's
-own folder gets, unless a row says otherwise):
+Four parts; every tokgen figure of the first three comes from the shipped ``harness/presets/tokenizer-image.json``
+(the preset a user's own folder gets) unless a row says otherwise:
 
 * speed (one process, one thread, interleaved rounds): images/s of the train step (forward, loss, backward,
   optimizer step: tokgen's ``stage1_tokenizer.train.train_step``, the peer's MSE + 0.25 latent loss with
@@ -14,6 +14,8 @@ own folder gets, unless a row says otherwise):
   this machine's measured one-thread fp32 peak (``peak_gflops``). Rows: the peer's default ``VQVAE``, tokgen's preset,
   tokgen's earlier preset (the one the shipped preset replaced) and a tokgen hierarchical model of the peer's
   size with residual blocks at full resolution (what issue 19 measured first).
+* presets: the train-step FLOPs per input (and per input value) of every shipped tokenizer preset, against the
+  peer's per value of a 64x64x3 image.
 * quality at equal wall-clock: the peer and tokgen train at the same time, one process and one thread each
   (so both see the same machine load), on random 64x64 crops of the built-in training photos, for the same
   number of seconds; then both reconstruct the held-out whole photos (coffee, chelsea; cropped to a multiple
@@ -34,8 +36,8 @@ import time
 from pathlib import Path
 
 from benchmarks.tokenizer_step import ONE_LEVEL_CONFIG
-from benchmarks.common import ROOT, count_flops, interleaved, peak_gflops, machine_info, machine_line, median, table, \
-    write_result
+from benchmarks.common import ROOT, count_flops, interleaved, machine_info, machine_line, median, peak_gflops, \
+    run_worker, table, write_result
 
 SPEED_CASES = [(64, 16), (256, 4)]
 PEER_SIZED = {  # the peer's size (2.09M parameters against 1.39M), residual blocks at full resolution
@@ -296,8 +298,16 @@ def presets_table(rows: list[dict], peer_per_value: float) -> str:
             f"{r['train_flops'] / 1e9:.2f}", f"{r['train_flops_per_value'] / 1e3:.0f}",
             f"{r['train_flops_per_value'] / peer_per_value:.2f}x"] for r in rows]
     return (table(["preset", "modality", "input", "params", "train GFLOP per input", "kFLOP per input value",
-                   "vs peer per pixel value"], out)
+                   "vs peer per value"], out)
             + f"\n\nThe peer's default VQVAE: {peer_per_value / 1e3:.0f} kFLOP per input value (a 64x64x3 image).")
+
+
+def presets_part(peer_path: str) -> dict:
+    import torch
+
+    peer, x = PeerSide(import_peer(peer_path)), torch.rand(2, 3, 64, 64)
+    peer_per_value = count_flops(lambda: peer.train_step(x)) / x.numel()
+    return {"rows": preset_flops(), "peer_train_flops_per_value": peer_per_value}
 
 
 # ---- tables -----------------------------------------------------------------------------------
@@ -343,38 +353,22 @@ def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, case
 
     result, md = {"title": "Side by side with rosinality/vq-vae-2-pytorch", "train_seconds": seconds}, []
     if "speed" in parts:
-        result["speed"] = [json.loads(_worker_json(["speed", peer_path, str(s), str(b), str(repeats)]))
+        result["speed"] = [run_worker("benchmarks.peer_vqvae", ["speed", peer_path, str(s), str(b), str(repeats)])
                            for s, b in cases]
         md.append("### Speed\n\n" + speed_table(result["speed"]))
     if "presets" in parts:
-        import torch
-
-        vqvae_class, x = import_peer(peer_path), torch.rand(2, 3, 64, 64)
-        peer = PeerSide(vqvae_class)
-        peer_per_value = count_flops(lambda: peer.train_step(x)) / x.numel()
-        result["presets"] = {"rows": preset_flops(), "peer_train_flops_per_value": peer_per_value}
-        md.append("### FLOPs of every shipped tokenizer preset\n\n" + presets_table(result["presets"]["rows"],
-                                                                                   peer_per_value))
+        result["presets"] = presets_part(peer_path)
+        md.append("### FLOPs of every shipped tokenizer preset\n\n" + presets_table(
+            result["presets"]["rows"], result["presets"]["peer_train_flops_per_value"]))
     if "quality" in parts:
         result["quality"] = [side_by_side(peer_path, seconds, seed, {}) for seed in seeds]
         md.append("### Held-out quality at equal wall-clock\n\n" + quality_table(result["quality"]))
     if "sampling" in parts:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.peer_sampling", "--worker", peer_path, "8",
-                               str(max(2, repeats // 2))], cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the sampling worker failed:\n{proc.stderr[-4000:]}")
-        result["sampling"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["sampling"] = run_worker("benchmarks.peer_sampling", [peer_path, "8", str(max(2, repeats // 2))],
+                                        timeout=7200)
         md.append("### Top-prior sampling, 32x32 codes\n\n" + sampling_table(result["sampling"]))
     result["markdown"] = "\n\n".join(md)
     return result
-
-
-def _worker_json(args: list[str]) -> str:
-    proc = worker_process(args)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {args} failed ({proc.returncode}):\n{err[-4000:]}")
-    return out.strip().splitlines()[-1]
 
 
 def worker_main(argv: list[str]) -> None:

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of a folder's files (a shard set's samples) held out, by a stable hash of the path, "
                         f"as export-tokens splits them (default: {DEFAULT_EVAL_FRACTION}; 0 = score every file)")
     p.add_argument("--eval-data", help="a separate held-out source to score instead of --data's held-out part")
+    p.add_argument("--data-options", type=data_options, default={},
+                   help="the reader options the tokenizer was trained with, as the run config's \"data_options\" "
+                        "(JSON; e.g. '{\"max_digits\": 1}' for the moving-digits demo; default: none)")
     add_device_arguments(p)
     p.add_argument("--compress", type=int, default=0, metavar="N",
                    help="also compress the first N samples, check the round trip and report real sizes")
@@ -168,6 +171,17 @@ def _compress_check(pipe, sized, x, codes, labels, n: int) -> list[dict]:
     return out
 
 
+def data_options(text: str) -> dict:
+    """``--data-options``: a JSON object of reader options."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of reader options, got {text!r}")
+    return value
+
+
 def dataset_options(pipe: TokgenPipeline, split: str = "eval", size: int | None = None) -> dict:
     """``build_dataset`` keywords giving inputs of the pipeline's shape (``size`` overrides the side/length)."""
     shape = tuple(pipe.input_shape)
@@ -185,7 +199,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         args = parser.parse_args(argv)
     pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device, dtype=args.dtype)
     source, fraction = held_out_source(args.data, args.split, args.eval_fraction, args.eval_data)
-    dataset = build_dataset(source, **dataset_options(pipe, args.split, args.size), eval_fraction=fraction)
+    reader = args.data_options if source == args.data else {}  # they belong to --data's reader
+    dataset = build_dataset(source, **dataset_options(pipe, args.split, args.size), eval_fraction=fraction, **reader)
     metrics = evaluate_pipeline(pipe, dataset, args.batch_size, args.limit, args.compress)
     metrics = {"pipeline": str(args.pipeline), "fingerprint": pipe.fingerprint(), "data": args.data,
                "split": args.split, **metrics}

@@ -38,7 +38,7 @@ from data.modalities import DEFAULT_EVAL_FRACTION, held_out_source, value_range
 from data.pictures import save_comparison
 from harness.devices import add_device_arguments
 from harness.output import Stages, add_output_arguments, emit
-from pipelines.evaluate import dataset_options
+from pipelines.evaluate import data_options, dataset_options
 from pipelines.judge import judge
 from pipelines.pipeline import TokgenPipeline
 from pipelines.sample import generate, write_outputs
@@ -90,17 +90,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(JSON; e.g. '{\"max_digits\": 1}' for the moving-digits demo; default: none)")
     add_device_arguments(p)
     add_output_arguments(p)
-
-
-def data_options(text: str) -> dict:
-    """``--data-options``: a JSON object of reader options."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"a JSON object of reader options, got {text!r}")
-    return value
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -308,6 +308,11 @@ def test_evaluate_prior_writes_metrics(pipes, tmp_path):
     # class-conditional pipeline on unlabelled data: a clear error
     with pytest.raises(ValueError, match="unlabelled"):
         evaluate_main(["--data", str(data), "--out", str(out), "--device", "cpu", str(pipes["cond"])])
+    # --data-options reach --data's reader (an option the folder reader lacks is refused by name), not --eval-data's
+    base = ["--out", str(out), "--device", "cpu", "--data-options", '{"no_such_option": 1}', str(pipes["uncond"])]
+    with pytest.raises(TypeError, match="no_such_option"):
+        evaluate_main(["--data", str(data), "--eval-fraction", "0", *base])
+    assert evaluate_main(["--data", "digits", "--eval-data", str(data), *base])["num_samples"] == 7
 
 
 @pytest.mark.slow

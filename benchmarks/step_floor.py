@@ -21,7 +21,7 @@ step. The floor of one step is
 The ops a step runs are counted with a ``TorchDispatchMode`` (views, slices and other aliasing ops are not
 counted: they launch no kernel). The gap between a step and its floor then splits into the dispatch of the
 ops beyond those it needs (``excess ops x per-op cost``) and the rest: kernels running below bandwidth or
-peak (GEMMs with 8 rows pack their weights on every call).
+peak (8-row GEMMs through ``F.linear``, a row convolution below the peak), and Python time per op.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 
 For the PixelCNN and WaveNet of ``benchmarks.conv_sampling`` and the transformer of ``benchmarks.sampling``
 (random weights: the work does not depend on the values), ``prior.step`` runs over the whole grid with fixed
-codes fed back (the sampler's own draw is left out), repeats interleaved; the table gives the median time per
-step. The floor of one step is
+codes fed back (the sampler's own draw is left out), ``--repeats`` grids back to back (the first warms up);
+the table gives the median time per step. The floor of one step is
 
     max(bytes it must read / copy bandwidth, FLOPs / peak FLOP/s) + ops it needs x per-op dispatch cost
 
@@ -118,13 +118,13 @@ def measure(prior, step_bytes, batch: int, repeats: int, machine: dict) -> dict:
         with OpCounter() as counter:
             run_grid(prior, codes)
         flops = count_flops(lambda: run_grid(prior, codes)) / n
-    step = median(times) / n
-    bytes_s = step_bytes(prior, batch) / machine["bandwidth"]
+    step, nbytes = median(times) / n, step_bytes(prior, batch)
+    bytes_s = nbytes / machine["bandwidth"]
     compute_s = flops / (machine["peak_gflops"] * 1e9)
     ops_run, ops_needed = counter.total / n, needed_ops(prior)
     floor = max(bytes_s, compute_s) + ops_needed * machine["dispatch"]
     return {"tokens": n, "batch": batch, "step_s_median": step, "step_s_all": [t / n for t in times],
-            "bytes_per_step": step_bytes(prior, batch), "flops_per_step": flops, "bytes_floor_s": bytes_s,
+            "bytes_per_step": nbytes, "flops_per_step": flops, "bytes_floor_s": bytes_s,
             "compute_floor_s": compute_s, "ops_run_per_step": ops_run, "ops_needed_per_step": ops_needed,
             "ops_by_name_per_step": {k: v / n for k, v in sorted(counter.ops.items(), key=lambda kv: -kv[1])},
             "floor_s": floor, "step_over_floor": step / floor,

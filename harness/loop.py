@@ -221,7 +221,8 @@ class BadStepGuard:
 def optimizer_step(accelerator, model, optimizer, scheduler, loss: torch.Tensor, guard: BadStepGuard,
                    grad_clip: float) -> bool:
     """Inside ``accelerator.accumulate``: backward; at accumulation boundaries skip the step (False) when a loss
-    was not finite, else clip, step, advance the schedule once per optimizer step, and clear the gradients."""
+    was not finite, else clip, step, advance the schedule (when there is one) once per optimizer step, and clear
+    the gradients."""
     guard.observe(loss)
     accelerator.backward(loss)
     if not accelerator.sync_gradients:
@@ -232,7 +233,8 @@ def optimizer_step(accelerator, model, optimizer, scheduler, loss: torch.Tensor,
     if grad_clip > 0:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return True
 

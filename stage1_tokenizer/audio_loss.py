@@ -1,16 +1,22 @@
-"""Spectral losses for audio tokenizers: multi-resolution STFT loss and a log-mel distance.
+"""Spectral losses for audio tokenizers: multi-resolution STFT loss, DAC's multi-scale mel loss, a log-mel distance.
 
-Both take waveforms (B, 1, T) or (B, T) in [-1, 1] and always compute in fp32, also under autocast
+All take waveforms (B, 1, T) or (B, T) in [-1, 1] and always compute in fp32, also under autocast
 (half-precision FFTs lose the quiet bins and overflow on the loud ones).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torchaudio
 from torch import nn
 
 from data.spectrogram import fft_size_for, log_mel_spectrogram, waves_2d
 
 _EPS = 1e-7
+# (window = FFT size, mel bands): DAC's MelSpectrogramLoss (Kumar et al. 2023), hop = window // 4
+MEL_SCALES = ((32, 5), (64, 10), (128, 20), (256, 40), (512, 80), (1024, 160), (2048, 320))
+MEL_CLAMP = 1e-5  # DAC's floor on the mel magnitude before log10: -100 dB, below a 16-bit file's noise
 
 
 def stft_magnitude(x: torch.Tensor, fft_size: int, hop: int, window: torch.Tensor) -> torch.Tensor:
@@ -72,3 +78,43 @@ def mel_distance(x: torch.Tensor, y: torch.Tensor, sample_rate: int, n_mels: int
     mx = log_mel_spectrogram(x, sample_rate, n_mels)
     my = log_mel_spectrogram(y, sample_rate, n_mels)
     return (mx - my).abs().flatten(1).mean(1)
+
+
+@functools.lru_cache(maxsize=32)
+def _mel_magnitude(sample_rate: int, window: int, n_mels: int) -> torchaudio.transforms.MelSpectrogram:
+    # librosa's (and so DAC's) Slaney mel scale and area normalisation, on the magnitude (power 1)
+    return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=window, win_length=window,
+                                                hop_length=window // 4, f_min=0.0, f_max=sample_rate / 2,
+                                                n_mels=n_mels, power=1.0, center=True, pad_mode="reflect",
+                                                norm="slaney", mel_scale="slaney")
+
+
+def multiscale_mel_per_item(input: torch.Tensor, target: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Mean absolute difference of log10 mel magnitudes, averaged over the scales of ``MEL_SCALES`` whose window
+    fits the clip: (B,) fp32, differentiable. DAC's mel loss sums its 7 scales; this averages them (x7 to compare).
+    Zero for identical clips."""
+    with torch.autocast(device_type=input.device.type, enabled=False):
+        x, y = waves_2d(input).float(), waves_2d(target).float()
+        if x.shape != y.shape:
+            raise ValueError(f"input {tuple(x.shape)} and target {tuple(y.shape)} differ")
+        scales = [(w, m) for w, m in MEL_SCALES if w <= x.shape[-1]]
+        if not scales:
+            raise ValueError(f"clips of {x.shape[-1]} samples are shorter than the smallest mel window "
+                             f"({MEL_SCALES[0][0]})")
+        total = x.new_zeros(x.shape[0])
+        for window, n_mels in scales:
+            mel = _mel_magnitude(int(sample_rate), window, n_mels).to(x.device)
+            mx, my = mel(x).clamp_min(MEL_CLAMP).log10(), mel(y).clamp_min(MEL_CLAMP).log10()
+            total = total + (mx - my).abs().flatten(1).mean(1)
+        return total / len(scales)
+
+
+class MultiScaleMelLoss(nn.Module):
+    """DAC's multi-scale mel loss (``multiscale_mel_per_item``), the batch mean: a scalar."""
+
+    def __init__(self, sample_rate: int):
+        super().__init__()
+        self.sample_rate = int(sample_rate)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return multiscale_mel_per_item(input, target, self.sample_rate).mean()

@@ -20,6 +20,7 @@ import torch
 import torchaudio
 
 from data.spectrogram import waves_2d
+from stage1_tokenizer.audio_loss import multiscale_mel_per_item
 from stage1_tokenizer.fidelity import audio_features, frechet_distance
 
 try:  # the optional extra `pip install tokgen[visqol]`
@@ -35,9 +36,6 @@ VISQOL_MIN_SAMPLES = 10240
 # pystoi's sentinel for "fewer than 30 frames after removing the silent ones" (30 frames of 25.6 ms at
 # 10 kHz, hop 12.8 ms: about 0.4 s of non-silent speech)
 _STOI_TOO_SHORT = 1e-5
-# (window = FFT size, mel bands): DAC's MelSpectrogramLoss (Kumar et al. 2023), hop = window // 4
-MEL_SCALES = ((32, 5), (64, 10), (128, 20), (256, 40), (512, 80), (1024, 160), (2048, 320))
-MEL_CLAMP = 1e-5  # DAC's floor on the mel magnitude before log10: -100 dB, below a 16-bit file's noise
 
 
 def visqol_available() -> bool:
@@ -87,35 +85,17 @@ def stoi(reference: torch.Tensor, estimate: torch.Tensor, sample_rate: int, exte
     return torch.tensor(out, dtype=torch.float64)
 
 
-@functools.lru_cache(maxsize=32)
-def _mel_magnitude(sample_rate: int, window: int, n_mels: int) -> torchaudio.transforms.MelSpectrogram:
-    # librosa's (and so DAC's) Slaney mel scale and area normalisation, on the magnitude (power 1)
-    return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=window, win_length=window,
-                                                hop_length=window // 4, f_min=0.0, f_max=sample_rate / 2,
-                                                n_mels=n_mels, power=1.0, center=True, pad_mode="reflect",
-                                                norm="slaney", mel_scale="slaney")
-
-
 def multiscale_mel_distance(reference: torch.Tensor, estimate: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """Mean absolute difference of log10 mel magnitudes, averaged over the scales of ``MEL_SCALES``: (B,) float64.
 
     DAC's mel distance: windows 32..2048 with 5..320 mel bands (Slaney), hop = window // 4, Hann window,
     magnitude clamped at 1e-5 before log10, L1 averaged over bands and frames. DAC's loss *sums* its 7 scales;
     this averages them (x7 to compare), over the scales whose window fits the clip. Units: log10 magnitude
-    (x20 for dB). Zero for identical clips. Computed in fp32 on the inputs' device, also under autocast.
+    (x20 for dB). Zero for identical clips. Computed in fp32 on the inputs' device, also under autocast: the
+    training loss ``audio_loss.MultiScaleMelLoss`` is the same function.
     """
-    with torch.autocast(device_type=reference.device.type, enabled=False):
-        x, y = _pair(reference, estimate)
-        scales = [(w, m) for w, m in MEL_SCALES if w <= x.shape[-1]]
-        if not scales:
-            raise ValueError(f"clips of {x.shape[-1]} samples are shorter than the smallest mel window "
-                             f"({MEL_SCALES[0][0]})")
-        total = x.new_zeros(x.shape[0])
-        for window, n_mels in scales:
-            mel = _mel_magnitude(int(sample_rate), window, n_mels).to(x.device)
-            mx, my = mel(x).clamp_min(MEL_CLAMP).log10(), mel(y).clamp_min(MEL_CLAMP).log10()
-            total = total + (mx - my).abs().flatten(1).mean(1)
-        return (total / len(scales)).double().cpu()
+    x, y = _pair(reference, estimate)
+    return multiscale_mel_per_item(x, y, sample_rate).double().cpu()
 
 
 @functools.lru_cache(maxsize=1)

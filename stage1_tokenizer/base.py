@@ -129,6 +129,11 @@ class Tokenizer(PretrainedMixin, nn.Module):
             if c.dim() != self.dims + 1:
                 raise ValueError(f"expected codes (B, {', '.join('*' * self.dims)}), got shape {tuple(c.shape)}")
 
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight of the decoder's last convolution: where the adversarial weight balances the gradients."""
+        return self.decoder.last_layer
+
     # ---- the code contract -----------------------------------------------------------------------
     def encode_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (B, C, *S) -> one code grid (B, *grid) long per level, top first."""

@@ -22,7 +22,7 @@ def channels_last(module: nn.Module, dims: int) -> nn.Module:
     return module.to(memory_format=torch.channels_last_3d) if dims == 3 else module
 
 
-def _as_conv_input(x: torch.Tensor) -> torch.Tensor:
+def as_conv_input(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
 
 
@@ -128,7 +128,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.patch:
             x = space_to_depth(x, self.patch)
-        return self.net(_as_conv_input(x)).contiguous()
+        return self.net(as_conv_input(x)).contiguous()
 
 
 class Decoder(nn.Module):
@@ -151,8 +151,13 @@ class Decoder(nn.Module):
         layers += [norm(widths[-1]), nn.SiLU(), CONV[dims](widths[-1], out_channels, 3, padding=1)]
         self.net = channels_last(nn.Sequential(*layers), dims)
 
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The last convolution's weight (the adaptive GAN weight's gradients are taken there)."""
+        return self.net[-1].weight
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.net(_as_conv_input(z))
+        x = self.net(as_conv_input(z))
         return (depth_to_space(x, self.patch) if self.patch else x).contiguous()
 
 

@@ -25,8 +25,12 @@ from harness import loop
 from harness.config import config_from_dict, load_config_file, merge, preset, resolve
 from harness.output import emit
 from harness.schedule import warmup_cosine
-from stage1_tokenizer.audio_loss import MultiResolutionSTFTLoss
+from stage1_tokenizer.adversarial import (AdversarialConfig, Adversary, CollapseWatch, build_adversary,
+                                          check_adversary_in_sync, discriminator_config, discriminator_terms,
+                                          generator_terms)
+from stage1_tokenizer.audio_loss import MultiResolutionSTFTLoss, MultiScaleMelLoss
 from stage1_tokenizer.base import TokenizerConfig
+from stage1_tokenizer.metrics import per_frame
 from stage1_tokenizer.perceptual import PerceptualLoss
 from stage1_tokenizer.quantizer import VectorQuantizer, check_codebooks_in_sync
 from stage1_tokenizer.registry import TOKENIZERS, tokenizer_classes
@@ -46,8 +50,11 @@ class TokenizerTrainConfig(loop.TrainingConfig):
     eval_data: str | None = None
     size: int = 32  # crop size (images), clip length in samples (audio), frame side (video)
     frames: int = 16  # video: frames per clip
-    lpips_weight: float = 0.0  # images: LPIPS perceptual term
+    lpips_weight: float = 0.0  # images and video (per frame): LPIPS perceptual term
     stft_weight: float = 0.0  # audio: multi-resolution STFT term
+    mel_weight: float = 0.0  # audio: DAC's multi-scale mel term
+    # a discriminator (PatchGAN for images and video, multi-period + STFT for audio): off unless its weight is set
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     image_every: int = 250
     bad_input: str = "skip"  # skip (and report) | fail
     # hvqvae: the model's level_dropout decays linearly to 0 over this many optimizer steps, so the upper
@@ -60,6 +67,11 @@ class TokenizerTrainConfig(loop.TrainingConfig):
         if self.level_dropout_steps and self.arch != "hvqvae":
             raise ValueError("level_dropout_steps anneals a hierarchical tokenizer's level_dropout: use arch hvqvae")
         check_eval_fraction(self.eval_fraction)
+        modality = self.model_config.modality
+        if self.mel_weight > 0 and modality != "audio":
+            raise ValueError(f"mel_weight applies to audio, not to {modality}")
+        if self.adversarial.enabled:
+            discriminator_config(self.adversarial, modality, self.model_config.in_channels)  # errors now, not later
 
     @property
     def model_config(self) -> TokenizerConfig:
@@ -71,10 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="built-in name (digits, photos, spoken-digits, moving-digits), a folder of images, "
                                   "audio or videos, or .tar shards (default: the config's; digits)")
     loop.add_training_arguments(p, {name: preset(name) for name in ("tokenizer-digits", "tokenizer-image")})
-    p.add_argument("--lpips-weight", type=float, help="images: weight of the LPIPS perceptual loss (default: the "
-                                                      "config's; 0)")
+    p.add_argument("--lpips-weight", type=float,
+                   help="images and video (per frame): weight of the LPIPS perceptual loss (default: the config's; 0)")
     p.add_argument("--stft-weight", type=float, help="audio: weight of the multi-resolution STFT loss (default: the "
                                                      "config's; 0)")
+    p.add_argument("--mel-weight", type=float, help="audio: weight of the multi-scale mel loss (default: the "
+                                                    "config's; 0)")
     p.add_argument("--eval-fraction", type=float,
                    help="share of a folder's files (a shard set's samples) held out for evaluation, by a stable hash "
                         f"of the path (default: the config's, else {DEFAULT_EVAL_FRACTION}; 0 = none)")
@@ -95,7 +109,8 @@ def for_arch(base: dict, arch: str) -> dict:
     return {key: value for key, value in base.items() if key not in dropped}
 
 
-FLAGS = ("data", *loop.TRAINING_FLAGS, "lpips_weight", "stft_weight", "bad_input", "eval_fraction", "eval_data")
+FLAGS = ("data", *loop.TRAINING_FLAGS, "lpips_weight", "stft_weight", "mel_weight", "bad_input", "eval_fraction",
+         "eval_data")
 
 
 def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
@@ -123,8 +138,16 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     perceptual: torch.nn.Module | None  # LPIPS (images) or multi-resolution STFT (audio)
+    mel: torch.nn.Module | None  # audio: multi-scale mel loss
     dataset: torch.utils.data.Dataset
     preview: torch.Tensor  # (N, C, *S) fixed held-out inputs for pictures
+    adversary: torch.nn.Module | None = None  # the discriminator (prepared), when adversarial.weight > 0
+    disc_optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def models(self) -> tuple[torch.nn.Module, ...]:
+        """What ``accelerator.accumulate`` syncs: the tokenizer and the discriminator."""
+        return (self.model,) if self.adversary is None else (self.model, self.adversary)
 
 
 def build_dataset(cfg: TokenizerTrainConfig, split: str, process_index: int = 0, num_processes: int = 1):
@@ -142,12 +165,13 @@ def build_dataset(cfg: TokenizerTrainConfig, split: str, process_index: int = 0,
 def _perceptual(cfg: TokenizerTrainConfig, device) -> torch.nn.Module | None:
     """The modality's perceptual loss, when its weight is set: LPIPS for images, STFT for audio."""
     modality = cfg.model_config.modality
-    if cfg.lpips_weight > 0 and modality == "image":
+    if cfg.lpips_weight > 0 and modality in ("image", "video"):
         return PerceptualLoss().to(device)
     if cfg.stft_weight > 0 and modality == "audio":
         return MultiResolutionSTFTLoss().to(device)
-    if (cfg.lpips_weight > 0 and modality != "image") or (cfg.stft_weight > 0 and modality != "audio"):
-        raise ValueError(f"lpips_weight applies to images and stft_weight to audio, not to {modality}")
+    if (cfg.lpips_weight > 0 and modality == "audio") or (cfg.stft_weight > 0 and modality != "audio"):
+        raise ValueError(f"lpips_weight applies to images and video (per frame) and stft_weight to audio, not to "
+                         f"{modality}")
     return None
 
 
@@ -163,39 +187,96 @@ def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
     perceptual = _perceptual(cfg, accelerator.device)
     dataset = build_dataset(cfg, "train", accelerator.process_index, accelerator.num_processes)
     preview = collate_samples(list(itertools.islice(iterate_items(build_dataset(cfg, "eval")), 16)))["x"]
+    mel = MultiScaleMelLoss(model.sample_rate).to(accelerator.device) if cfg.mel_weight > 0 else None
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    return TrainState(cfg, model, optimizer, scheduler, perceptual, dataset, preview)
+    state = TrainState(cfg, model, optimizer, scheduler, perceptual, mel, dataset, preview)
+    if cfg.adversarial.enabled:
+        state.adversary, state.disc_optimizer = _build_adversary(cfg, accelerator)
+    return state
+
+
+def _build_adversary(cfg: TokenizerTrainConfig, accelerator) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The discriminator and its optimizer (constant learning rate, as taming), prepared after the tokenizer's."""
+    m, adv = cfg.model_config, cfg.adversarial
+    adversary = build_adversary(adv, m.modality, m.in_channels, cfg.seed)
+    optimizer = torch.optim.Adam(adversary.parameters(), lr=adv.lr or cfg.lr, betas=adv.betas)
+    return accelerator.prepare(adversary, optimizer)
 
 
 # ---- train ------------------------------------------------------------------------------------
-def train_step(state: TrainState, batch: dict, accelerator, guard: loop.BadStepGuard) -> dict | None:
-    """One micro-batch: forward, loss, backward, and (at accumulation boundaries) an optimizer step.
+def train_step(state: TrainState, batch: dict, accelerator, guard: loop.BadStepGuard,
+               disc_guard: loop.BadStepGuard | None = None) -> dict | None:
+    """One micro-batch: forward, loss, backward, and (at accumulation boundaries) an optimizer step; then, with a
+    discriminator past its start step, the discriminator's step on the same real and reconstructed inputs.
 
     Returns the logged values, or None when the step was skipped for a non-finite loss.
     """
     x = batch["x"].to(accelerator.device)
+    step = state.scheduler.scheduler.last_epoch  # optimizer steps done
     kwargs = {}
     if state.cfg.arch == "hvqvae":
-        kwargs["level_dropout"] = level_dropout_at(state.cfg, state.scheduler.scheduler.last_epoch)
-    with accelerator.accumulate(state.model):
+        kwargs["level_dropout"] = level_dropout_at(state.cfg, step)
+    with accelerator.accumulate(*state.models):
         with accelerator.autocast():
             out = state.model(x, **kwargs)
-            loss = out.loss
-            perceptual = None
-            if state.perceptual is not None:
-                perceptual = state.perceptual(out.recon, x).mean()
-                loss = loss + (state.cfg.lpips_weight or state.cfg.stft_weight) * perceptual
+            terms = reconstruction_terms(state, out, x)
+            weighted = sum(weight * value for weight, value in terms.values())
+            loss = out.loss + weighted
+            nll = out.recon_loss + weighted  # what the adaptive weight balances the GAN term against
+            gan = None
+            if state.adversary is not None:
+                gan = generator_terms(state.cfg.adversarial, accelerator.unwrap_model(state.adversary), x, out.recon,
+                                      nll, accelerator.unwrap_model(state.model).last_layer, step)
+                loss = loss if gan is None else loss + gan.loss
         if not loop.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
                                    state.cfg.grad_clip):
             return None
+        disc = discriminator_step(state, x, out.recon, step, accelerator, disc_guard)
     # tensors: the loop reads them (a host sync) only at logging steps
     logs = {"loss": loss.detach(), "recon_loss": out.recon_loss.detach(), "commitment_loss": out.commitment_loss.detach(),
             "codebook_loss": out.codebook_loss.detach(), "batch_perplexity": _lowest_level(out.perplexity).detach(),
             "lr": state.scheduler.get_last_lr()[0]}
-    if perceptual is not None:
-        logs["lpips" if state.cfg.lpips_weight else "stft_loss"] = perceptual.detach()
+    logs.update({name: value.detach() for name, (_, value) in terms.items()})
     if kwargs:
         logs["level_dropout"] = kwargs["level_dropout"]
+    return {**logs, **_adversarial_logs(gan, disc)}
+
+
+def reconstruction_terms(state: TrainState, out, x: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+    """{log name: (weight, value)} of the perceptual and spectral terms beside the reconstruction loss."""
+    cfg, terms = state.cfg, {}
+    if state.perceptual is not None:
+        name = "lpips" if cfg.lpips_weight else "stft_loss"
+        video = cfg.model_config.modality == "video"
+        value = per_frame(state.perceptual, out.recon, x) if video else state.perceptual(out.recon, x)
+        terms[name] = (cfg.lpips_weight or cfg.stft_weight, value.mean())
+    if state.mel is not None:
+        terms["mel_loss"] = (cfg.mel_weight, state.mel(out.recon, x))
+    return terms
+
+
+def discriminator_step(state: TrainState, x: torch.Tensor, recon: torch.Tensor, step: int, accelerator,
+                       guard: loop.BadStepGuard | None):
+    """The discriminator's loss on this micro-batch, backward, and its optimizer step at accumulation boundaries
+    (skipped, like the tokenizer's, when the loss was not finite). None before ``disc_start``."""
+    adv = state.cfg.adversarial
+    if state.adversary is None or step < adv.disc_start:
+        return None
+    with accelerator.autocast():
+        terms = discriminator_terms(adv, state.adversary, x, recon)
+    loop.optimizer_step(accelerator, state.adversary, state.disc_optimizer, None, terms.loss, guard, adv.grad_clip)
+    return terms
+
+
+def _adversarial_logs(gan, disc) -> dict:
+    logs = {}
+    if gan is not None:
+        logs.update(g_gan=gan.gan, gan_weight=gan.weight)
+        if gan.feature_matching is not None:
+            logs["feature_matching"] = gan.feature_matching
+    if disc is not None:
+        logs.update(d_loss=disc.loss.detach(), d_gan=disc.gan, logits_real=disc.logits_real,
+                    logits_fake=disc.logits_fake, lecam=disc.lecam)
     return logs
 
 
@@ -253,15 +334,33 @@ def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet:
         if cfg.image_every and step % cfg.image_every == 0 and accelerator.is_main_process:
             save_preview(state, accelerator, run_dir / "images" / f"recon_{step:08d}.png")
 
+    disc_guard = loop.BadStepGuard(cfg.max_bad_steps)
+    watch = CollapseWatch(cfg.adversarial.collapse_gap, cfg.adversarial.collapse_steps)
+
+    def extra_logs() -> dict:
+        logs = {"usage": active_codes(accelerator.unwrap_model(state.model))}
+        step = state.scheduler.scheduler.last_epoch
+        if state.adversary is not None and step > cfg.adversarial.disc_start:
+            logs["logit_gap"] = accelerator.unwrap_model(state.adversary).logit_gap
+            watch.check(step, logs["logit_gap"])
+        return logs
+
+    def sync_check() -> str:
+        message = check_codebooks_in_sync(accelerator, state.model)
+        if state.adversary is not None:
+            message += "; " + check_adversary_in_sync(accelerator, state.adversary)
+        return message
+
     def hooks(guard: loop.BadStepGuard) -> loop.LoopHooks:
         return loop.LoopHooks(
-            step=lambda batch: train_step(state, batch, accelerator, guard),
-            extra_logs=lambda: {"usage": active_codes(accelerator.unwrap_model(state.model))},
+            step=lambda batch: train_step(state, batch, accelerator, guard, disc_guard),
+            extra_logs=extra_logs,
             every_step=every_step,
-            sync_check=lambda: check_codebooks_in_sync(accelerator, state.model),
+            sync_check=sync_check,
         )
 
-    state.model.train()
+    for module in state.models:
+        module.train()
     loop.train_loop(accelerator, run_dir, cfg, state.dataset, collate_samples, hooks, resume=resume, quiet=quiet,
                     desc="train-tokenizer", bad_input=cfg.bad_input)
     model = accelerator.unwrap_model(state.model)

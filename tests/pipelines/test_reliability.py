@@ -150,6 +150,55 @@ def test_sigkill_and_resume_matches_uninterrupted_tiny(tmp_path):
                                             "4", "--seed", "0"], kill_at=4)
 
 
+# a PatchGAN from step 2, its term ramping in over 4 steps, adaptive weight and LeCam on: every part of the
+# discriminator's state (weights, Adam moments, running logit means) must come back for the weights to match
+TINY_GAN = {"weight": 0.5, "disc_start": 2, "ramp_steps": 4, "lecam_weight": 0.01,
+            "discriminator": {"channels": 8, "num_layers": 2}}
+
+
+def test_sigkill_and_resume_with_a_discriminator_matches_uninterrupted(tmp_path):
+    config = _tiny_config(tmp_path, adversarial=TINY_GAN)
+    _resume_equals_uninterrupted(tmp_path, ["--config", str(config), "--max-steps", "10", "--checkpoint-every",
+                                            "4", "--seed", "0"], kill_at=4)
+    # the discriminator in the last checkpoint too, and the model folder is the tokenizer's alone
+    disc = [load_file(str(run / "checkpoints" / "step_00000010" / "model_1.safetensors"))
+            for run in (tmp_path / "straight", tmp_path / "killed")]
+    assert disc[0].keys() == disc[1].keys() and any("ema_real" in k for k in disc[0])
+    for key in disc[0]:
+        assert torch.allclose(disc[0][key].double(), disc[1][key].double(), atol=1e-6, rtol=0), key
+    assert not any("discriminator" in key for key in _final_weights(tmp_path / "killed"))
+
+
+def test_two_process_gan_training_equals_one_process_at_the_same_global_batch(tmp_path):
+    """`accelerate launch` with 2 CPU processes and a discriminator: no hang, no unused-parameter error, the
+    discriminator's gradients and running means synchronised (checked at the checkpoint, logged), and the same
+    tokenizer and discriminator as one process at the same global batch. (A fixed GAN weight and no code restarts:
+    the adaptive weight and the restarts are computed from each rank's own half batch by design.)"""
+    gan = {**TINY_GAN, "adaptive_weight": False}
+    quantizer = {"codebook_size": 16, "dim": 8, "restart_threshold": 0.0}
+    common = {"max_steps": 6, "checkpoint_every": 6, "log_with": "none", "adversarial": gan}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    for name, launcher, batch in (("one", [sys.executable, "-m"], 8), ("two", launch, 4)):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = _tiny_config(folder, batch_size=batch, **common)
+        config.write_text(json.dumps({**json.loads(config.read_text()),
+                                      "model": {**json.loads(config.read_text())["model"], "quantizer": quantizer}}))
+        done = subprocess.run(launcher + ["pipelines.cli", "train-tokenizer", "--config", str(config), "--out",
+                                          str(folder / "run")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "discriminator in sync across 2 ranks" in done.stdout + done.stderr
+    for file in ("model.safetensors", "model_1.safetensors"):
+        one, two = (load_file(str(tmp_path / name / "run" / "checkpoints" / "step_00000006" / file))
+                    for name in ("one", "two"))
+        assert one.keys() == two.keys()
+        for key in one:
+            assert torch.allclose(one[key].double(), two[key].double(), atol=1e-5, rtol=1e-4), (file, key)
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted_digits_cli(tmp_path):
     """The issue's command: the digits preset, 80 steps, checkpoints every 20, killed after one."""

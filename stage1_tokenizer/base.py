@@ -4,7 +4,7 @@ A tokenizer maps inputs x (B, C, *S) in the modality's value range (images and v
 to one code grid per level, top level first: ``encode_levels(x) -> [LongTensor (B, *grid)]`` and
 ``decode_levels(codes) -> x``. Level k's grid is S divided by the product of the factors of the levels at and
 below it (``level_factors``, bottom first), so shapes, checks and downsampling are the same code for every
-tokenizer.
+tokenizer. A residual quantizer's codes (kind rvq) add a last axis of stages: (B, *grid, stages), ``code_depth``.
 """
 from __future__ import annotations
 
@@ -121,13 +121,24 @@ class Tokenizer(PretrainedMixin, nn.Module):
             raise ValueError(f"expected a batch (B, C, {', '.join('*' * self.dims)}), got shape {tuple(x.shape)}")
         self.check_input_shape(tuple(x.shape[1:]))
 
+    @property
+    def code_depth(self) -> int:
+        """Stages of a residual quantizer (kind rvq), whose codes carry them as a last axis: (B, *grid, stages);
+        0 for one code per position (B, *grid). ``code_shapes`` gives the grids either way."""
+        q = self.config.quantizer
+        return q.num_stages if q.kind == "rvq" else 0
+
     def check_codes(self, codes: list[torch.Tensor]) -> None:
         if len(codes) != self.num_levels:
             grids = f"{self.num_levels} code grids" if self.num_levels > 1 else "1 code grid"
             raise ValueError(f"expected {grids} (one per level, top first), got {len(codes)}")
+        grid, depth = ", ".join("*" * self.dims), self.code_depth
         for c in codes:
-            if c.dim() != self.dims + 1:
-                raise ValueError(f"expected codes (B, {', '.join('*' * self.dims)}), got shape {tuple(c.shape)}")
+            if depth == 0 and c.dim() != self.dims + 1:
+                raise ValueError(f"expected codes (B, {grid}), got shape {tuple(c.shape)}")
+            if depth and (c.dim() != self.dims + 2 or not 1 <= c.shape[-1] <= depth):
+                raise ValueError(f"expected residual codes (B, {grid}, stages) with 1..{depth} stages, "
+                                 f"got shape {tuple(c.shape)}")
 
     @property
     def last_layer(self) -> torch.Tensor:

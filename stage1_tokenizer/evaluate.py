@@ -76,6 +76,9 @@ def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = N
     ``fd_vgg16`` is opt-in here (the command turns it on): ~0.4 s an item on one CPU core, twice per item;
     ``distance_items`` gives the distances only the first that many items (recorded as ``distance_items``).
     """
+    if tokenizer.code_depth:  # usage, bits and kbps below count one code per position
+        raise NotImplementedError("evaluating a residual quantizer's tokenizer (kind rvq: codes with a depth axis "
+                                  "of stages) is not supported yet")
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
     modality, sample_rate = tokenizer.modality, tokenizer.sample_rate

@@ -153,6 +153,9 @@ def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 6
     rank, world = acc.process_index, acc.num_processes
     datasets = _check_request(dataset, split, batch_size, shard_size)
     out_dir = Path(out_dir)
+    if tokenizer.code_depth:  # the manifest, shards and token reader hold one code per position
+        raise NotImplementedError("exporting the codes of a residual quantizer (kind rvq: a depth axis of stages) "
+                                  "is not supported yet")
     info = TokenizerInfo(tokenizer.fingerprint(), tokenizer.modality, list(tokenizer.codebook_sizes),
                          tokenizer.code_shapes)
     previous = existing_manifest(out_dir, info.fingerprint)

@@ -19,7 +19,7 @@ from torch import nn
 
 from stage1_tokenizer.base import Tokenizer, TokenizerConfig
 from stage1_tokenizer.modules import CONV, Decoder, Encoder
-from stage1_tokenizer.quantizer import VectorQuantizer
+from stage1_tokenizer.quantizer_registry import build_quantizer, encode_codes
 
 
 @dataclass
@@ -46,6 +46,11 @@ class HierarchicalVQVAEConfig(TokenizerConfig):
         super().__post_init__()
         if self.codebook_sizes and len(self.codebook_sizes) != len(self.factors):
             raise ValueError(f"codebook_sizes {self.codebook_sizes} must give one size per level ({len(self.factors)})")
+        implicit = self.quantizer.kind in ("fsq", "lfq")
+        if implicit and any(k != self.quantizer.codebook_size for k in self.codebook_sizes):
+            raise ValueError(f"codebook_sizes {list(self.codebook_sizes)} differ from the {self.quantizer.kind} "
+                             f"quantizer's {self.quantizer.codebook_size} codes, which its levels/bits fix for "
+                             "every level: leave codebook_sizes empty")
         if not 0.0 <= self.level_dropout <= 1.0:
             raise ValueError(f"level_dropout must be in [0, 1], got {self.level_dropout}")
 
@@ -56,7 +61,8 @@ class HierarchicalVQVAEConfig(TokenizerConfig):
 
 @dataclass
 class HierarchicalVQVAEOutput:
-    """recon like the input; codes top first; perplexity per level (top first)."""
+    """recon like the input; codes top first; perplexity per level (top first); the losses sum the levels'
+    (aux_loss: the quantizers' further penalties, lfq's entropy; 0 for the other kinds)."""
 
     recon: torch.Tensor
     codes: list[torch.Tensor]
@@ -64,10 +70,11 @@ class HierarchicalVQVAEOutput:
     codebook_loss: torch.Tensor
     commitment_loss: torch.Tensor
     perplexity: list[torch.Tensor]
+    aux_loss: torch.Tensor
 
     @property
     def loss(self) -> torch.Tensor:
-        return self.recon_loss + self.codebook_loss + self.commitment_loss
+        return self.recon_loss + self.codebook_loss + self.commitment_loss + self.aux_loss
 
 
 class HierarchicalVQVAE(Tokenizer):
@@ -91,8 +98,9 @@ class HierarchicalVQVAE(Tokenizer):
         # Pre-quantization 1x1 convs: the top sees its features; lower levels also the context from above.
         self.pre_quant = nn.ModuleList(conv(hid + (d if k < n - 1 else 0), d, 1) for k in range(n))
         sizes = self.codebook_sizes
+        # (fsq/lfq: their config fixes codebook_size from levels/bits, and the config checked the sizes agree)
         self.quantizers = nn.ModuleList(
-            VectorQuantizer(replace(config.quantizer, codebook_size=sizes[n - 1 - k])) for k in range(n)
+            build_quantizer(replace(config.quantizer, codebook_size=sizes[n - 1 - k])) for k in range(n)
         )
         # up[k] maps level k+1's context (codes + what came from above) to level k's resolution.
         self.up = nn.ModuleList(
@@ -131,13 +139,14 @@ class HierarchicalVQVAE(Tokenizer):
                 context = self.up[k - 1](context)
         return context, extras
 
-    def encode_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x (B, C, *S) -> code grids, top first."""
+    def encode_levels(self, x: torch.Tensor, num_stages: int | None = None) -> list[torch.Tensor]:
+        """x (B, C, *S) -> code grids, top first; rvq: (B, *grid, k) each, the first k = num_stages (default all)
+        stages of every level (the levels below see the upper levels decoded from those k stages)."""
         self.check_batch(x)
         feats = self._features(x)
 
         def quantize(k, z):
-            codes = self.quantizers[k].encode(z)
+            codes = encode_codes(self.quantizers[k], z, num_stages)
             return self.quantizers[k].lookup(codes), codes
 
         return self._descend(feats, quantize)[1]
@@ -189,4 +198,5 @@ class HierarchicalVQVAE(Tokenizer):
             codebook_loss=sum(q.codebook_loss for q in outs),
             commitment_loss=sum(q.commitment_loss for q in outs),
             perplexity=[q.perplexity for q in outs],
+            aux_loss=sum(q.aux_loss for q in outs),
         )

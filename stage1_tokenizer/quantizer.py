@@ -1,4 +1,9 @@
-"""Vector quantizer for code grids of any rank: (B, D, *spatial) with 1, 2 or 3 spatial dims.
+"""Vector quantizer for code grids of any rank: (B, D, *spatial) with 1, 2 or 3 spatial dims, and what every
+quantizer shares: its config (``QuantizerConfig``, one dataclass for every kind), its interface (``Quantizer``), its
+output (``QuantizerOutput``), code-usage statistics and the check that all ranks hold the same state.
+
+The kinds: ``vq`` (this module), ``rvq`` (residual_quantizer.py), ``fsq`` (fsq.py), ``lfq`` (lfq.py);
+``quantizer_registry.build_quantizer`` builds the one a config names.
 
 Nearest codes come from matmul distances (no one-hot over the codebook), gradients pass straight
 through, and the codebook learns either by exponential moving averages (default, VQ-VAE-2) or by the
@@ -11,42 +16,123 @@ all-reduced, and restarts and k-means init are computed on rank 0 and broadcast.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 
+QUANTIZER_KINDS = ("vq", "rvq", "fsq", "lfq")
+MAX_IMPLICIT_CODES = 2 ** 20  # fsq/lfq: the usage histogram holds one count per code
+MAX_ENTROPY_GROUP_BITS = 12  # lfq: the batch entropy of a group takes (positions x 2^bits) probabilities
+
+
+# the fields only one kind reads (the vq fields are shared: rvq stages are vq, fsq/lfq ignore them)
+KIND_FIELDS = {
+    "rvq": ("num_stages", "quantizer_dropout"),
+    "fsq": ("levels",),
+    "lfq": ("bits", "entropy_weight", "diversity_weight", "entropy_temperature", "entropy_group_bits"),
+}
+
+
 @dataclass
 class QuantizerConfig:
+    """One config for every quantizer kind. ``kind`` picks it; the fields of other kinds must stay at their
+    defaults (a clear error otherwise), except the VQ fields, which fsq/lfq ignore (presets carry them)."""
+
     renamed_fields: ClassVar[dict[str, str]] = {"beta": "commitment_weight"}  # tokgen 0.1 called it beta
 
+    # vq: codes; rvq: codes per stage; fsq/lfq: set from levels/bits (a value given, e.g. by a preset, is replaced)
     codebook_size: int = 512
     dim: int = 64  # channels of the encoder features it quantizes
     code_dim: int | None = None  # lookup in a lower-dimensional space (factorized codes); None = dim
-    commitment_weight: float = 0.25  # weight of the commitment loss ||z - sg(e)||^2
+    commitment_weight: float = 0.25  # weight of the commitment loss ||z - sg(e)||^2 (vq, rvq per stage, lfq)
     ema: bool = True  # EMA codebook updates; False = gradient codebook loss
-    decay: float = 0.99
+    decay: float = 0.99  # EMA decay of the codebook statistics (vq, rvq), of the code-usage histogram (fsq, lfq)
     eps: float = 1e-5  # Laplace smoothing of cluster sizes
     cosine: bool = False  # l2-normalized features and codes
     restart_threshold: float = 1.0  # EMA cluster size under which a code is dead; 0 = no restarts
     kmeans_init: bool = False  # k-means on the first training batch
     kmeans_iters: int = 10
+    # ---- the kind, and what each kind adds (all at defaults that keep a plain VQ: old fingerprints hold) ----
+    kind: str = "vq"  # vq | rvq (residual stages of vq) | fsq (finite scalar) | lfq (lookup-free)
+    num_stages: int = 1  # rvq: residual stages, each a vq with the fields above
+    quantizer_dropout: float = 0.0  # rvq training: share of batches quantized with a random 1..num_stages stages
+    levels: tuple[int, ...] = ()  # fsq: quantization levels per dimension, e.g. [8, 5, 5, 5] (1000 codes)
+    bits: int = 0  # lfq: binary dimensions; 2^bits codes
+    entropy_weight: float = 0.1  # lfq: weight of the entropy penalty (the trainer may anneal the module's copy)
+    diversity_weight: float = 1.0  # lfq: weight of the codebook (batch) entropy inside the penalty
+    entropy_temperature: float = 0.01  # lfq: softmax temperature of the code probabilities of the penalty
+    entropy_group_bits: int = 0  # lfq: batch entropy over groups of this many bits, summed; 0 = all bits (exact)
+
+    def __post_init__(self):
+        if self.kind not in QUANTIZER_KINDS:
+            raise ValueError(f"QuantizerConfig.kind must be one of {', '.join(QUANTIZER_KINDS)}, got {self.kind!r}")
+        self.levels = tuple(self.levels)
+        self._check_fields_of_other_kinds()
+        if self.kind == "rvq":
+            self._check_rvq()
+        elif self.kind == "fsq":
+            self._check_fsq()
+            self.codebook_size = math.prod(self.levels)
+        elif self.kind == "lfq":
+            self._check_lfq()
+            self.codebook_size = 2 ** self.bits
+
+    def _check_fields_of_other_kinds(self) -> None:
+        defaults = {f.name: f.default for f in fields(self)}
+        for kind, names in KIND_FIELDS.items():
+            for name in names:
+                if kind != self.kind and getattr(self, name) != defaults[name]:
+                    raise ValueError(f"QuantizerConfig.{name} applies to kind {kind!r}, not {self.kind!r}")
+
+    def _check_rvq(self) -> None:
+        if self.num_stages < 1:
+            raise ValueError(f"QuantizerConfig.num_stages must be >= 1, got {self.num_stages}")
+        if not 0.0 <= self.quantizer_dropout <= 1.0:
+            raise ValueError(f"QuantizerConfig.quantizer_dropout must be in [0, 1], got {self.quantizer_dropout}")
+
+    def _check_fsq(self) -> None:
+        if not self.levels or any(level < 2 for level in self.levels):
+            raise ValueError(f"QuantizerConfig.levels (fsq) needs one or more levels, each >= 2, "
+                             f"got {list(self.levels)}")
+        if math.prod(self.levels) > MAX_IMPLICIT_CODES:
+            raise ValueError(f"fsq levels {list(self.levels)} give {math.prod(self.levels)} codes; at most "
+                             f"{MAX_IMPLICIT_CODES} are supported")
+
+    def _check_lfq(self) -> None:
+        if not 1 <= self.bits <= math.log2(MAX_IMPLICIT_CODES):
+            raise ValueError(f"QuantizerConfig.bits (lfq) must be in 1..{int(math.log2(MAX_IMPLICIT_CODES))}, "
+                             f"got {self.bits}")
+        if self.entropy_temperature <= 0:
+            raise ValueError(f"QuantizerConfig.entropy_temperature must be > 0, got {self.entropy_temperature}")
+        group = self.entropy_group_bits or self.bits
+        if self.entropy_group_bits < 0 or self.bits % group:
+            raise ValueError(f"QuantizerConfig.entropy_group_bits ({self.entropy_group_bits}) must divide "
+                             f"bits ({self.bits}), or be 0 for all bits")
+        if self.entropy_weight and group > MAX_ENTROPY_GROUP_BITS:
+            raise ValueError(f"the exact entropy penalty over {group} bits needs 2^{group} probabilities per "
+                             f"position: set entropy_group_bits to a divisor of {self.bits} of at most "
+                             f"{MAX_ENTROPY_GROUP_BITS} (the penalty then sums the groups' entropies)")
 
 
 @dataclass
 class QuantizerOutput:
-    """z_q: (B, D, *S) straight-through quantized features; codes: (B, *S) long."""
+    """z_q: (B, D, *S) straight-through quantized features; codes: (B, *S) long ((B, *S, stages) for rvq);
+    the losses are scalars, already weighted; ``aux_loss`` is any further penalty (lfq: entropy), 0 otherwise."""
 
     z_q: torch.Tensor
     codes: torch.Tensor
     codebook_loss: torch.Tensor
     commitment_loss: torch.Tensor
     perplexity: torch.Tensor  # of this batch's code histogram
+    aux_loss: torch.Tensor
 
 
 def _distributed() -> bool:
@@ -69,7 +155,58 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-class VectorQuantizer(nn.Module):
+def all_reduce_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable: the backward sums the ranks' gradients too. A statistic of the whole
+    global batch (lfq's batch entropy) then gets the gradient of the global objective once DDP averages."""
+    return dist_nn.all_reduce(t) if _distributed() else t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every rank's tensor is finite (the same answer on every rank)."""
+    finite = torch.isfinite(t).all().float()
+    return bool(_all_reduce(finite, dist.ReduceOp.MIN if _distributed() else None) >= 1)
+
+
+def check_codes(codes: torch.Tensor, codebook_size: int) -> None:
+    """Integer codes in [0, codebook_size), or a clear error."""
+    if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
+        raise ValueError(
+            f"codes must lie in [0, {codebook_size}), got range "
+            f"[{int(codes.min())}, {int(codes.max())}]: were they made by another tokenizer?"
+        )
+
+
+class Quantizer(nn.Module):
+    """What every quantizer kind gives a tokenizer, for features (B, D, *S) with 1 to 3 spatial dims:
+    ``encode(z)`` -> codes (B, *S) long, ``lookup(codes)`` -> the features the decoder sees (B, D, *S),
+    ``forward(z)`` -> ``QuantizerOutput`` (training: straight-through gradients, state updates summed over ranks),
+    ``codebook_size``, ``active_fraction()`` (recent code usage) and ``checksum()`` (to compare ranks).
+    Everything that picks codes runs in fp32, also under autocast."""
+
+    config: QuantizerConfig
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def active_fraction(self) -> float:
+        """Fraction of the codes used recently (by an EMA of usage); for residual stacks the least-used stage's."""
+        raise NotImplementedError
+
+    def checksum(self) -> torch.Tensor:
+        """A cheap fingerprint (float64 scalar) of the state every rank must share."""
+        raise NotImplementedError
+
+
+class VectorQuantizer(Quantizer):
     """Nearest-neighbour codebook lookup for features (B, D, *S): ``encode`` -> codes (B, *S), ``lookup`` -> the
     features the decoder sees, ``forward`` (training) -> ``QuantizerOutput`` with straight-through gradients."""
 
@@ -93,10 +230,6 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
 
     # ---- lookup -------------------------------------------------------------------------------
     def _features(self, z: torch.Tensor) -> torch.Tensor:
@@ -128,13 +261,7 @@ class VectorQuantizer(nn.Module):
         return codes.view(z.shape[0], *z.shape[2:])
 
     def _check_codes(self, codes: torch.Tensor) -> None:
-        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise ValueError(
-                f"codes must lie in [0, {self.codebook_size}), got range "
-                f"[{int(codes.min())}, {int(codes.max())}]: were they made by another tokenizer?"
-            )
+        check_codes(codes, self.codebook_size)
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -163,6 +290,7 @@ class VectorQuantizer(nn.Module):
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,
             perplexity=perplexity(counts),
+            aux_loss=flat.new_zeros(()),
         )
 
     @torch.no_grad()
@@ -188,8 +316,7 @@ class VectorQuantizer(nn.Module):
     @staticmethod
     def _all_finite(flat: torch.Tensor) -> bool:
         """True when every rank's features are finite (the same answer on every rank)."""
-        finite = torch.isfinite(flat).all().float()
-        return bool(_all_reduce(finite, dist.ReduceOp.MIN if _distributed() else None) >= 1)
+        return all_finite(flat)
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor) -> None:
@@ -232,6 +359,10 @@ class VectorQuantizer(nn.Module):
         """A cheap fingerprint of the codebook state (float64 scalar) to compare across ranks."""
         weights = torch.arange(1, self.embed.numel() + 1, device=self.embed.device, dtype=torch.float64)
         return (self.embed.double().flatten() * weights).sum() + self.cluster_size.double().sum()
+
+    def active_fraction(self) -> float:
+        """Fraction of codes whose EMA cluster size is above the restart threshold (recent usage)."""
+        return float((self.cluster_size >= max(self.config.restart_threshold, 1e-3)).float().mean())
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,9 +421,47 @@ class CodebookStats:
         return float(perplexity(self.counts))
 
 
+class CodeUsage(nn.Module):
+    """EMA histogram of the codes a quantizer without a learned codebook (fsq, lfq) emits in training, summed
+    over ranks (so identical on every rank): its recent usage, as a VQ's EMA cluster sizes are for its codes."""
+
+    def __init__(self, codebook_size: int, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("counts", torch.zeros(codebook_size))
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, batch_counts: torch.Tensor, features: torch.Tensor) -> None:
+        """Fold in this rank's histogram (K,) of the batch, summed over ranks; ``features`` (any shape) are what the
+        codes came from: a non-finite batch on any rank is skipped (and counted) on every rank."""
+        if not all_finite(features):
+            self.skipped_updates += 1
+            return
+        counts = _all_reduce(batch_counts.float().clone())
+        self.counts.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+
+    def active_fraction(self) -> float:
+        """Fraction of the codes whose EMA count is at least 1e-3 (the VQ's criterion without restarts)."""
+        return float((self.counts >= 1e-3).float().mean())
+
+    def checksum(self) -> torch.Tensor:
+        weights = torch.arange(1, self.counts.numel() + 1, device=self.counts.device, dtype=torch.float64)
+        return (self.counts.double() * weights).sum() + self.skipped_updates.double()
+
+
+def parameters_checksum(module: nn.Module, device: torch.device) -> torch.Tensor:
+    """A float64 fingerprint on ``device`` of a module's parameters (the projections DDP keeps equal), 0 if none."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for p in module.parameters():
+        weights = torch.arange(1, p.numel() + 1, device=p.device, dtype=torch.float64)
+        total = total + (p.detach().double().flatten() * weights).sum().to(device)
+    return total
+
+
 def check_codebooks_in_sync(accelerator, model) -> str:
     """All-gather each quantizer's checksum across processes; raise when ranks disagree, else say so."""
-    quantizers = [m for m in accelerator.unwrap_model(model).modules() if isinstance(m, VectorQuantizer)]
+    quantizers = [m for m in accelerator.unwrap_model(model).modules() if isinstance(m, Quantizer)]
     local = torch.stack([q.checksum() for q in quantizers]).to(accelerator.device)
     gathered = accelerator.gather(local[None]).view(accelerator.num_processes, -1)
     if not torch.equal(gathered, gathered[:1].expand_as(gathered)):

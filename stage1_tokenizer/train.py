@@ -32,7 +32,7 @@ from stage1_tokenizer.audio_loss import MultiResolutionSTFTLoss, MultiScaleMelLo
 from stage1_tokenizer.base import TokenizerConfig
 from stage1_tokenizer.metrics import per_frame
 from stage1_tokenizer.perceptual import PerceptualLoss
-from stage1_tokenizer.quantizer import VectorQuantizer, check_codebooks_in_sync
+from stage1_tokenizer.quantizer import Quantizer, check_codebooks_in_sync
 from stage1_tokenizer.registry import TOKENIZERS, tokenizer_classes
 
 
@@ -294,11 +294,9 @@ def _lowest_level(value):
 
 
 def active_codes(model) -> float:
-    """Fraction of codes whose EMA cluster size is above the restart threshold (recent usage);
-    the lowest level's fraction for hierarchical tokenizers."""
-    fractions = [float((q.cluster_size >= max(q.config.restart_threshold, 1e-3)).float().mean())
-                 for q in model.modules() if isinstance(q, VectorQuantizer)]
-    return min(fractions)
+    """Fraction of codes in recent use (each quantizer's ``active_fraction``: EMA cluster sizes above the restart
+    threshold for vq, the EMA code histogram for fsq/lfq); the least-used quantizer's (level, rvq stage)."""
+    return min(q.active_fraction() for q in model.modules() if isinstance(q, Quantizer))
 
 
 @torch.no_grad()

@@ -16,10 +16,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from harness.config import config_from_dict
+from harness.distributed import all_reduce, world_size
 from stage1_tokenizer.audio_discriminator import AudioDiscriminator, AudioDiscriminatorConfig
 from stage1_tokenizer.gan_losses import (GAN_LOSSES, DiscriminatorOutput, adaptive_weight, discriminator_loss,
                                          feature_matching, generator_loss, lecam_penalty, ramp)
@@ -42,7 +42,7 @@ class AdversarialConfig:
     ema_decay: float = 0.99  # of the running logit means (LeCam's anchors, the collapse watch)
     feature_matching_weight: float = 0.0  # audio: L1 between the discriminator features of real and reconstructed
     lr: float | None = None  # the discriminator's learning rate (None = the tokenizer's)
-    betas: tuple[float, float] = (0.5, 0.9)  # taming's Adam betas for both GAN players
+    betas: tuple[float, float] = (0.5, 0.9)  # the discriminator's Adam betas (taming; the tokenizer's: the run's betas)
     grad_clip: float = 0.0
     # fields of PatchGANConfig (images, video) or AudioDiscriminatorConfig (audio); modality and in_channels come
     # from the tokenizer
@@ -96,9 +96,7 @@ class Adversary(nn.Module):
     def update_means(self, real: list[torch.Tensor], fake: list[torch.Tensor]) -> None:
         """Fold this batch's mean logits (averaged over ranks) into the running means; the first batch sets them."""
         means = torch.stack([torch.stack([r.float().mean(), f.float().mean()]) for r, f in zip(real, fake)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
+        means = all_reduce(means) / world_size()
         decay = self.ema_decay if int(self.ema_updates) > 0 else 0.0
         self.ema_real.mul_(decay).add_(means[:, 0], alpha=1 - decay)
         self.ema_fake.mul_(decay).add_(means[:, 1], alpha=1 - decay)
@@ -161,15 +159,14 @@ def generator_terms(cfg: AdversarialConfig, adversary: Adversary, x: torch.Tenso
     if factor == 0.0:
         return None
     with frozen(adversary):
-        fake = adversary(recon)
-        with torch.no_grad():
-            real = adversary(x) if cfg.feature_matching_weight > 0 else None
+        # real and reconstructed together, as the discriminator's own step sees them (the same batch statistics)
+        real, fake = adversary(torch.cat([x.detach(), recon.to(x.dtype)])).split(x.shape[0])
     gan = generator_loss(fake.logits, cfg.loss)
     balance = adaptive_weight(nll, gan, last_layer, cfg.max_adaptive_weight) if cfg.adaptive_weight else gan.new_ones(())
     weight = cfg.weight * factor * balance
     loss = weight * gan
     matching = None
-    if real is not None:
+    if cfg.feature_matching_weight > 0:
         matching = feature_matching(real.features, fake.features)
         loss = loss + cfg.feature_matching_weight * factor * matching
     return GeneratorTerms(loss=loss, gan=gan.detach(), weight=weight.detach(),

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage1_tokenizer.quantizer import (CodeUsage, Quantizer, QuantizerConfig, QuantizerOutput, all_reduce_with_grad,
-                                        check_codes, parameters_checksum, perplexity)
+from harness.distributed import all_reduce_with_grad
+from stage1_tokenizer.quantizer import (CodeUsage, Quantizer, QuantizerConfig, QuantizerOutput, check_codes,
+                                        parameters_checksum, perplexity)
 
 
 @dataclass

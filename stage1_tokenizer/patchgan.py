@@ -5,9 +5,13 @@ convolution gives one logit per overlapping patch: (B, 1, *S') for inputs (B, C,
 (mapped to [-1, 1] inside). A 3-D PatchGAN (video) keeps the time axis (kernel 3, stride 1), so every logit
 judges a space-time patch and flicker between frames is as visible to it as blur within one.
 
-GroupNorm replaces taming's BatchNorm on purpose: BatchNorm's batch statistics differ between the real and the
-reconstructed half of the batch (and its running buffers between DDP ranks); GroupNorm has no running state,
-so real and reconstructed inputs go through one forward pass and every rank holds the same discriminator.
+The hidden layers normalise by batch statistics, as taming's BatchNorm, but over the whole global batch
+(``GlobalBatchNorm``: the sums are all-reduced across DDP ranks, with gradients) and over real and reconstructed
+inputs together (both sides of the game run them through one forward pass), with no running statistics (the
+discriminator only ever sees training batches). So 2 processes train what 1 process trains, every rank holds
+the same discriminator, and a global colour or brightness shift of the reconstructions stays visible to it:
+per-sample normalisation (GroupNorm, ``norm: "group"``) removes exactly that, and on the photos it learned to
+tell real from reconstructed several times slower (BENCHMARKS.md §15).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 
 from data.modalities import MODALITY_DIMS, check_modality
+from harness.distributed import all_reduce, all_reduce_with_grad
 from stage1_tokenizer.gan_losses import DiscriminatorOutput
 from stage1_tokenizer.modules import CONV, as_conv_input, channels_last, norm
 
@@ -27,13 +32,42 @@ class PatchGANConfig:
     in_channels: int = 3
     channels: int = 64  # width of the first layer; doubles per strided layer up to 8x
     num_layers: int = 3  # strided layers: taming's default 3 sees 70x70 patches
+    norm: str = "batch"  # batch (GlobalBatchNorm) | group | none: the hidden layers' normalisation
 
     def __post_init__(self):
         check_modality(self.modality)
         if self.modality == "audio":
             raise ValueError("PatchGAN is for images and video; audio uses the audio discriminator")
+        if self.norm not in NORMS:
+            raise ValueError(f"PatchGAN norm must be one of {sorted(NORMS)}, got {self.norm!r}")
         if self.num_layers < 1 or self.channels < 1:
             raise ValueError(f"PatchGAN needs num_layers >= 1 and channels >= 1, got {self.num_layers}, {self.channels}")
+
+
+class GlobalBatchNorm(nn.Module):
+    """Batch normalisation (B, C, *S) over the batch and spatial axes of every rank's batch together (statistics
+    all-reduced, with gradients), in fp32, with a learned scale and shift; no running statistics."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float()
+            sums = all_reduce_with_grad(torch.stack([xf.sum(axes), xf.square().sum(axes)]))
+            count = all_reduce(torch.tensor(float(x.numel() // x.shape[1]), device=x.device))
+            mean = sums[0] / count
+            var = (sums[1] / count - mean.square()).clamp_min(0.0)
+            y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+
+NORMS = {"batch": lambda c: GlobalBatchNorm(c), "group": norm, "none": lambda c: nn.Identity()}
 
 
 def _kernel_stride(dims: int, stride: int) -> dict:
@@ -55,8 +89,8 @@ class PatchGAN(nn.Module):
         for n in range(1, config.num_layers + 1):
             stride = 2 if n < config.num_layers else 1  # the last hidden layer keeps the resolution
             out = config.channels * min(2 ** n, 8)
-            blocks.append(nn.Sequential(conv(width, out, bias=False, **_kernel_stride(dims, stride)), norm(out),
-                                        nn.LeakyReLU(0.2)))
+            blocks.append(nn.Sequential(conv(width, out, bias=config.norm == "none", **_kernel_stride(dims, stride)),
+                                        NORMS[config.norm](out), nn.LeakyReLU(0.2)))
             width = out
         self.blocks = channels_last(nn.ModuleList(blocks), dims)
         self.head = channels_last(conv(width, 1, **_kernel_stride(dims, 1)), dims)
@@ -74,6 +108,6 @@ def _init(module: nn.Module) -> None:
     """DCGAN's initialisation, as taming: conv weights N(0, 0.02), norms at identity."""
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
-    elif isinstance(module, nn.GroupNorm):
+    elif isinstance(module, (nn.GroupNorm, GlobalBatchNorm)):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)

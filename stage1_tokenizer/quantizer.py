@@ -21,11 +21,11 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from harness.distributed import all_finite, all_reduce, broadcast, distributed, rank
 
 
 QUANTIZER_KINDS = ("vq", "rvq", "fsq", "lfq")
@@ -133,38 +133,6 @@ class QuantizerOutput:
     commitment_loss: torch.Tensor
     perplexity: torch.Tensor  # of this batch's code histogram
     aux_loss: torch.Tensor
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
-
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.broadcast(t, src=0)
-    return t
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def all_reduce_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, differentiable: the backward sums the ranks' gradients too. A statistic of the whole
-    global batch (lfq's batch entropy) then gets the gradient of the global objective once DDP averages."""
-    return dist_nn.all_reduce(t) if _distributed() else t
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """True when every rank's tensor is finite (the same answer on every rank)."""
-    finite = torch.isfinite(t).all().float()
-    return bool(_all_reduce(finite, dist.ReduceOp.MIN if _distributed() else None) >= 1)
 
 
 def check_codes(codes: torch.Tensor, codebook_size: int) -> None:
@@ -299,8 +267,8 @@ class VectorQuantizer(Quantizer):
         if not self._all_finite(flat):
             self.skipped_updates += 1  # a NaN/inf feature would poison the codebook for good
             return
-        counts = _all_reduce(counts.clone())
-        sums = _all_reduce(torch.zeros_like(self.embed_sum).index_add_(0, codes, flat))
+        counts = all_reduce(counts.clone())
+        sums = all_reduce(torch.zeros_like(self.embed_sum).index_add_(0, codes, flat))
         decay = self.config.decay
         self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
         self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
@@ -325,12 +293,12 @@ class VectorQuantizer(Quantizer):
         if num_dead == 0:
             return
         new = torch.empty(num_dead, flat.shape[1], device=flat.device)
-        if _rank() == 0:
+        if rank() == 0:
             idx = torch.randint(flat.shape[0], (num_dead,), device=flat.device)
             new = flat[idx]
             if num_dead > flat.shape[0]:  # repeated picks would collide: jitter them apart
                 new = new + 1e-3 * flat.std() * torch.randn_like(new)
-        new = _broadcast(new.contiguous())
+        new = broadcast(new.contiguous())
         if self.config.cosine:
             new = F.normalize(new, dim=1)
         size = max(self.config.restart_threshold, 1.0)
@@ -344,9 +312,9 @@ class VectorQuantizer(Quantizer):
         k = self.codebook_size
         centers = torch.empty(k, flat.shape[1], device=flat.device)
         sizes = torch.empty(k, device=flat.device)
-        if _rank() == 0:
+        if rank() == 0:
             centers, sizes = kmeans(flat, k, self.config.kmeans_iters)
-        centers, sizes = _broadcast(centers.contiguous()), _broadcast(sizes.contiguous())
+        centers, sizes = broadcast(centers.contiguous()), broadcast(sizes.contiguous())
         if self.config.cosine:
             centers = F.normalize(centers, dim=1)
         sizes = sizes.clamp(min=1.0)
@@ -438,7 +406,7 @@ class CodeUsage(nn.Module):
         if not all_finite(features):
             self.skipped_updates += 1
             return
-        counts = _all_reduce(batch_counts.float().clone())
+        counts = all_reduce(batch_counts.float().clone())
         self.counts.mul_(self.decay).add_(counts, alpha=1 - self.decay)
 
     def active_fraction(self) -> float:

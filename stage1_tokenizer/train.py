@@ -33,7 +33,7 @@ from stage1_tokenizer.base import TokenizerConfig
 from stage1_tokenizer.metrics import per_frame
 from stage1_tokenizer.perceptual import PerceptualLoss
 from stage1_tokenizer.quantizer import Quantizer, check_codebooks_in_sync
-from stage1_tokenizer.registry import TOKENIZERS, tokenizer_classes
+from stage1_tokenizer.registry import TOKENIZERS, load_tokenizer, tokenizer_classes
 
 
 @dataclass
@@ -60,6 +60,9 @@ class TokenizerTrainConfig(loop.TrainingConfig):
     # hvqvae: the model's level_dropout decays linearly to 0 over this many optimizer steps, so the upper
     # levels learn to carry the picture early and training ends on the full path (0 = constant rate)
     level_dropout_steps: int = 0
+    # a saved tokenizer (model, run or pipeline folder) whose weights and codebooks this run starts from, e.g. to
+    # fine-tune a converged tokenizer with a discriminator; the model fields must build the same network
+    init_from: str | None = None
 
     def __post_init__(self):
         tokenizer_classes(self.arch)  # a clear error for an unknown arch
@@ -93,6 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of a folder's files (a shard set's samples) held out for evaluation, by a stable hash "
                         f"of the path (default: the config's, else {DEFAULT_EVAL_FRACTION}; 0 = none)")
     p.add_argument("--eval-data", help="a separate held-out source (then all of --data trains)")
+    p.add_argument("--init-from", help="start from this saved tokenizer's weights (a model, run or pipeline folder; "
+                                       "the config must build the same network): fine-tuning")
     p.add_argument("--bad-input", choices=["skip", "fail"],
                    help="an unreadable input: skip it and list it in RUN/skipped.txt, or stop (default: skip)")
 
@@ -110,7 +115,7 @@ def for_arch(base: dict, arch: str) -> dict:
 
 
 FLAGS = ("data", *loop.TRAINING_FLAGS, "lpips_weight", "stft_weight", "mel_weight", "bad_input", "eval_fraction",
-         "eval_data")
+         "eval_data", "init_from")
 
 
 def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
@@ -182,6 +187,8 @@ def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
                          "launch it without --use_fsdp")
     torch.manual_seed(cfg.seed)
     model = TOKENIZERS[cfg.arch][0](cfg.model_config)
+    if cfg.init_from:
+        start_from(model, cfg.init_from)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps))
     perceptual = _perceptual(cfg, accelerator.device)
@@ -193,6 +200,15 @@ def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
     if cfg.adversarial.enabled:
         state.adversary, state.disc_optimizer = _build_adversary(cfg, accelerator)
     return state
+
+
+def start_from(model: torch.nn.Module, path: str) -> None:
+    """Load a saved tokenizer's weights and codebook state into ``model`` (``init_from``), strictly."""
+    saved = load_tokenizer(path)
+    try:
+        model.load_state_dict(saved.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"init_from {path}: its weights do not fit the model this config builds ({err})") from None
 
 
 def _build_adversary(cfg: TokenizerTrainConfig, accelerator) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

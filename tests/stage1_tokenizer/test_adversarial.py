@@ -17,7 +17,7 @@ from stage1_tokenizer.adversarial import AdversarialConfig, CollapseWatch, build
 from stage1_tokenizer.audio_discriminator import AudioDiscriminator, AudioDiscriminatorConfig
 from stage1_tokenizer.gan_losses import (adaptive_weight, discriminator_loss, feature_matching, generator_loss,
                                          lecam_penalty, ramp)
-from stage1_tokenizer.patchgan import PatchGAN, PatchGANConfig
+from stage1_tokenizer.patchgan import GlobalBatchNorm, PatchGAN, PatchGANConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
 
@@ -109,6 +109,22 @@ def test_a_patchgan_judges_patches_so_bigger_inputs_get_more_logits():
     disc = PatchGAN(PatchGANConfig(modality="image", in_channels=1, channels=4, num_layers=2))
     assert disc(torch.rand(1, 1, 64, 64)).logits[0].shape[-2:] == (14, 14)
     assert disc(torch.rand(1, 1, 128, 96)).logits[0].shape[-2:] == (30, 22)
+
+
+def test_global_batch_norm_is_batch_norm_over_the_batch_in_fp32_with_no_running_state():
+    norm = GlobalBatchNorm(4)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(3, 4, 5, 6) * 3 + 1
+    expected = F.batch_norm(x, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+    assert torch.allclose(norm.eval()(x), expected, atol=1e-5)  # always the batch's own statistics
+    assert list(dict(norm.named_buffers())) == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="norm"):
+        PatchGANConfig(norm="layer")
 
 
 def test_audio_discriminator_maps_features_and_bf16():
@@ -249,3 +265,16 @@ def test_config_errors_name_the_problem(tmp_path):
         run(tmp_path, "bad2", mel_weight=1.0)
     with pytest.raises(ValueError, match="adversarial.loss"):
         run(tmp_path, "bad3", adversarial={"weight": 1.0, "loss": "wgan"})
+
+
+def test_init_from_starts_from_a_saved_tokenizer_and_refuses_one_that_does_not_fit(tmp_path, fresh_accelerate):
+    first = run(tmp_path, "first", "--max-steps", "3")
+    fresh_accelerate()
+    again = run(tmp_path, "again", "--max-steps", "1", "--init-from", str(first.parent), lr=0.0)
+    before, after = weights(first), weights(again)
+    for key in before:
+        if "quantizer" not in key:  # a step at lr 0 moves no weight; the EMA codebook still learns
+            assert torch.equal(before[key], after[key]), key
+    fresh_accelerate()
+    with pytest.raises(ValueError, match="init_from .* do not fit"):
+        run(tmp_path, "wider", "--max-steps", "1", "--init-from", str(first), model={**TINY["model"], "channels": [16, 16]})

@@ -15,9 +15,13 @@ the other:
   (the sum of their embeddings) and head k predicts stage k of position s - k, the stages of a step in parallel. So
   stage 0 at position t does not see stages >= 1 of position t - 1 (they come later), and sampling an item takes
   66 network calls instead of 64 spatial + 192 depth calls.
+* ``delay_2x``: the delay pattern trained twice the steps, about RQ's training time.
 
 Reported: held-out bits per token (every stage: the exact NLL of the held-out split's 64 x 3 codes per item, in
-bits, over 192), the median train step (forward, backward, AdamW) and parameters. ``python -m benchmarks.stack_priors``.
+bits, over 192), the median train step (forward, backward, AdamW on one batch of 32; the two architectures' steps
+interleaved round by round, so a shared machine's load hits both alike) and parameters.
+``python -m benchmarks.stack_priors [--keep DIR]`` (about 10 minutes on one CPU thread); the numbers quoted in
+``stage2_prior/transformer.py`` are in ``benchmarks/results/stack_priors.json``.
 """
 from __future__ import annotations
 
@@ -27,14 +31,13 @@ import math
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import ROOT, machine_info, machine_line, median, table
+from benchmarks.common import ROOT, interleaved, machine_info, machine_line, median, table
 from data.tokens import load_all, read_manifest
 from harness.config import preset
 from harness.schedule import warmup_cosine
@@ -99,25 +102,38 @@ def train_tokenizer(tmp: Path, steps: int) -> Path:
     return tmp / "tokens"
 
 
-def train_prior(model: nn.Module, terms, train: torch.Tensor, steps: int, seed: int = 0) -> list[float]:
-    """``steps`` AdamW steps on seeded batches of 32; returns each step's seconds."""
+def train_prior(model: nn.Module, terms, train: torch.Tensor, steps: int, seed: int = 0) -> None:
+    """``steps`` AdamW steps on seeded batches of 32 (the same batches for every model, as far as both go)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(50, steps))
     g = torch.Generator().manual_seed(seed)
     model.train()
-    times = []
     for _ in range(steps):
         batch = train[torch.randint(0, len(train), (32,), generator=g)]
-        t0 = time.perf_counter()
-        nll, count = terms(model, batch)
-        loss = nll.mean() / count
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        step(model, terms, optimizer, batch)
         scheduler.step()
-        times.append(time.perf_counter() - t0)
-    return times
+
+
+def step(model: nn.Module, terms, optimizer, batch: torch.Tensor) -> None:
+    nll, count = terms(model, batch)
+    loss = nll.mean() / count
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def step_times(cfg: TransformerPriorConfig, train: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median train-step milliseconds of fresh copies of each architecture, interleaved round by round (a shared
+    machine's load then hits both alike), on one fixed batch of 32."""
+    batch, fns = train[:32], {}
+    for name, (cls, terms, _) in VARIANTS.items():
+        if name in ("rq", "delay"):
+            torch.manual_seed(0)
+            model = cls(cfg).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            fns[name] = lambda m=model, t=terms, o=optimizer: step(m, t, o, batch)
+    return {name: 1000 * median(t) for name, t in interleaved(fns, rounds, warmup=3).items()}
 
 
 @torch.no_grad()
@@ -131,39 +147,60 @@ def held_out_bits(model: nn.Module, terms, codes: torch.Tensor) -> float:
     return total / count
 
 
-def run(quick: bool = False, tokenizer_steps: int = 400, prior_steps: int = 800) -> dict:
+# name -> (model class, NLL terms, training steps as a multiple of --prior-steps)
+VARIANTS = {"rq": (TransformerPrior, rq_terms, 1), "delay": (DelayPatternPrior, DelayPatternPrior.nll_terms, 1),
+            "delay_2x": (DelayPatternPrior, DelayPatternPrior.nll_terms, 2)}
+SAMPLING_CALLS = {"rq": "64 spatial + 192 depth", "delay": "66", "delay_2x": "66"}
+
+
+def load_tokens(tmp: Path, tokenizer_steps: int, keep: Path | None) -> Path:
+    """The token folder: ``keep`` when it already holds one, else a tokenizer trained now (into ``keep`` if given)."""
+    if keep is not None and (keep / "tokens" / "manifest.json").is_file():
+        return keep / "tokens"
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    return train_tokenizer(keep or tmp, tokenizer_steps)
+
+
+def run(quick: bool = False, tokenizer_steps: int = 400, prior_steps: int = 800, only: list[str] | None = None,
+        keep: Path | None = None) -> dict:
     torch.set_num_threads(1)
     if quick:
         tokenizer_steps, prior_steps = 50, 60
     with tempfile.TemporaryDirectory(prefix="tokgen-stacks-") as tmp:
-        tokens = train_tokenizer(Path(tmp), tokenizer_steps)
+        tokens = load_tokens(Path(tmp), tokenizer_steps, keep)
         level = read_manifest(tokens)["levels"][0]
         train, held_out = load_all(tokens, "train")[0][0], load_all(tokens, "eval")[0][0]
     cfg = TransformerPriorConfig(grid_shape=tuple(level["grid_shape"]), vocab_size=level["codebook_size"],
                                  depth=level["depth"], **SIZE)
-    variants = {"rq": (TransformerPrior, rq_terms), "delay": (DelayPatternPrior, DelayPatternPrior.nll_terms)}
+    times = step_times(cfg, train, 5 if quick else 30)
     rows, out = [], {}
-    for name, (cls, terms) in variants.items():
+    for name in only or list(VARIANTS):
+        cls, terms, multiple = VARIANTS[name]
         torch.manual_seed(0)
         model = cls(cfg)
-        times = train_prior(model, terms, train, prior_steps)
-        bits = held_out_bits(model, terms, held_out)
+        train_prior(model, terms, train, prior_steps * multiple)
         params = sum(p.numel() for p in model.parameters())
-        out[name] = {"held_out_bits_per_token": bits, "step_ms": 1000 * median(times[10:]), "parameters": params}
-        rows.append([name, bits, out[name]["step_ms"], params])
-    markdown = table(["prior", "held-out bits/token (all stages)", "train step (ms)", "parameters"], rows)
-    return {"title": f"Transformer priors over {STAGES}-stage RVQ digits codes ({prior_steps} steps each)",
-            "markdown": markdown, "results": out, "tokenizer_steps": tokenizer_steps, "prior_steps": prior_steps,
-            "train_items": len(train), "held_out_items": len(held_out)}
+        out[name] = {"held_out_bits_per_token": held_out_bits(model, terms, held_out), "steps": prior_steps * multiple,
+                     "step_ms": times[name.split("_")[0]], "parameters": params}
+        rows.append([name, out[name]["steps"], out[name]["held_out_bits_per_token"], out[name]["step_ms"], params,
+                     SAMPLING_CALLS[name]])
+    markdown = table(["prior", "steps", "held-out bits/token (all stages)", "train step (ms)", "parameters",
+                      "network calls to sample an item"], rows)
+    return {"title": f"Transformer priors over {STAGES}-stage RVQ digits codes", "markdown": markdown, "results": out,
+            "tokenizer_steps": tokenizer_steps, "train_items": len(train), "held_out_items": len(held_out)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stack_priors", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run, not the reported numbers")
-    p.add_argument("--tokenizer-steps", type=int, default=400)
-    p.add_argument("--prior-steps", type=int, default=800)
+    p.add_argument("--tokenizer-steps", type=int, default=400, help="steps of the residual-VQ tokenizer")
+    p.add_argument("--prior-steps", type=int, default=800, help="steps of each prior (delay_2x: twice as many)")
+    p.add_argument("--only", help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--keep", type=Path, help="keep the tokenizer and tokens here, and reuse them when present")
     args = p.parse_args(argv)
-    result = run(args.quick, args.tokenizer_steps, args.prior_steps)
+    only = [v.strip() for v in args.only.split(",")] if args.only else None
+    result = run(args.quick, args.tokenizer_steps, args.prior_steps, only, args.keep)
     print(f"Machine: {machine_line(machine_info())}\n\n## {result['title']}\n\n{result['markdown']}\n")
     print(json.dumps(result["results"]))
     return 0

@@ -1,7 +1,7 @@
 """The whole chain on code stacks, as a user runs it: train a tiny residual-VQ tokenizer a few steps, export its
 tokens, train a tiny prior of each architecture a few steps on them, make a pipeline, sample and decode, compress and
 decompress exactly, and let evaluate-prior and evaluate-tokenizer count every stage (digits for the transformer and
-the PixelCNN, a folder of clips for WaveNet)."""
+the PixelCNN, a folder of clips for WaveNet, which evaluate-samples also judges)."""
 from __future__ import annotations
 
 import json
@@ -124,3 +124,10 @@ def test_audio_clips_through_a_wavenet_prior(tmp_path, capsys, fresh_accelerate)
     # samples of the training length (256 / 8 positions); a whole clip compresses (1024 / 8: WaveNet takes any length)
     sample_decode_compress(tmp_path, pipe, clips / "clip0.wav", [32], ".wav", item_grid=[128])
     evaluate_prior(tmp_path, pipe, clips, 32 * STAGES, capsys, "--eval-fraction", "0")
+    assert tokgen("evaluate-samples", pipe, "--data", clips, "--eval-data", clips, "--num", 4, "--num-real", 3,
+                  "--num-train", 4, "--pairs", 4, "--closest", 2, "--out", tmp_path / "es", "--device", "cpu",
+                  "--quiet") == 0
+    metrics = json.loads((tmp_path / "es" / "metrics.json").read_text())
+    assert metrics["distance_to_real"]["fd_logmel"] >= 0 and metrics["diversity"]["distinct_codes_all_levels"] > 0
+    with np.load(tmp_path / "es" / "codes.npz") as codes:
+        assert codes["level_0"].shape == (4, 32, STAGES)

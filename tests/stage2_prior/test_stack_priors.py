@@ -47,10 +47,11 @@ def make(arch: str, conditional: bool = True, null_class: bool = False, **kw):
     torch.manual_seed(0)
     c = 48
     if arch.startswith("transformer"):
-        grid = {"transformer": (3, 4), "transformer_1d": (10,), "transformer_3d": (2, 2, 3)}[arch]
+        grid = {"transformer_1d": (10,), "transformer_3d": (2, 2, 3)}.get(arch, (3, 4))
         cond = {2: (1, 2), 1: (5,), 3: (1, 1, 3)}[len(grid)]
         cfg = TransformerPriorConfig(grid_shape=grid, dim=24, num_layers=2, num_heads=2, depth_layers=2,
-                                     **_common(conditional, cond, null_class), **kw)
+                                     relative_bias=arch == "transformer_rel", **_common(conditional, cond, null_class),
+                                     **kw)
         return _perturb(TransformerPrior(cfg))
     if arch.startswith("pixelcnn"):
         cfg = GatedPixelCNNPriorConfig(grid_shape=(4, 5), channels=c, head_channels=2 * c, num_layers=4, kernel_size=3,
@@ -62,7 +63,7 @@ def make(arch: str, conditional: bool = True, null_class: bool = False, **kw):
     return _perturb(WaveNetPrior(cfg), 0.1)
 
 
-ARCHS = ["transformer", "transformer_1d", "transformer_3d", "pixelcnn", "pixelcnn_attn", "wavenet"]
+ARCHS = ["transformer", "transformer_1d", "transformer_3d", "transformer_rel", "pixelcnn", "pixelcnn_attn", "wavenet"]
 
 
 def inputs(prior, batch: int = 2, seed: int = 3):

@@ -1,7 +1,9 @@
 """Codes on disk: one layout for every file and shard entry that holds codes.
 
 A codes file is an uncompressed ``.npz`` (numpy, never pickled) with one array per level, ``level_0`` the top
-level, each ``(N, *grid)`` in the smallest integer dtype that holds its codebook. ``tokgen encode`` (N = 1),
+level, each ``(N, *grid)`` in the smallest integer dtype that holds its codebook; a residual quantizer's code
+stacks are ``(N, *grid, depth)``, the stages last (a file may hold fewer stages than the tokenizer has: the first
+k decode at a lower bitrate). ``tokgen encode`` (N = 1),
 ``tokgen sample`` (N samples), ``tokgen decompress --codes-out`` and every sample of a token shard write it;
 ``tokgen decode`` and the token readers read it.
 """
@@ -44,7 +46,7 @@ def _arrays(codes: list[torch.Tensor], codebook_sizes: list[int]) -> dict[str, n
 
 
 def write_codes(file: BinaryIO, codes: list[torch.Tensor], codebook_sizes: list[int]) -> None:
-    """codes: one (N, *grid) integer tensor per level, top first."""
+    """codes: one (N, *grid) integer tensor per level, top first ((N, *grid, depth) for code stacks)."""
     np.savez(file, **_arrays(codes, codebook_sizes))
 
 

@@ -19,7 +19,7 @@ import webdataset as wds
 from harness.folders import write_json
 
 from .codes import code_dtype
-from .tokens import FORMAT, MANIFEST, SHARD_RE, VERSION, encode_sample, safe_key, shard_name
+from .tokens import FLAT_VERSION, FORMAT, MANIFEST, SHARD_RE, VERSION, encode_sample, safe_key, shard_name
 
 
 @dataclass
@@ -30,6 +30,7 @@ class TokenizerInfo:
     modality: str
     codebook_sizes: list[int]
     code_shapes: Callable[[tuple[int, ...]], list[tuple[int, ...]]]  # input (C, *S) -> grid per level
+    code_depth: int = 0  # stages per position of a code stack (a residual quantizer's codes); 0 = one code
 
 
 def read_json(path: Path) -> dict | None:
@@ -79,7 +80,7 @@ class ShardWriter:
         return wkey
 
     def write(self, shard: int, indices: list[int], batch: dict, codes: list[torch.Tensor]) -> None:
-        """codes: per level (B, *grid) for the batch's items ``indices``."""
+        """codes: per level (B, *grid), or (B, *grid, depth) for a code stack, for the batch's items ``indices``."""
         if self.current != shard:
             self._open(shard)
         self.skipped.extend(batch["skipped"])
@@ -225,6 +226,15 @@ def _split_entry(out_dir: Path, name: str, world: int, input_shape) -> tuple[dic
     return entry, input_shape
 
 
+def level_entry(grid: tuple[int, ...], codebook_size: int, depth: int = 0) -> dict:
+    """A level's manifest entry: grid, codebook size and the smallest dtype that holds it; a code stack adds its
+    ``depth`` and one codebook size per stage (a residual quantizer's stages share one size)."""
+    entry = {"grid_shape": list(grid), "codebook_size": int(codebook_size), "dtype": code_dtype(codebook_size).name}
+    if depth:
+        entry.update(depth=int(depth), stage_codebook_sizes=[int(codebook_size)] * int(depth))
+    return entry
+
+
 def build_manifest(out_dir: Path, exported: list[str], world: int, tokenizer: TokenizerInfo,
                    previous: dict | None, seconds: float, source: str | None, split_sources: dict | None = None) -> dict:
     """The manifest of the folder: the splits just exported plus those of ``previous`` it kept; ``split_sources``
@@ -241,12 +251,11 @@ def build_manifest(out_dir: Path, exported: list[str], world: int, tokenizer: To
     grids = tokenizer.code_shapes(tuple(input_shape))
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if tokenizer.code_depth else FLAT_VERSION,  # readers older than stacks keep reading
         "tokenizer_fingerprint": tokenizer.fingerprint,
         "modality": tokenizer.modality,
         "input_shape": list(input_shape),
-        "levels": [{"grid_shape": list(g), "codebook_size": int(k), "dtype": code_dtype(k).name}
-                   for g, k in zip(grids, tokenizer.codebook_sizes)],
+        "levels": [level_entry(g, k, tokenizer.code_depth) for g, k in zip(grids, tokenizer.codebook_sizes)],
         "num_samples": sum(s["num_samples"] for s in splits.values()),
         "num_classes": max_label + 1 if max_label >= 0 else 0,
         "splits": dict(sorted(splits.items())),

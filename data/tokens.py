@@ -9,7 +9,13 @@ Layout of a token folder::
     eval-00-000000.tar ...
 
 Each sample of a shard holds ``__key__``, ``codes.npz`` (the codes layout of :mod:`data.codes`, N = 1) and
-``meta.json`` ``{"label", "key", "index"}``. Writing is :mod:`data.token_writer`; reading is here:
+``meta.json`` ``{"label", "key", "index"}``.
+
+Code stacks (a residual quantizer's codes, several stages per position): a level's manifest entry then adds
+``"depth"`` (the stages) and ``"stage_codebook_sizes"`` (one per stage; ``"codebook_size"`` is their maximum and
+``"dtype"`` the smallest that holds it), and its codes are ``(*grid, depth)``, the stages last. Such a folder is
+format version 3; folders without stacks are still written as version 2, byte for byte as before, so that
+older tokgen reads them. Writing is :mod:`data.token_writer`; reading is here:
 
 * :func:`read_manifest` / :func:`check_tokenizer`: what a token folder holds, and whether it was made
   by the tokenizer a prior belongs to.
@@ -35,7 +41,8 @@ from .codes import codes_to_bytes, load_codes
 from .tar_reader import tar_samples
 
 FORMAT = "tokgen-tokens"
-VERSION = 2  # 2: one codes.npz entry per sample (version 1 had codes.npy / codes_K.npy)
+VERSION = 3  # the newest this tokgen reads: 3 adds code stacks (levels with "depth")
+FLAT_VERSION = 2  # 2: one codes.npz entry per sample (version 1 had codes.npy / codes_K.npy); written without stacks
 MANIFEST = "manifest.json"
 CODES_ENTRY = "codes.npz"
 META_ENTRY = "meta.json"
@@ -55,7 +62,7 @@ def safe_key(key: str, index: int) -> str:
 
 def encode_sample(wkey: str, codes: list[torch.Tensor], codebook_sizes: list[int], label: int, key: str,
                   index: int) -> dict:
-    """One shard sample: codes per level (*grid), top first, in the codes layout (a batch of one)."""
+    """One shard sample: codes per level (*grid) or (*grid, depth), top first, in the codes layout (a batch of one)."""
     return {"__key__": wkey, CODES_ENTRY: codes_to_bytes([c[None] for c in codes], codebook_sizes),
             META_ENTRY: json.dumps({"label": int(label), "key": key, "index": int(index)}).encode()}
 
@@ -85,7 +92,7 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("version", 0) > VERSION:
         raise ValueError(f"{file} has format version {manifest['version']}; this tokgen reads up to {VERSION}: "
                          "upgrade tokgen")
-    if manifest.get("version", 0) < VERSION:
+    if manifest.get("version", 0) < FLAT_VERSION:
         raise ValueError(f"{file} was written by tokgen 0.1 in the old shard layout (version "
                          f"{manifest.get('version')}): re-export the tokens with `tokgen export-tokens`")
     for field in ("tokenizer_fingerprint", "levels", "splits", "input_shape"):
@@ -102,6 +109,22 @@ def check_tokenizer(manifest: dict, fingerprint: str) -> None:
             f"these tokens were made by tokenizer {made_by[:12] or '<unknown>'}, but the prior is for tokenizer "
             f"{str(fingerprint)[:12]}: re-export the tokens with this tokenizer (tokgen export-tokens)"
         )
+
+
+def level_depth(level: dict) -> int:
+    """A manifest level entry's stages per position: 0 for one code per position (no ``"depth"``)."""
+    return int(level.get("depth", 0))
+
+
+def level_code_shape(level: dict) -> tuple[int, ...]:
+    """The shape of one item's codes of a manifest level: its grid, plus the stages last for a code stack."""
+    depth = level_depth(level)
+    return (*level["grid_shape"], depth) if depth else tuple(level["grid_shape"])
+
+
+def level_stage_sizes(level: dict) -> list[int]:
+    """A manifest level's codebook size per stage (one entry without stacks)."""
+    return [int(k) for k in level.get("stage_codebook_sizes", [level["codebook_size"]])]
 
 
 def _split_info(manifest: dict, split: str, path: Path) -> dict:
@@ -124,7 +147,7 @@ def _levels(manifest: dict, levels: Sequence[int] | None) -> list[int]:
 
 
 def _decode(sample: dict, levels: list[int], where: str) -> dict:
-    """Raw WebDataset sample (bytes) -> {"codes": [LongTensor (*grid)], "label", "key", "index"}."""
+    """Raw WebDataset sample (bytes) -> {"codes": [LongTensor (*grid) or (*grid, depth)], "label", "key", "index"}."""
     if CODES_ENTRY not in sample:
         raise ValueError(f"sample {sample.get('__key__')} in {where} lacks {CODES_ENTRY}")
     codes = load_codes(sample[CODES_ENTRY])
@@ -136,20 +159,30 @@ def _decode(sample: dict, levels: list[int], where: str) -> dict:
         raise ValueError(f"sample {sample.get('__key__')} in {where} is damaged: {err}") from err
 
 
-def _check_codes(sample: dict, shapes: list[tuple], sizes: list[int], levels: list[int], where: str) -> None:
-    """A decoded sample's grids have the manifest's shapes and codes in [0, codebook size): damaged or foreign
-    files stop here with the file named, not in the prior's embedding."""
-    for c, shape, k, lv in zip(sample["codes"], shapes, sizes, levels):
+def _out_of_range(codes: torch.Tensor, stage_sizes: list[int]) -> bool:
+    """Whether codes (*grid) or a stack (*grid, depth) hold a value outside [0, size) of their (stage's) codebook."""
+    if int(codes.min()) < 0:
+        return True
+    if len(stage_sizes) == 1:
+        return int(codes.max()) >= stage_sizes[0]
+    return bool((codes.reshape(-1, len(stage_sizes)).amax(0) >= torch.tensor(stage_sizes)).any())
+
+
+def _check_codes(sample: dict, shapes: list[tuple], sizes: list[list[int]], levels: list[int], where: str) -> None:
+    """A decoded sample's codes have the manifest's shapes and lie in [0, codebook size) (each stage's, for a
+    stack): damaged or foreign files stop here with the file named, not in the prior's embedding."""
+    for c, shape, stage_sizes, lv in zip(sample["codes"], shapes, sizes, levels):
         if tuple(c.shape) != shape:
             raise ValueError(f"sample {sample['key']!r} in {where} has a level-{lv} grid of shape "
                              f"{tuple(c.shape)}, but the manifest says {shape}")
-        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
-            raise ValueError(f"sample {sample['key']!r} in {where} has level-{lv} codes outside [0, {k}): "
+        if c.numel() and _out_of_range(c, stage_sizes):
+            bound = stage_sizes[0] if len(stage_sizes) == 1 else f"codebook size) of its stage {stage_sizes}"
+            raise ValueError(f"sample {sample['key']!r} in {where} has level-{lv} codes outside [0, {bound}): "
                              "the files are corrupt")
 
 
 class TokenDataset(IterableDataset):
-    """A split of a token folder as a stream of ``{"codes": [LongTensor (*grid)], "label", "key"}``.
+    """A split of a token folder as a stream of ``{"codes": [LongTensor (*grid) or (*grid, depth)], "label", "key"}``.
 
     With ``shuffle`` > 0 the shard order and a buffer of that many samples are shuffled, seeded by ``seed + epoch``
     (call ``set_epoch(e)`` before each epoch); ``shuffle=0`` reads in shard order. Shards are split by data-loader
@@ -201,8 +234,22 @@ class TokenDataset(IterableDataset):
         return [tuple(self.manifest["levels"][lv]["grid_shape"]) for lv in self.levels]
 
     @property
+    def code_shapes(self) -> list[tuple[int, ...]]:
+        """One sample's codes per level: the grid, plus the stages last for a code stack."""
+        return [level_code_shape(self.manifest["levels"][lv]) for lv in self.levels]
+
+    @property
+    def depths(self) -> list[int]:
+        """Stages per position of each level (0: one code per position)."""
+        return [level_depth(self.manifest["levels"][lv]) for lv in self.levels]
+
+    @property
     def codebook_sizes(self) -> list[int]:
         return [int(self.manifest["levels"][lv]["codebook_size"]) for lv in self.levels]
+
+    @property
+    def stage_codebook_sizes(self) -> list[list[int]]:
+        return [level_stage_sizes(self.manifest["levels"][lv]) for lv in self.levels]
 
     @property
     def num_classes(self) -> int:
@@ -235,7 +282,7 @@ class TokenDataset(IterableDataset):
             rng = random.Random(base + 7919 * order_seed + 104_729 * worker + 1)
             ds = wds.shuffle(self.shuffle, initial=min(100, self.shuffle), rng=rng)(ds)
         rank, world = self.process_index, self.num_processes
-        shapes, sizes = self.grid_shapes, self.codebook_sizes
+        shapes, sizes = self.code_shapes, self.stage_codebook_sizes
         for n, raw in enumerate(ds):
             if not self.by_sample or n % world == rank:
                 where = str(self.path / raw[SHARD])
@@ -246,7 +293,8 @@ class TokenDataset(IterableDataset):
 
 def load_all(path: str | Path, split: str = "train", levels: Sequence[int] | None = None
              ) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
-    """A whole split in memory: ([LongTensor (N, *grid) per level], labels (N,), keys), in index order.
+    """A whole split in memory: ([LongTensor (N, *grid) per level; (N, *grid, depth) for a code stack], labels (N,),
+    keys), in index order.
 
     Checks every grid against the manifest's shapes and codebook sizes and the count against its
     ``num_samples``.
@@ -255,8 +303,8 @@ def load_all(path: str | Path, split: str = "train", levels: Sequence[int] | Non
     manifest = read_manifest(path)
     info = _split_info(manifest, split, path)
     chosen = _levels(manifest, levels)
-    shapes = [tuple(manifest["levels"][lv]["grid_shape"]) for lv in chosen]
-    sizes = [int(manifest["levels"][lv]["codebook_size"]) for lv in chosen]
+    shapes = [level_code_shape(manifest["levels"][lv]) for lv in chosen]
+    sizes = [level_stage_sizes(manifest["levels"][lv]) for lv in chosen]
     samples = []
     for shard in info["shards"]:
         file = path / shard
@@ -279,7 +327,8 @@ def load_all(path: str | Path, split: str = "train", levels: Sequence[int] | Non
 
 
 def collate_tokens(samples: list[dict]) -> dict:
-    """Batch TokenDataset samples: {"codes": [LongTensor (B, *grid)], "label": LongTensor (B,), "key": [...]}."""
+    """Batch TokenDataset samples: {"codes": [LongTensor (B, *grid) or (B, *grid, depth)], "label": LongTensor (B,),
+    "key": [...]}."""
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     num_levels = len(samples[0]["codes"])

@@ -21,6 +21,9 @@ garbage.
 Inputs of another size than the pipeline's: the header stores the input shape and the coder uses
 ``pipe.with_input_shape`` (convolutional priors take any grid; a transformer prior refuses).
 
+Code stacks (a residual quantizer's (*grid, depth) per level) are coded stage by stage in the priors' order,
+(position, stage) with the stages fastest; the depth follows from the pipeline, so the container is the same.
+
 Library:
   compress_batch(pipe, x_or_codes, class_labels=None) -> list[bytes]
   decompress_batch(pipe, blobs) -> list[Decompressed]
@@ -63,7 +66,8 @@ CHECK_BITS = 8  # bits of the codes' CRC coded after them (a decoder out of step
 
 @dataclass
 class Decompressed:
-    """codes: one LongTensor (*grid) per level, top first; input_shape: (C, *S) the tokenizer decodes to."""
+    """codes: one LongTensor (*grid) per level, top first ((*grid, depth) for code stacks); input_shape: (C, *S) the
+    tokenizer decodes to."""
 
     codes: list[torch.Tensor]
     input_shape: tuple[int, ...]
@@ -126,11 +130,12 @@ class PriorCoder:
         return self._priors[key]
 
     def code_shapes(self, input_shape) -> list[tuple[int, ...]]:
-        """Code grids for an input (C, *S); ValueError when the priors cannot code that size."""
-        shapes = [tuple(s) for s in self.pipe.tokenizer.code_shapes(tuple(input_shape))]
+        """One item's codes per level for an input (C, *S): the grid (+ the stages of a code stack); ValueError
+        when the priors cannot code that size."""
+        shapes = [tuple(s) for s in self.pipe.tokenizer.code_tensor_shapes(tuple(input_shape))]
         for level, (prior, shape) in enumerate(zip(self.priors_for(input_shape), shapes)):
-            if tuple(prior.config.grid_shape) != shape:
-                raise ValueError(f"the level-{level} prior models {tuple(prior.config.grid_shape)} code grids, "
+            if tuple(prior.code_shape) != shape:
+                raise ValueError(f"the level-{level} prior models {tuple(prior.code_shape)} codes, "
                                  f"but an input of shape {tuple(input_shape)} makes {shape}")
         return shapes
 
@@ -148,7 +153,8 @@ class PriorCoder:
 
     # ---- encoding ----------------------------------------------------------------------------------
     def encode(self, codes: list[torch.Tensor], input_shape, class_labels=None) -> list[Encoded]:
-        """codes: per level (B, *grid); input_shape (C, *S). One stream per sample, one step call per position."""
+        """codes: per level (B, *grid) or (B, *grid, depth); input_shape (C, *S). One stream per sample, one step
+        call per code (every stage of a stack)."""
         codes = [c.detach().to("cpu", torch.long) for c in codes]
         if len(codes) != len(self.sizes):
             raise ValueError(f"got {len(codes)} code level(s); this pipeline has {len(self.sizes)}")
@@ -281,7 +287,7 @@ def coder_for(pipe) -> PriorCoder:
 
 
 def _as_codes(pipe, x_or_codes, input_shape=None) -> tuple[list[torch.Tensor], tuple[int, ...]]:
-    """An input batch (B, C, *S) or codes (per level (B, *grid), or one tensor for one level) ->
+    """An input batch (B, C, *S) or codes (per level (B, *grid) or (B, *grid, depth), or one tensor for one level) ->
     (codes per level, input shape (C, *S))."""
     tok = pipe.tokenizer
     if isinstance(x_or_codes, torch.Tensor) and x_or_codes.is_floating_point():
@@ -293,9 +299,10 @@ def _as_codes(pipe, x_or_codes, input_shape=None) -> tuple[list[torch.Tensor], t
     codes = [torch.as_tensor(c).long().cpu() for c in codes]
     if input_shape is None:
         input_shape = tuple(pipe.input_shape)
-        shapes = tok.code_shapes(input_shape)
+        shapes = tok.code_tensor_shapes(input_shape)
         if [tuple(c.shape[1:]) for c in codes] != [tuple(s) for s in shapes]:
-            spatial = tuple(n * f for n, f in zip(codes[0].shape[1:], tok.downsampling))
+            grid = codes[0].shape[1 : 1 + tok.dims]  # without the stages of a code stack
+            spatial = tuple(n * f for n, f in zip(grid, tok.downsampling))
             input_shape = (int(tok.config.in_channels), *spatial)
     return codes, tuple(input_shape)
 
@@ -315,7 +322,8 @@ def decompress_batch(pipe, blobs: list[bytes], max_input_size: int = MAX_INPUT_S
 
 
 def compress(pipe, x_or_codes, class_label=None, input_shape=None) -> bytes:
-    """One sample: x (C, *S) / (1, C, *S), or its codes per level ((*grid) or (1, *grid))."""
+    """One sample: x (C, *S) / (1, C, *S), or its codes per level ((*grid) or (1, *grid); code stacks
+    (*grid, depth) or (1, *grid, depth))."""
     tok = pipe.tokenizer
     if isinstance(x_or_codes, torch.Tensor) and x_or_codes.is_floating_point():
         if x_or_codes.dim() == tok.dims + 1:
@@ -323,7 +331,8 @@ def compress(pipe, x_or_codes, class_label=None, input_shape=None) -> bytes:
     else:
         levels = [x_or_codes] if isinstance(x_or_codes, torch.Tensor) else list(x_or_codes)
         levels = [torch.as_tensor(c) for c in levels]
-        x_or_codes = [c[None] if c.dim() == tok.dims else c for c in levels]
+        item_dims = tok.dims + (1 if tok.code_depth else 0)  # one item's codes: the grid (+ the stages)
+        x_or_codes = [c[None] if c.dim() == item_dims else c for c in levels]
     blobs = compress_batch(pipe, x_or_codes, None if class_label is None else [class_label], input_shape)
     if len(blobs) != 1:
         raise ValueError(f"compress codes one sample; got {len(blobs)} (use compress_batch)")
@@ -415,7 +424,7 @@ def compress_main(argv=None, args=None) -> dict:
 
 
 def decompress_main(argv=None, args=None) -> list[torch.Tensor]:
-    """Decompress one file; returns the codes (per level, (*grid))."""
+    """Decompress one file; returns the codes (per level, (*grid) or (*grid, depth))."""
     if args is None:
         parser = argparse.ArgumentParser(prog="tokgen decompress")
         add_decompress_arguments(parser)

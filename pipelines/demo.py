@@ -233,7 +233,8 @@ def _full_photo(tokenizer, out: Path) -> dict:
 def _tokenizer_summary(m: dict) -> dict:
     keys = ("psnr_db", "ssim", "lpips", "fd_vgg16", "fd_vgg16_frames", "snr_db", "si_sdr_db", "stoi", "mel_distance",
             "mel_distance_multiscale", "bitrate_kbps", "sample_rate", "codebook_usage", "codebook_usage_per_level",
-            "perplexity", "codes_per_input", "compression_ratio", "full_photo", "unscored_items", "num_samples", "distance_items")
+            "code_depth", "codebook_usage_per_stage", "perplexity", "codes_per_input", "compression_ratio", "full_photo",
+            "unscored_items", "num_samples", "distance_items")
     return {k: m[k] for k in keys if k in m}
 
 

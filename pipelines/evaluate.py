@@ -2,7 +2,8 @@
 
 The held-out split (``split="eval"``) of ``--data`` (a built-in name, a folder or shards) is tokenized
 with the pipeline's tokenizer and every level's codes are scored by its prior (teacher forcing, the
-full forward, batched): bits per token per level and overall, bits per dimension of the raw data
+full forward, batched): bits per token per level and overall (a token is a code: every stage of a residual
+quantizer's code stack counts), bits per dimension of the raw data
 (per level and total) and total bits per sample. That total is the lossless code length of the
 tokens, which ``tokgen compress`` achieves to within about a byte plus its header;
 ``--compress N`` checks this on the first N samples (real files, decoded back and compared).
@@ -119,14 +120,22 @@ def _nll_metrics(sized: TokgenPipeline, per_sample: np.ndarray, shape: tuple[int
         "bits_per_token_per_level": [float(b / n) for b, n in zip(per_sample, tokens)],
         "bits_per_dim": total / dims,
         "bits_per_sample": total,
-        "levels": [{"level": level, "grid_shape": list(p.config.grid_shape), "codebook_size": p.config.vocab_size,
-                    "tokens_per_sample": n, "bits_per_token": float(b / n), "bits_per_sample": float(b),
-                    "bits_per_dim": float(b / dims)}
+        "levels": [_level_metrics(level, p, n, b, dims)
                    for level, (p, n, b) in enumerate(zip(sized.priors, tokens, per_sample))],
         "input_shape": list(shape),
         "tokens_per_sample": sum(tokens),
         "dims_per_sample": dims,
     }
+
+
+def _level_metrics(level: int, prior, tokens: int, bits: float, dims: int) -> dict:
+    """One level's entry: its tokens count every stage of a code stack (whose ``depth`` it then records)."""
+    out = {"level": level, "grid_shape": list(prior.config.grid_shape), "codebook_size": prior.config.vocab_size,
+           "tokens_per_sample": tokens, "bits_per_token": float(bits / tokens), "bits_per_sample": float(bits),
+           "bits_per_dim": float(bits / dims)}
+    if prior.config.depth:
+        out["depth"] = prior.config.depth
+    return out
 
 
 def _compression_metrics(coded: list[dict], dims: int) -> dict:

@@ -4,6 +4,9 @@
 then each lower level from its prior conditioned on the level above) and decodes them.
 ``bits_per_dim(x)`` gives the exact code length of x's tokens; ``complete(x, known_fraction)`` keeps the
 codes of the known part (top rows, first frames, start of a clip) and samples the rest.
+
+A residual quantizer's code stacks, (B, *grid, depth) per level, go through every method as grids do: its
+priors model every stage (``stage2_prior.stacks``), and likelihoods and token counts include them all.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ VERSION = 1
 @dataclass
 class PipelineOutput:
     """samples: decoded (B, C, *S) in the data range, or None when only codes were asked for;
-    codes: one LongTensor (B, *grid) per level, top first."""
+    codes: one LongTensor (B, *grid) per level, top first ((B, *grid, depth) for code stacks)."""
 
     samples: torch.Tensor | None
     codes: list[torch.Tensor]
@@ -58,6 +61,10 @@ class TokgenPipeline:
                     f"level-{level} prior models {tuple(prior.config.grid_shape)} grids of {prior.config.vocab_size} "
                     f"codes, but the tokenizer makes {tuple(shape)} grids of {k} codes: they do not belong together"
                 )
+            if prior.config.depth != self.tokenizer.code_depth:
+                raise ValueError(f"level-{level} prior models code stacks of depth {prior.config.depth}, but the "
+                                 f"tokenizer's codes have {self.tokenizer.code_depth} stages per position (0: none): "
+                                 "they do not belong together")
 
     def with_input_shape(self, input_shape: tuple[int, ...]) -> "TokgenPipeline":
         """This pipeline for inputs of another size (C, *S): the tokenizer is fully convolutional, and
@@ -215,13 +222,14 @@ class TokgenPipeline:
 
     @torch.no_grad()
     def decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Codes per level (B, *grid), top first -> (B, C, *S) in the data range (float32)."""
+        """Codes per level (B, *grid), top first -> (B, C, *S) in the data range (float32). Code stacks
+        (B, *grid, k) decode with any first k stages (fewer: coarser)."""
         with self.autocast():
             return self.tokenizer.decode_clamped([c.to(self.device) for c in codes]).float()
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x (B, C, *S) -> codes per level (B, *grid), top first."""
+        """x (B, C, *S) -> codes per level (B, *grid), top first; (B, *grid, depth) for code stacks."""
         with self.autocast():
             return self.tokenizer.encode_levels(x.to(self.device))
 

@@ -128,6 +128,12 @@ class Tokenizer(PretrainedMixin, nn.Module):
         q = self.config.quantizer
         return q.num_stages if q.kind == "rvq" else 0
 
+    def code_tensor_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Input (C, *S) without batch -> the shape of one item's codes per level, top first: the grid, with the
+        stages last for a residual quantizer, (*grid, code_depth). What export, priors and the coder hold."""
+        depth = self.code_depth
+        return [(*grid, depth) if depth else grid for grid in self.code_shapes(input_shape)]
+
     def check_codes(self, codes: list[torch.Tensor]) -> None:
         if len(codes) != self.num_levels:
             grids = f"{self.num_levels} code grids" if self.num_levels > 1 else "1 code grid"

@@ -1,6 +1,8 @@
 """``tokgen encode`` / ``tokgen decode``: files to codes and back, with any tokenizer.
 
-Codes files are the one layout of :mod:`data.codes` (``.npz``, ``level_0`` the top level, ``(N, *grid)``).
+Codes files are the one layout of :mod:`data.codes` (``.npz``, ``level_0`` the top level, ``(N, *grid)``;
+``(N, *grid, stages)`` for a residual quantizer, whose ``tokgen encode --stages K`` keeps the first K stages: a
+lower bitrate, which ``tokgen decode`` decodes as it decodes all of them).
 ``tokgen encode`` writes N = 1; ``tokgen decode`` reads what ``tokgen encode``, ``tokgen sample`` and
 ``tokgen decompress --codes-out`` write, any number of items and levels. One item is written to
 ``--out``; N items to ``--out`` with ``_000``, ``_001``... before its suffix, or into ``--out`` as a folder
@@ -26,6 +28,9 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="image, audio or video file")
     p.add_argument("--out", required=True, type=Path, help="codes file to write (.npz)")
     p.add_argument("--size", type=int, help="resize the shorter side first (audio: keep the first SIZE samples)")
+    p.add_argument("--stages", type=int,
+                   help="residual quantizers (kind rvq): keep the first K stages of each position (a lower "
+                        "bitrate; default: all)")
     add_device_arguments(p)
     add_output_arguments(p)
 
@@ -53,8 +58,10 @@ def encode_main(argv=None, args=None) -> list[torch.Tensor]:
         args = parser.parse_args(argv)
     tokenizer, device, dtype = load_for_inference(args)
     x = read_file(tokenizer, args.input, args.size)
+    # other kinds refuse num_stages with a message; a caller's Namespace may predate --stages
+    stages = {} if getattr(args, "stages", None) is None else {"num_stages": args.stages}
     with torch.no_grad(), autocast(device, dtype):
-        codes = [c.cpu() for c in tokenizer.encode_levels(x[None].to(device))]
+        codes = [c.cpu() for c in tokenizer.encode_levels(x[None].to(device), **stages)]
     save_codes(args.out, codes, tokenizer.codebook_sizes)
     emit(args, f"{args.input} {tuple(x.shape)} -> codes {[tuple(c.shape[1:]) for c in codes]} in {args.out}",
          {"input": str(args.input), "input_shape": list(x.shape), "codes": str(args.out),
@@ -78,10 +85,12 @@ def load_for_inference(args) -> tuple[Tokenizer, torch.device, torch.dtype]:
 
 
 def decode_codes(tokenizer: Tokenizer, codes: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Codes per level, (N, *grid) or one item's (*grid), top first -> decoded items (N, C, *S), clamped, on the CPU."""
+    """Codes per level, (N, *grid) or one item's (*grid), top first (code stacks: (N, *grid, stages) or
+    (*grid, stages)) -> decoded items (N, C, *S), clamped, on the CPU."""
     if len(codes) != tokenizer.num_levels:
         raise ValueError(f"the codes hold {len(codes)} level(s) but the tokenizer has {tokenizer.num_levels}")
-    codes = [c[None] if c.dim() == tokenizer.dims else c for c in codes]
+    item_dims = tokenizer.dims + (1 if tokenizer.code_depth else 0)  # one item's codes: the grid (+ stages)
+    codes = [c[None] if c.dim() == item_dims else c for c in codes]
     if len({c.shape[0] for c in codes}) != 1:
         raise ValueError(f"the levels hold different numbers of items: {[tuple(c.shape) for c in codes]}")
     device = next(tokenizer.parameters()).device

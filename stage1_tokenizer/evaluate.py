@@ -1,8 +1,9 @@
 """``tokgen evaluate-tokenizer``: held-out reconstruction quality and codebook statistics.
 
 Writes ``metrics.json`` (images and video: psnr_db, ssim, lpips when the backbone is available; audio: snr_db,
-si_sdr_db, stoi, mel distances, bitrate_kbps and ViSQOL when asked; all: codebook_usage and perplexity per level,
-codes per input, compression ratio) and ``reconstructions.png``. Distribution distances between the held-out
+si_sdr_db, stoi, mel distances, bitrate_kbps and ViSQOL when asked; all: codebook_usage and perplexity per level
+(and per stage for a residual quantizer: ``codebook_usage_per_stage``), codes per input, compression ratio, each
+counting every stage of a code stack) and ``reconstructions.png``. Distribution distances between the held-out
 originals and their reconstructions: ``fd_vgg16`` always (offline VGG16 features; video: ``fd_vgg16_frames``,
 per frame), and for images rFID as ``fid`` with ``kid``/``kid_std`` and the reconstructions'
 ``inception_score`` when the user names the Inception file (``--fid-weights`` or ``$TOKGEN_FID_WEIGHTS``).
@@ -72,17 +73,15 @@ def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = N
     inception_score(_std) with ``fid_weights`` (the checked Inception file); video: per-frame psnr_db, ssim and
     lpips, fd_vgg16_frames on per-frame features; audio: snr_db, mel_distance (dB), si_sdr_db, stoi,
     mel_distance_multiscale, visqol_mos (opt-in) and bitrate_kbps; all: mse, codebook usage and perplexity (per
-    level); ``unscored_items`` counts the items a metric could not score (clips too short for STOI/ViSQOL). The distances compare the originals with their reconstructions (>= 2 items).
+    level, and per stage of a residual quantizer's code stacks, whose every stage counts in the codes, bits and
+    kbps); ``unscored_items`` counts the items a metric could not score (clips too short for STOI/ViSQOL). The distances compare the originals with their reconstructions (>= 2 items).
     ``fd_vgg16`` is opt-in here (the command turns it on): ~0.4 s an item on one CPU core, twice per item;
     ``distance_items`` gives the distances only the first that many items (recorded as ``distance_items``).
     """
-    if tokenizer.code_depth:  # usage, bits and kbps below count one code per position
-        raise NotImplementedError("evaluating a residual quantizer's tokenizer (kind rvq: codes with a depth axis "
-                                  "of stages) is not supported yet")
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
     modality, sample_rate = tokenizer.modality, tokenizer.sample_rate
-    stats = [CodebookStats(k) for k in tokenizer.codebook_sizes]
+    stats = [[CodebookStats(k) for _ in range(max(tokenizer.code_depth, 1))] for k in tokenizer.codebook_sizes]
     perceptual = _try_lpips() if lpips and modality in ("image", "video") else None
     perceptual = perceptual.to(device) if perceptual is not None else None
     means = MetricMeans()
@@ -96,8 +95,8 @@ def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = N
         with autocast(device, dtype):
             codes = tokenizer.encode_levels(x)
             recon = tokenizer.decode_clamped(codes).float()
-        for s, c in zip(stats, codes):
-            s.update(c)
+        for level_stats, c in zip(stats, codes):
+            _update_stats(level_stats, c, tokenizer.code_depth)
         means.update(batch_metrics(x, recon, modality, sample_rate, perceptual, visqol and modality == "audio"))
         room = x.shape[0] if distance_items is None else max(0, distance_items - count)
         if distances is not None and room > 0:
@@ -123,21 +122,36 @@ def evaluate(tokenizer, dataset, batch_size: int = 64, max_items: int | None = N
     return metrics
 
 
-def _code_metrics(tokenizer, stats: list[CodebookStats], input_shape) -> dict:
-    shapes = tokenizer.code_shapes(input_shape)
+def _update_stats(level_stats: list[CodebookStats], codes: torch.Tensor, depth: int) -> None:
+    """One level's codes (B, *grid), or (B, *grid, depth) with one CodebookStats per stage."""
+    if not depth:
+        level_stats[0].update(codes)
+        return
+    for stage, s in enumerate(level_stats):
+        s.update(codes[..., stage])
+
+
+def _code_metrics(tokenizer, stats: list[list[CodebookStats]], input_shape) -> dict:
+    """Usage, perplexity, codes and bits per input; every stage of a code stack is a code (and its bits)."""
+    grids, shapes = tokenizer.code_shapes(input_shape), tokenizer.code_tensor_shapes(input_shape)
     codes_per_input = sum(math.prod(s) for s in shapes)
     code_bits = sum(math.prod(s) * math.log2(k) for s, k in zip(shapes, tokenizer.codebook_sizes))
     raw_bits = math.prod(input_shape) * BITS_PER_VALUE[tokenizer.modality]
+    firsts = [level[0] for level in stats]  # the level's only codebook, or its first stage
     out = {
-        "codebook_usage": min(s.usage for s in stats),
-        "perplexity": stats[0].perplexity if len(stats) == 1 else [s.perplexity for s in stats],
+        "codebook_usage": min(s.usage for level in stats for s in level),
+        "perplexity": firsts[0].perplexity if len(firsts) == 1 else [s.perplexity for s in firsts],
         "codes_per_input": codes_per_input,
-        "code_grid_shapes": [list(s) for s in shapes],
+        "code_grid_shapes": [list(s) for s in grids],
         "compression_ratio": raw_bits / code_bits,
     }
     if len(stats) > 1:
-        out["codebook_usage_per_level"] = [s.usage for s in stats]
-    if tokenizer.modality == "audio":  # what audio codecs are compared at
+        out["codebook_usage_per_level"] = [min(s.usage for s in level) for level in stats]
+    if tokenizer.code_depth:  # per level, one entry per stage
+        out.update(code_depth=tokenizer.code_depth,
+                   codebook_usage_per_stage=[[s.usage for s in level] for level in stats],
+                   perplexity_per_stage=[[s.perplexity for s in level] for level in stats])
+    if tokenizer.modality == "audio":  # what audio codecs are compared at (a stack's shape counts its stages)
         out["bitrate_kbps"] = bitrate_kbps(tokenizer.codebook_sizes, shapes, input_shape[-1], tokenizer.sample_rate)
     return out
 

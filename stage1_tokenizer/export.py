@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from data import build_dataset, collate_samples
 from data.token_writer import (ShardWriter, TokenizerInfo, build_manifest, check_settings, clean_partial,
                                complete_shards, existing_manifest, is_done, mark_done)
-from data.tokens import MANIFEST
+from data.tokens import MANIFEST, level_code_shape
 from harness.data_order import SeededDataset
 from harness.devices import add_device_arguments, autocast, resolve_device, resolve_dtype
 from harness.folders import write_json
@@ -153,11 +153,8 @@ def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 6
     rank, world = acc.process_index, acc.num_processes
     datasets = _check_request(dataset, split, batch_size, shard_size)
     out_dir = Path(out_dir)
-    if tokenizer.code_depth:  # the manifest, shards and token reader hold one code per position
-        raise NotImplementedError("exporting the codes of a residual quantizer (kind rvq: a depth axis of stages) "
-                                  "is not supported yet")
     info = TokenizerInfo(tokenizer.fingerprint(), tokenizer.modality, list(tokenizer.codebook_sizes),
-                         tokenizer.code_shapes)
+                         tokenizer.code_shapes, tokenizer.code_depth)
     previous = existing_manifest(out_dir, info.fingerprint)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,5 +280,5 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     if accelerator.is_main_process:
         splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
         emit(args, f"tokens of {splits} inputs {manifest['input_shape']} -> "
-                   f"{[lv['grid_shape'] for lv in manifest['levels']]} codes written to {args.out}", manifest)
+                   f"{[list(level_code_shape(lv)) for lv in manifest['levels']]} codes written to {args.out}", manifest)
     return manifest

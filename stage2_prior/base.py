@@ -5,6 +5,11 @@ A prior models codes (B, *grid) in raster order (last axis fastest). ``forward``
 position at once (teacher forcing, training, likelihoods); ``start_state``/``step`` give them one position at
 a time from a cache, which is what sampling and arithmetic decoding use. Both paths compute the same
 numbers (tests hold them to 1e-5).
+
+A prior over code stacks (``depth`` > 0: a residual quantizer's codes, (B, *grid, depth)) models them in the
+same raster order with the stages as the last, fastest axis (:mod:`stage2_prior.stacks`): ``forward`` gives
+(B, *grid, depth, V) and ``step`` one stage of one position at a time; ``code_shape`` and ``num_tokens`` count
+the stages, so every user of the interface handles stacks as it handles grids.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from typing import Any, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stage2_prior.stacks import code_shape
 
 # The class label that means "no class". A prior with ``config.null_class`` has one more class embedding,
 # learned from labels dropped at random in training (``class_dropout``), so it is a conditional and an
@@ -33,6 +40,8 @@ class PriorConfig:
     null_class: bool = False  # one more class embedding, for NULL_CLASS (classifier-free guidance)
     cond_grid_shape: tuple[int, ...] | None = None  # upper-level code grid (hierarchies)
     cond_vocab_size: int = 0  # 0 = no upper-level conditioning
+    depth: int = 0  # stages per position of code stacks (B, *grid, depth), a residual quantizer's; 0 = none
+    cond_depth: int = 0  # the same for the upper-level codes
 
     def __post_init__(self):
         self.grid_shape = tuple(self.grid_shape)
@@ -40,6 +49,10 @@ class PriorConfig:
             self.cond_grid_shape = tuple(self.cond_grid_shape)
         if self.null_class and not self.num_classes:
             raise ValueError("null_class needs a class-conditional prior (num_classes > 0)")
+        if self.depth < 0 or self.cond_depth < 0:
+            raise ValueError(f"depth and cond_depth must be >= 0 (0 = no stacks), got {self.depth}, {self.cond_depth}")
+        if self.cond_depth and not self.cond_vocab_size:
+            raise ValueError("cond_depth needs upper-level conditioning (cond_vocab_size > 0)")
 
     @property
     def conditional(self) -> bool:
@@ -54,18 +67,28 @@ class Prior(Protocol):
     shape_agnostic: bool  # True when no weight depends on the grid size (convolutional priors)
 
     @property
-    def num_tokens(self) -> int: ...
+    def num_positions(self) -> int:
+        """Positions of the grid (each holds one code, or a stack of ``depth``)."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Codes per sample, every stage of a stack counted: the steps of sampling and coding."""
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """One sample's codes: (*grid), or (*grid, depth) for stacks."""
 
     def __call__(self, codes: torch.Tensor, class_labels: torch.Tensor | None = None,
                  cond: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (B, *grid) -> logits (B, *grid, V); position t sees codes before t only."""
+        """codes (B, *code_shape) -> logits (B, *code_shape, V); code t (raster order, stages fastest) sees codes
+        before t only."""
 
     def start_state(self, batch: int, class_labels: torch.Tensor | None = None,
                     cond: torch.Tensor | None = None) -> Any:
         """The cache for sampling or coding ``batch`` rows from position 0."""
 
     def step(self, state: Any, prev: torch.Tensor | None) -> torch.Tensor:
-        """Logits (B, V) for the next position; ``prev`` (B,) is the code at the position before (None at 0)."""
+        """Logits (B, V) for the next code (of ``codes.flatten(1)``); ``prev`` (B,) is the code before (None at 0)."""
 
     def nll(self, codes: torch.Tensor, class_labels: torch.Tensor | None = None,
             cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,8 +154,26 @@ class PriorMixin:
         return resized.to(device).train(self.training)
 
     @property
-    def num_tokens(self) -> int:
+    def code_shape(self) -> tuple[int, ...]:
+        """One sample's codes: the grid, plus the stages last for stacks."""
+        return code_shape(self.config.grid_shape, self.config.depth)
+
+    @property
+    def cond_code_shape(self) -> tuple[int, ...] | None:
+        """One sample's upper-level codes (None without a level above)."""
+        cfg = self.config
+        return code_shape(cfg.cond_grid_shape, cfg.cond_depth) if cfg.cond_grid_shape is not None else None
+
+    @property
+    def num_positions(self) -> int:
+        """Positions of the grid (each holds one code, or a stack of ``depth``)."""
         return math.prod(self.config.grid_shape)
+
+    @property
+    def num_tokens(self) -> int:
+        """Codes per sample, every stage of a stack counted: the steps of sampling and arithmetic coding, and what
+        bits per token divide by."""
+        return math.prod(self.code_shape)
 
     def embed_class(self, class_labels: torch.Tensor) -> torch.Tensor:
         """(B,) labels in [0, num_classes), or NULL_CLASS with ``null_class`` -> (B, D)."""
@@ -143,8 +184,9 @@ class PriorMixin:
         """Clear errors for inputs that do not fit this prior (wrong tokenizer, missing labels...)."""
         cfg = self.config
         if codes is not None:
-            if tuple(codes.shape[1:]) != tuple(cfg.grid_shape):
-                raise ValueError(f"this prior models code grids {tuple(cfg.grid_shape)}, got {tuple(codes.shape[1:])}")
+            if tuple(codes.shape[1:]) != self.code_shape:
+                what = "code grids" if not cfg.depth else f"code stacks (*grid, stages) of depth {cfg.depth}:"
+                raise ValueError(f"this prior models {what} {self.code_shape}, got {tuple(codes.shape[1:])}")
             if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= cfg.vocab_size):
                 raise ValueError(
                     f"codes out of range [0, {cfg.vocab_size}) (got max {int(codes.max())}): "
@@ -155,8 +197,8 @@ class PriorMixin:
         if cfg.cond_vocab_size:
             if cond is None:
                 raise ValueError(f"this prior is conditioned on upper-level codes {tuple(cfg.cond_grid_shape)}: pass cond")
-            if tuple(cond.shape[1:]) != tuple(cfg.cond_grid_shape):
-                raise ValueError(f"cond must be (B, {tuple(cfg.cond_grid_shape)}), got {tuple(cond.shape)}")
+            if tuple(cond.shape[1:]) != self.cond_code_shape:
+                raise ValueError(f"cond must be (B, {self.cond_code_shape}), got {tuple(cond.shape)}")
 
     def nll(self, codes: torch.Tensor, class_labels=None, cond=None) -> torch.Tensor:
         """Negative log-likelihood in nats per sample, (B,)."""

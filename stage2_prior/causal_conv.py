@@ -13,6 +13,10 @@ Each convolution has two ways to run with the same weights:
     output row from them (O(W) once per row, O(1) amortized per token).
   - ``HorizontalConv`` (PixelCNN horizontal stack): the current row of its input; ``at`` computes the single
     output position (i, j) from the ``kw`` inputs to its left (Ramachandran et al. 2017).
+
+Code stacks (:mod:`stage2_prior.stacks`) add the stage order inside a position: ``StackCausalConv1d`` and
+``StackHorizontalConv`` also take the input at the output's own position, through a channel-group mask (A or B)
+on that tap alone; their earlier taps, like every tap above, see all channels.
 """
 from __future__ import annotations
 
@@ -20,13 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stage2_prior.stacks import GroupMasked, MaskedConv1d, MaskedConv2d, code_embedding, group_ids, group_mask
+
 
 def upper_level_conditioning(config, channels: int, conv: type[nn.Module]):
     """(embedding, conv) of a conv prior's upper-level codes, or (None, None) when it has no level above. The conv
     (width 3) is not causal: the upper level is fully known before this level is sampled."""
     if not config.cond_vocab_size:
         return None, None
-    return nn.Embedding(config.cond_vocab_size, channels), conv(channels, channels, 3, padding=1)
+    embedding = code_embedding(config.cond_vocab_size, channels, config.cond_depth)  # stacks: summed over stages
+    return embedding, conv(channels, channels, 3, padding=1)
 
 
 def conditioning_map(prior, batch: int, class_labels=None, cond=None) -> torch.Tensor | None:
@@ -58,8 +65,19 @@ def shift_down(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_step(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 (or any k taps flattened into ``x``) convolution applied to one position: (B, Cin*k) -> (B, Cout)."""
-    return F.linear(x, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+    """A 1x1 (or any k taps flattened into ``x``) convolution applied to one position: (B, Cin*k) -> (B, Cout).
+    A group-masked layer (code stacks) computes with its masked weight, as its forward does."""
+    weight = conv.masked_weight if isinstance(conv, GroupMasked) else conv.weight
+    return F.linear(x, weight.reshape(weight.shape[0], -1), conv.bias)
+
+
+def pointwise(conv: type[nn.Module], in_widths: list[int], out_widths: list[int], depth: int) -> nn.Module:
+    """A 1x1 convolution from channels laid out as the segments ``in_widths`` to ``out_widths`` (e.g. the halves
+    of a gate): plain without stacks; for stacks masked B by stage groups (each segment split into ``depth``)."""
+    if not depth:
+        return conv(sum(in_widths), sum(out_widths), 1)
+    masked = MaskedConv1d if conv is nn.Conv1d else MaskedConv2d
+    return masked(group_ids(in_widths, depth), group_ids(out_widths, depth), "B")
 
 
 # ---- 1-D --------------------------------------------------------------------------------------
@@ -76,6 +94,12 @@ class ConvQueue:
         self.buf[:, :, p] = x
         self.buf[:, :, p + self.size] = x
         self.t += 1
+
+    def replace(self, x: torch.Tensor) -> None:
+        """Overwrite the newest input (the same position again: the next stage of a code stack)."""
+        p = (self.t - 1) % self.size
+        self.buf[:, :, p] = x
+        self.buf[:, :, p + self.size] = x
 
     def window(self, dilation: int) -> torch.Tensor:
         """(B, C, k): inputs at t - (k-1) d, ..., t - d, t for the input t just pushed."""
@@ -99,10 +123,34 @@ class CausalConv1d(nn.Conv1d):
     def start_queue(self, batch: int) -> ConvQueue:
         return ConvQueue(batch, self.in_channels, self.context + 1, self.weight)
 
-    def step(self, x: torch.Tensor, queue: ConvQueue) -> torch.Tensor:
-        """x (B, Cin) is the input at the next position; returns the output there, (B, Cout)."""
-        queue.push(x)
+    def step(self, x: torch.Tensor, queue: ConvQueue, replace: bool = False) -> torch.Tensor:
+        """x (B, Cin) is the input at the next position (``replace``: again at the newest one); returns the output
+        there, (B, Cout)."""
+        if replace:
+            queue.replace(x)
+        else:
+            queue.push(x)
         return linear_step(self, queue.window(self.dilation[0]).reshape(x.shape[0], -1))
+
+
+def gate_mask(in_channels: int, out_channels: int, depth: int, mask: str) -> torch.Tensor:
+    """(out, in) group mask of a conv whose outputs are the two halves of a gate (each split into stage groups)."""
+    out_ids = group_ids([out_channels // 2, out_channels // 2], depth)
+    return group_mask(out_ids, group_ids([in_channels], depth), mask)
+
+
+class StackCausalConv1d(GroupMasked, CausalConv1d):
+    """``CausalConv1d`` over a code stack's channel groups, into the two halves of a gate: the taps before t see
+    every channel, the tap at t only the groups mask B allows (output group k sees input groups <= k)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int, depth: int):
+        super().__init__(in_channels, out_channels, kernel_size, dilation)
+        mask = torch.ones_like(self.weight)
+        mask[:, :, -1] = gate_mask(in_channels, out_channels, depth, "B")
+        self.set_mask(mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(F.pad(x, (self.context, 0)), self.masked_weight, self.bias)
 
 
 # ---- 2-D --------------------------------------------------------------------------------------
@@ -168,3 +216,26 @@ class HorizontalConv(nn.Conv2d):
         """Output at column j, (B, Cout), from the cached inputs to its left."""
         start = j + (0 if self.mask == "A" else 1)
         return linear_step(self, row[:, :, start : start + self.width].reshape(row.shape[0], -1))
+
+
+class StackHorizontalConv(GroupMasked, HorizontalConv):
+    """``HorizontalConv`` over a code stack's channel groups, into the two halves of a gate: output (i, j) sees inputs (i, j - kw + 1 ... j), the
+    ones before j in full and the one at j through the group mask, A (the first layer: group k sees the groups
+    < k, the stages drawn before k) or B (later layers: <= k). Cached like mask B (``at`` reads column j)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask: str, depth: int):
+        super().__init__(in_channels, out_channels, kernel_size, "B")  # the taps of mask B, then the group mask
+        self.stage_mask_kind = mask
+        taps = torch.ones_like(self.weight)
+        taps[:, :, 0, -1] = gate_mask(in_channels, out_channels, depth, mask)
+        self.set_mask(taps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(F.pad(x, (self.width - 1, 0)), self.masked_weight, self.bias)
+
+
+def horizontal_conv(in_channels: int, out_channels: int, kernel_size: int, mask: str, depth: int) -> HorizontalConv:
+    """The horizontal conv of a PixelCNN layer: ``HorizontalConv`` without stacks, ``StackHorizontalConv`` with."""
+    if not depth:
+        return HorizontalConv(in_channels, out_channels, kernel_size, mask)
+    return StackHorizontalConv(in_channels, out_channels, kernel_size, mask, depth)

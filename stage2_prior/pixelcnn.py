@@ -23,6 +23,15 @@ Cached generation (``start_state``/``step``) keeps, per layer:
 * the horizontal conv's inputs for the current row; a step computes only position (i, j) of each layer;
 * keys and values of every attention layer (like a transformer's KV cache).
 
+Code stacks (``depth`` > 0, codes (B, H, W, depth)): the channels split into one group per stage, as PixelCNN
+splits R, G and B (:mod:`stage2_prior.stacks`). The codes of a position enter side by side (group k = stage k's
+embedding); the horizontal convs also read the column of their own position through a group mask (A in the first
+layer, B after it), the 1x1 convs of the horizontal stream and of the head are masked B, attention runs per group
+(each head belongs to one group and reads the groups up to its own, after a per-group LayerNorm), and the head
+gives V logits per group. The vertical stack sees rows above only and needs no mask. So stage k at (i, j) sees
+every stage before (i, j) and the stages < k at it. A cached step computes one stage of one position: the
+position's column again, with the stages drawn so far.
+
 Cost per token (multiply-adds, L layers, kw = k//2+1): L * (kw * C * 2C + C * 2C) for the horizontal
 stack + the head, plus, amortized over the W tokens of a row, L * ((k//2+1) * k * C * 2C + 2C * 2C [+ C*4C
 conditioning]) for the vertical stack, plus 4 C^2 + 2 t C per attention layer. A full forward costs all of
@@ -39,8 +48,10 @@ from torch import nn
 
 from harness.folders import PretrainedMixin
 from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
-from stage2_prior.causal_conv import (HorizontalConv, VerticalConv, conditioning_map, gate, linear_step, shift_down,
-                                      upper_level_conditioning)
+from stage2_prior.causal_conv import (VerticalConv, conditioning_map, gate, horizontal_conv, linear_step, pointwise,
+                                      shift_down, upper_level_conditioning)
+from stage2_prior.stacks import (GroupLayerNorm, MaskedConv2d, MaskedLinear, check_divisible, code_embedding,
+                                 group_ids)
 
 
 @dataclass
@@ -65,6 +76,10 @@ class GatedPixelCNNPriorConfig(PriorConfig):
             raise ValueError(f"kernel_size must be odd and >= 3, got {self.kernel_size}")
         if self.attn_every and self.channels % self.attn_heads:
             raise ValueError(f"channels {self.channels} must be divisible by attn_heads {self.attn_heads}")
+        if self.depth:
+            widths = {"channels": self.channels, "head_channels": self.head_channels}
+            check_divisible({**widths, **({"attn_heads": self.attn_heads} if self.attn_every else {})}, self.depth,
+                            "a PixelCNN prior")
 
 
 class GatedLayer(nn.Module):
@@ -73,9 +88,9 @@ class GatedLayer(nn.Module):
         c, k = cfg.channels, cfg.kernel_size
         self.first = first
         self.v_conv = VerticalConv(c, 2 * c, k)
-        self.h_conv = HorizontalConv(c, 2 * c, k, "A" if first else "B")
-        self.link = nn.Conv2d(2 * c, 2 * c, 1)  # vertical pre-activations -> horizontal stack
-        self.out = nn.Conv2d(c, 2 * c, 1)  # gated horizontal -> residual | skip
+        self.h_conv = horizontal_conv(c, 2 * c, k, "A" if first else "B", cfg.depth)
+        self.link = nn.Conv2d(2 * c, 2 * c, 1)  # vertical pre-activations -> horizontal stack (rows above: no mask)
+        self.out = pointwise(nn.Conv2d, [c], [c, c], cfg.depth)  # gated horizontal -> residual | skip
         self.ctx = nn.Conv2d(c, 4 * c, 1) if cfg.conditional else None  # conditioning -> vertical | horizontal
 
     def vertical(self, v_pre: torch.Tensor, ctx: torch.Tensor | None):
@@ -97,10 +112,17 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: GatedPixelCNNPriorConfig):
         super().__init__()
+        c, depth = cfg.channels, cfg.depth
         self.heads = cfg.attn_heads
-        self.norm = nn.LayerNorm(cfg.channels)
-        self.qkv = nn.Linear(cfg.channels, 3 * cfg.channels)
-        self.proj = nn.Linear(cfg.channels, cfg.channels)
+        if not depth:
+            self.norm = nn.LayerNorm(c)
+            self.qkv = nn.Linear(c, 3 * c)
+            self.proj = nn.Linear(c, c)
+            return
+        # stacks: head h belongs to group h // (heads / depth); its queries, keys and values read groups <= its own
+        self.norm = GroupLayerNorm(c, depth)
+        self.qkv = MaskedLinear(group_ids([c], depth), group_ids([c, c, c], depth), "B")
+        self.proj = MaskedLinear(group_ids([c], depth), group_ids([c], depth), "B")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> the same, every position attending to positions <= itself."""
@@ -142,22 +164,31 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         c, n = config.channels, config.num_layers
-        self.tok_emb = nn.Embedding(config.vocab_size, c)
+        self.tok_emb = code_embedding(config.vocab_size, c, config.depth, summed=False)  # stacks: group k = stage k
         self.class_emb = class_embedding(config, c)
         self.cond_emb, self.cond_conv = upper_level_conditioning(config, c, nn.Conv2d)
         self.layers = nn.ModuleList(GatedLayer(config, first=i == 0) for i in range(n))
         # Attention after layer i (never after the last: its output would reach nothing).
         self.attn = nn.ModuleDict({str(i): CausalSelfAttention(config) for i in range(n - 1)
                                    if config.attn_every and (i + 1) % config.attn_every == 0})
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c, config.head_channels, 1), nn.ReLU(),
-                                  nn.Conv2d(config.head_channels, config.vocab_size, 1))
+        self.head = nn.Sequential(nn.ReLU(), pointwise(nn.Conv2d, [c], [config.head_channels], config.depth), nn.ReLU(),
+                                  self._logits(config))
+
+    @staticmethod
+    def _logits(config: GatedPixelCNNPriorConfig) -> nn.Module:
+        """The head's last 1x1 conv: V logits, or V per stage group (group k's features -> stage k's logits)."""
+        if not config.depth:
+            return nn.Conv2d(config.head_channels, config.vocab_size, 1)
+        d, out = config.depth, torch.arange(config.depth).repeat_interleave(config.vocab_size)
+        return MaskedConv2d(group_ids([config.head_channels], d), out, "B")
 
     def context(self, batch: int, class_labels=None, cond=None) -> torch.Tensor | None:
         """(B, C, H, W): class embedding + processed upper-level codes, or None when unconditional."""
         return conditioning_map(self, batch, class_labels, cond)
 
     def forward(self, codes: torch.Tensor, class_labels=None, cond=None) -> torch.Tensor:
-        """codes (B, H, W) -> logits (B, H, W, V); position (i, j) sees codes before it in raster order only."""
+        """codes (B, H, W) -> logits (B, H, W, V); position (i, j) sees codes before it in raster order only.
+        Stacks: codes (B, H, W, depth) -> logits (B, H, W, depth, V), stage k also seeing the stages < k at (i, j)."""
         self.check_inputs(codes, class_labels, cond)
         ctx = self.context(codes.shape[0], class_labels, cond)
         h = self.tok_emb(codes).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -167,7 +198,8 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
             skip = skip + s
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
-        return self.head(skip).permute(0, 2, 3, 1)
+        logits = self.head(skip).permute(0, 2, 3, 1)
+        return logits.unflatten(-1, (self.config.depth, -1)) if self.config.depth else logits
 
     # ---- incremental (cached) computation -----------------------------------------------------
     def start_state(self, batch: int, class_labels=None, cond=None) -> PixelCNNState:
@@ -179,8 +211,8 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
             ctx=self.context(batch, class_labels, cond),
             v_rows=[layer.v_conv.start_rows(batch, w) for layer in self.layers],
             h_rows=[layer.h_conv.start_row(batch, w) for layer in self.layers],
-            attn={int(i): {"k": p.new_zeros(batch, cfg.attn_heads, self.num_tokens, head_dim),
-                           "v": p.new_zeros(batch, cfg.attn_heads, self.num_tokens, head_dim)} for i in self.attn},
+            attn={int(i): {"k": p.new_zeros(batch, cfg.attn_heads, self.num_positions, head_dim),
+                           "v": p.new_zeros(batch, cfg.attn_heads, self.num_positions, head_dim)} for i in self.attn},
         )
 
     def _start_row(self, state: PixelCNNState, i: int) -> None:
@@ -199,17 +231,36 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
             state.h_bias.append(h_bias[:, :, 0])
 
     def step(self, state: PixelCNNState, prev: torch.Tensor | None) -> torch.Tensor:
-        """Logits (B, V) for position ``state.pos``; ``prev`` (B,) is the code at pos - 1 (None at 0)."""
-        t, width = state.pos, self.config.grid_shape[1]
+        """Logits (B, V) for code ``state.pos``; ``prev`` (B,) is the code before (None at 0). Stacks: codes in raster
+        order of (position, stage), stages fastest."""
+        t, width, depth = state.pos, self.config.grid_shape[1], self.config.depth
         if t >= self.num_tokens:
-            raise IndexError(f"all {self.num_tokens} positions are done")
-        i, j = divmod(t, width)
+            raise IndexError(f"all {self.num_tokens} codes are done")
         if t > 0:
             if prev is None:
                 raise ValueError(f"prev (the code at position {t - 1}) is required after position 0")
-            self.layers[0].h_conv.write(state.h_rows[0], (t - 1) % width, self.tok_emb(prev))
-        if j == 0:
+            self._write_input(state, t - 1, prev)
+        position, stage = divmod(t, depth) if depth else (t, 0)
+        i, j = divmod(position, width)
+        if j == 0 and stage == 0:
             self._start_row(state, i)
+        logits = self._column(state, position, j)
+        state.pos = t + 1
+        return logits.unflatten(1, (depth, -1))[:, stage] if depth else logits
+
+    def _write_input(self, state: PixelCNNState, t: int, code: torch.Tensor) -> None:
+        """Code ``t`` (B,) embedded into the first layer's input row (a stack's stage into its channel group)."""
+        width, depth, first = self.config.grid_shape[1], self.config.depth, self.layers[0].h_conv
+        if not depth:
+            first.write(state.h_rows[0], t % width, self.tok_emb(code))
+            return
+        position, stage = divmod(t, depth)
+        group = self.config.channels // depth
+        column = first.width + position % width
+        state.h_rows[0][:, stage * group : (stage + 1) * group, column] = self.tok_emb.stage(code, stage)
+
+    def _column(self, state: PixelCNNState, t: int, j: int) -> torch.Tensor:
+        """Every layer of the horizontal stream at position t = (i, j) -> the head's logits (B, V, or depth * V)."""
         skip, h = 0, None
         for n, layer in enumerate(self.layers):
             pre = layer.h_conv.at(state.h_rows[n], j) + state.h_bias[n][:, :, j]
@@ -220,6 +271,5 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
                 h = self.attn[str(n)].step(h, state.attn[n], t)
             if n + 1 < len(self.layers):
                 self.layers[n + 1].h_conv.write(state.h_rows[n + 1], j, h)
-        state.pos = t + 1
         _, conv1, _, conv2 = self.head
         return linear_step(conv2, F.relu(linear_step(conv1, F.relu(skip))))

@@ -98,14 +98,15 @@ def guide(logits: torch.Tensor, guidance: float) -> torch.Tensor:
 def sample(prior: Prior, batch_size: int, class_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
            options: SamplingOptions | None = None, *, generator: torch.Generator | None = None,
            prefix: torch.Tensor | None = None, progress=None, **knobs) -> torch.Tensor:
-    """Codes (B, *grid) drawn position by position.
+    """Codes (B, *grid) drawn position by position; (B, *grid, depth) for a prior over code stacks, stage by stage.
 
     options (or its fields as keywords, e.g. ``temperature=0.8``): see ``SamplingOptions``.
-    prefix: (B, P) known codes in raster order (completion): kept as given, sampling starts at P.
+    prefix: (B, P) known codes in raster order (of ``codes.flatten(1)``, stages fastest; completion): kept as given,
+    sampling starts at P.
     progress: optional callable(n) told after each position.
     """
     options = SamplingOptions.of(options, **knobs)
-    grid, n = tuple(prior.config.grid_shape), prior.num_tokens
+    grid, n = tuple(prior.code_shape), prior.num_tokens
     device = next(prior.parameters()).device
     codes = torch.zeros(batch_size, n, dtype=torch.long, device=device)
     known = 0 if prefix is None else prefix.shape[1]

@@ -1,8 +1,9 @@
 """``tokgen train-prior``: train an autoregressive prior (transformer, gated PixelCNN or WaveNet) on one level of
 exported tokens, with Accelerate; held-out bits per token and per dimension are logged and saved beside the model.
 
-The code grid shape, codebook size, class count and (for a lower level) the upper level's grid come
-from the token manifest, never from the user: the model config only says how big the network is.
+The code grid shape, codebook size, class count, depth of code stacks (a residual quantizer's stages) and (for a
+lower level) the upper level's grid come from the token manifest, never from the user: the model config only says
+how big the network is. Held-out bits per token count every stage of a stack.
 The tokens stream from their shards (``data.tokens.TokenDataset``: split by process and data-loader worker,
 a seeded shard order and shuffle buffer per epoch), so memory stays bounded whatever the token set's size,
 and a resumed run continues at the exact sample. Held-out NLL, split across processes, is logged in bits
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from torch.utils.data import DataLoader
 
-from data.tokens import TokenDataset, read_manifest
+from data.tokens import TokenDataset, level_depth, read_manifest
 from harness import loop
 from harness.config import config_from_dict, load_config_file, merge, preset, resolve
 from harness.output import emit, log
@@ -104,13 +105,16 @@ def model_config(cfg: PriorTrainConfig, manifest: dict) -> PriorConfig:
     if not 0 <= cfg.level < len(levels):
         raise ValueError(f"--level {cfg.level} does not exist: the tokens have {len(levels)} level(s)")
     num_classes = int(manifest.get("num_classes", 0)) if cfg.class_conditional else 0
+    level, above = levels[cfg.level], levels[cfg.level - 1] if cfg.level > 0 else None
     derived = {
-        "grid_shape": levels[cfg.level]["grid_shape"],
-        "vocab_size": levels[cfg.level]["codebook_size"],
+        "grid_shape": level["grid_shape"],
+        "vocab_size": level["codebook_size"],  # of a stack: its stages' largest (one embedding table per stage)
         "num_classes": num_classes,
         "null_class": bool(num_classes and cfg.class_dropout > 0),
-        "cond_grid_shape": levels[cfg.level - 1]["grid_shape"] if cfg.level > 0 else None,
-        "cond_vocab_size": levels[cfg.level - 1]["codebook_size"] if cfg.level > 0 else 0,
+        "cond_grid_shape": above["grid_shape"] if above else None,
+        "cond_vocab_size": above["codebook_size"] if above else 0,
+        "depth": level_depth(level),  # 0 without stacks: the default, so fingerprints stay as they were
+        "cond_depth": level_depth(above) if above else 0,
     }
     return config_from_dict(config_cls, {**cfg.model, **derived})
 

@@ -222,17 +222,6 @@ def test_residual_vqvae_encodes_and_decodes_at_any_depth():
         make_vqvae("fsq").encode(x, num_stages=1)
 
 
-def test_residual_codes_are_not_exported_or_evaluated_yet(tmp_path):
-    from stage1_tokenizer.evaluate import evaluate
-    from stage1_tokenizer.export import export_tokens
-
-    model = make_vqvae("rvq").eval()
-    with pytest.raises(NotImplementedError, match="residual"):
-        export_tokens(model, [], tmp_path / "tokens")
-    with pytest.raises(NotImplementedError, match="residual"):
-        evaluate(model, [])
-
-
 @pytest.mark.parametrize("kind", ["fsq", "lfq"])
 def test_implicit_codes_export_and_model_like_vq_codes(kind, tmp_path, tiny):
     """FSQ and LFQ codes are one integer per position: export, the token reader and a prior take them as they are."""

@@ -4,6 +4,9 @@ fixtures that keep tests apart (one thread, fresh Accelerate state, a crash righ
 Tests are grouped by package (``tests/<package>/``); test modules take ``tiny`` for the factories.
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +164,16 @@ def crash_after_checkpoint(monkeypatch):
 
     arm.error = CheckpointCrash
     return arm
+
+
+def launch_two_processes(test_file: str, worker: str, args: tuple = (), timeout: float = 300) -> None:
+    """``accelerate.debug_launcher(worker, args, num_processes=2)`` for a module-level ``worker`` of ``test_file``,
+    from a fresh interpreter: debug_launcher forks, and a fork of this pytest process (whose OpenMP pool, data
+    loader and tensorboard threads have run earlier tests) can deadlock in the rendezvous."""
+    file = Path(test_file).resolve()
+    code = (f"import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(file.parent)!r}]; "
+            f"from accelerate import debug_launcher; import {file.stem} as t; "
+            f"debug_launcher(t.{worker}, args={tuple(args)!r}, num_processes=2)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]

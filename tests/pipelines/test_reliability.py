@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +103,14 @@ def test_missing_lpips_weights_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 
 # ---- kill -9 and resume from the command line -----------------------------------------------------
+def _free_port() -> str:
+    """A port nothing listens on now: each `accelerate launch` gets its own rendezvous port, so one launched right
+    after another never meets the last one's socket still closing."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def _tokgen(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", *args]
 
@@ -179,7 +188,8 @@ def test_two_process_gan_training_equals_one_process_at_the_same_global_batch(tm
     common = {"max_steps": 6, "checkpoint_every": 6, "log_with": "none", "adversarial": gan}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+              "--num_machines", "1", "--main_process_port", _free_port(), "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m"]
     for name, launcher, batch in (("one", [sys.executable, "-m"], 8), ("two", launch, 4)):
         folder = tmp_path / name
         folder.mkdir()
@@ -298,6 +308,7 @@ def test_fsdp_prior_on_two_cpu_processes_equals_one_process(tmp_path, tiny):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     runs = {"one": ([], 8), "fsdp": ([str(Path(sys.executable).with_name("accelerate")), "launch", "--use_fsdp",
                                       "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
+                                      "--main_process_port", _free_port(),
                                       "--mixed_precision", "no", "--dynamo_backend", "no", "-m"], 4)}
     for name, (launcher, batch) in runs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**config, "batch_size": batch}))

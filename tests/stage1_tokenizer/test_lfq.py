@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from stage1_tokenizer.lfq import LookupFreeQuantizer, bit_patterns
 from stage1_tokenizer.quantizer import CodebookStats, QuantizerConfig
 
+from conftest import launch_two_processes
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,9 +228,7 @@ def _sync_worker():
 
 
 def test_entropy_penalty_and_state_identical_across_ranks():
-    from accelerate import debug_launcher
-
-    debug_launcher(_sync_worker, num_processes=2)
+    launch_two_processes(__file__, "_sync_worker")
 
 
 def test_codebook_size_limits_are_checked():

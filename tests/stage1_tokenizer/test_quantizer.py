@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from stage1_tokenizer.quantizer import CodebookStats, QuantizerConfig, VectorQuantizer
 
+from conftest import launch_two_processes
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -418,6 +420,4 @@ def _sync_worker():
 
 
 def test_codebooks_identical_across_ranks():
-    from accelerate import debug_launcher
-
-    debug_launcher(_sync_worker, num_processes=2)
+    launch_two_processes(__file__, "_sync_worker")

@@ -14,6 +14,8 @@ from stage1_tokenizer import (FiniteScalarQuantizer, HierarchicalVQVAE, Hierarch
 from stage1_tokenizer.quantizer import QuantizerConfig
 from stage1_tokenizer.train import active_codes
 
+from conftest import launch_two_processes
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -335,6 +337,4 @@ def _ddp_worker():
 
 
 def test_every_kind_trains_under_ddp_with_identical_state():
-    from accelerate import debug_launcher
-
-    debug_launcher(_ddp_worker, num_processes=2)
+    launch_two_processes(__file__, "_ddp_worker")

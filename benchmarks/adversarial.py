@@ -2,16 +2,20 @@
 
 ``python -m benchmarks.adversarial [--parts photos,audio,video] [--out DIR] [--steps N] [--seed S] [--quick]``
 
+``--set JSON`` changes the preset for both runs; ``--init-from MODEL`` makes both fine-tune a saved tokenizer (the
+taming recipe's second phase) instead of training from scratch.
+
 For each part, a shipped adversarial preset (``tokenizer-photos-gan``, ``tokenizer-spoken-digits-gan``,
 ``tokenizer-moving-digits-gan``) trains twice, one run after the other on the whole machine: as shipped, and with
 ``adversarial.weight`` 0 (everything else equal: the two runs are identical step for step until the
 discriminator's ``disc_start``, tests/stage1_tokenizer/test_adversarial.py). Both are then measured on the
 held-out split as ``tokgen evaluate-tokenizer`` measures them (benchmarks/PROTOCOL.md): photos on the 64x64 tiles
 of the held-out photos, PSNR, SSIM, LPIPS and FD-VGG16 (originals against reconstructions); video per frame, and
-FD-VGG16 on frames; audio on the 0.51 s held-out words, SI-SDR, STOI, the multi-scale mel distance and kbps.
+FD-VGG16 on frames, on the first 50 held-out clips; audio on the 0.51 s held-out words, SNR, SI-SDR, STOI, the
+multi-scale mel distance and kbps.
 Pictures in DIR: ``photos_crop.png`` (a 96x96 crop of a held-out photo at full size, shown 3x: original,
 without, with), ``video_frames.png`` (frame strips of one held-out clip), ``audio_spectrograms.png``.
-Results: ``benchmarks/results/adversarial.json`` (``.quick.json`` with ``--quick``, a smoke run of a few steps).
+Results: ``benchmarks/results/adversarial_PART.json`` (``.quick.json`` with ``--quick``: a smoke run of 8 steps).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from benchmarks.common import machine_info, machine_line, table, write_result
 from data import PHOTOS_EVAL, build_dataset, load_photo
 from data.files import center_crop_to_multiple
 from data.pictures import save_image_grid, spectrogram_images
-from harness.config import config_from_dict, config_to_dict, preset
+from harness.config import config_from_dict, config_to_dict, merge, preset
 from stage1_tokenizer import evaluate as tokenizer_eval
 from stage1_tokenizer import train
 from stage1_tokenizer.registry import load_tokenizer
@@ -40,24 +44,30 @@ class Part:
     preset: str  # the adversarial preset; the run without is the same with adversarial.weight 0
     eval_size: int | None  # held-out item size (None: the training size)
     metrics: tuple[str, ...]  # the columns of the table, from evaluate-tokenizer's metrics.json
+    limit: int | None = None  # held-out items measured (None: all)
 
 
 PARTS = {
     "photos": Part("tokenizer-photos-gan", 64, ("psnr_db", "ssim", "lpips", "fd_vgg16", "codebook_usage")),
     "audio": Part("tokenizer-spoken-digits-gan", 8192,
                   ("snr_db", "si_sdr_db", "stoi", "mel_distance_multiscale", "bitrate_kbps", "codebook_usage")),
+    # the first 50 held-out clips: FD-VGG16 runs VGG16 on every frame (400 of them) twice
     "video": Part("tokenizer-moving-digits-gan", None,
-                  ("psnr_db", "ssim", "lpips", "fd_vgg16_frames", "codebook_usage")),
+                  ("psnr_db", "ssim", "lpips", "fd_vgg16_frames", "codebook_usage"), limit=50),
 }
 # the direction in which each metric is better (for the "wins" column)
 HIGHER_IS_BETTER = {"psnr_db": True, "ssim": True, "lpips": False, "fd_vgg16": False, "fd_vgg16_frames": False,
                     "snr_db": True, "si_sdr_db": True, "stoi": True, "mel_distance_multiscale": False}
 
 
-def configs(part: Part, steps: int | None, seed: int) -> dict[str, train.TokenizerTrainConfig]:
-    """{"without": ..., "with": ...}: the preset as shipped, and with its adversarial weight at 0."""
-    values = preset(part.preset)
+def configs(part: Part, steps: int | None, seed: int, overrides: dict | None = None,
+            init_from: str | None = None) -> dict[str, train.TokenizerTrainConfig]:
+    """{"without": ..., "with": ...}: the preset as shipped (``overrides`` merged in), and with its adversarial weight
+    at 0; ``init_from``: both fine-tune that saved tokenizer instead of training from scratch."""
+    values = merge(preset(part.preset), overrides or {})
     values.update(seed=seed, log_with="none", checkpoint_every=0, image_every=0)
+    if init_from:
+        values["init_from"] = init_from
     if steps:
         values["max_steps"] = steps
         adv = values["adversarial"]
@@ -77,6 +87,8 @@ def train_and_measure(name: str, part: Part, cfg: train.TokenizerTrainConfig, ou
     argv = [str(run), "--data", cfg.data, "--out", str(run / "eval"), "--quiet"]
     if part.eval_size:
         argv += ["--size", str(part.eval_size)]
+    if part.limit:
+        argv += ["--limit", str(part.limit)]
     metrics = tokenizer_eval.main(argv)
     return {"train_s": round(train_s, 1), "metrics": metrics, "run": str(run)}
 
@@ -133,9 +145,10 @@ def wins(part_name: str, result: dict) -> dict[str, bool]:
             if k in HIGHER_IS_BETTER and k in a and k in b}
 
 
-def run_part(part_name: str, out: Path, steps: int | None, seed: int, quiet: bool) -> dict:
+def run_part(part_name: str, out: Path, steps: int | None, seed: int, quiet: bool, overrides: dict | None = None,
+             init_from: str | None = None) -> dict:
     part = PARTS[part_name]
-    cfgs = configs(part, steps, seed)
+    cfgs = configs(part, steps, seed, overrides, init_from)
     result = {name: train_and_measure(name, part, cfg, out / part_name, quiet) for name, cfg in cfgs.items()}
     runs = {name: Path(result[name]["run"]) for name in cfgs}
     if part_name == "photos":
@@ -154,6 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, help="train this many steps instead of the presets' (the discriminator "
                                              "then starts at most halfway)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", type=json.loads, default={}, help="JSON merged into the preset for both runs, e.g. "
+                   "'{\"lr\": 0.0002, \"adversarial\": {\"disc_start\": 0}}'")
+    p.add_argument("--init-from", help="both runs fine-tune this saved tokenizer (one part at a time) instead of "
+                                       "training from scratch")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 steps, not the reported numbers")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -162,17 +179,17 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         p.error(f"unknown part(s) {unknown}; choose from {sorted(PARTS)}")
     steps = 8 if args.quick else args.steps
-    info, started = machine_info(), time.perf_counter()
-    results = {name: run_part(name, args.out, steps, args.seed, args.quiet) for name in parts}
-    columns = ["part", "run", "train s"]
-    markdown = []
-    for name in parts:
-        markdown.append(table(columns + list(PARTS[name].metrics), rows_for(name, results[name])))
-        markdown.append(f"with the discriminator better on: {results[name]['wins']}")
     command = "python -m benchmarks.adversarial " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_result("adversarial" + (".quick" if args.quick else ""), {"parts": results, "markdown": "\n\n".join(markdown)},
-                 info, command, time.perf_counter() - started)
-    print(f"Machine: {machine_line(info)}\n\n" + "\n\n".join(markdown))
+    info, results = machine_info(), {}
+    print(f"Machine: {machine_line(info)}\n", flush=True)
+    for name in parts:  # one result file per part, written as soon as the part is done
+        started = time.perf_counter()
+        results[name] = run_part(name, args.out, steps, args.seed, args.quiet, args.set, args.init_from)
+        markdown = table(["part", "run", "train s", *PARTS[name].metrics], rows_for(name, results[name]))
+        markdown += f"\n\nwith the discriminator better on: {results[name]['wins']}"
+        write_result(f"adversarial_{name}" + (".quick" if args.quick else ""), {**results[name], "markdown": markdown},
+                     info, command, time.perf_counter() - started)
+        print(markdown + "\n", flush=True)
     return results
 
 

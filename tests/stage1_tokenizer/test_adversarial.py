@@ -278,3 +278,10 @@ def test_init_from_starts_from_a_saved_tokenizer_and_refuses_one_that_does_not_f
     fresh_accelerate()
     with pytest.raises(ValueError, match="init_from .* do not fit"):
         run(tmp_path, "wider", "--max-steps", "1", "--init-from", str(first), model={**TINY["model"], "channels": [16, 16]})
+
+
+def test_training_warns_when_the_discriminator_wins_outright_for_long(tmp_path):
+    """The watch runs at logging steps on the running logit gap: a threshold below any gap fires it once."""
+    gan = {**GAN, "disc_start": 1, "collapse_gap": -100.0, "collapse_steps": 4}
+    with pytest.warns(RuntimeWarning, match="won outright"):
+        run(tmp_path, "collapse", adversarial=gan)

@@ -148,6 +148,7 @@ class TrainState:
     preview: torch.Tensor  # (N, C, *S) fixed held-out inputs for pictures
     adversary: torch.nn.Module | None = None  # the discriminator (prepared), when adversarial.weight > 0
     disc_optimizer: torch.optim.Optimizer | None = None
+    disc_guard: loop.BadStepGuard | None = None  # skips the discriminator's non-finite steps, as the tokenizer's
 
     @property
     def models(self) -> tuple[torch.nn.Module, ...]:
@@ -199,6 +200,7 @@ def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
     state = TrainState(cfg, model, optimizer, scheduler, perceptual, mel, dataset, preview)
     if cfg.adversarial.enabled:
         state.adversary, state.disc_optimizer = _build_adversary(cfg, accelerator)
+        state.disc_guard = loop.BadStepGuard(cfg.max_bad_steps)
     return state
 
 
@@ -220,8 +222,7 @@ def _build_adversary(cfg: TokenizerTrainConfig, accelerator) -> tuple[torch.nn.M
 
 
 # ---- train ------------------------------------------------------------------------------------
-def train_step(state: TrainState, batch: dict, accelerator, guard: loop.BadStepGuard,
-               disc_guard: loop.BadStepGuard | None = None) -> dict | None:
+def train_step(state: TrainState, batch: dict, accelerator, guard: loop.BadStepGuard) -> dict | None:
     """One micro-batch: forward, loss, backward, and (at accumulation boundaries) an optimizer step; then, with a
     discriminator past its start step, the discriminator's step on the same real and reconstructed inputs.
 
@@ -235,19 +236,11 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: loop.BadStepG
     with accelerator.accumulate(*state.models):
         with accelerator.autocast():
             out = state.model(x, **kwargs)
-            terms = reconstruction_terms(state, out, x)
-            weighted = sum(weight * value for weight, value in terms.values())
-            loss = out.loss + weighted
-            nll = out.recon_loss + weighted  # what the adaptive weight balances the GAN term against
-            gan = None
-            if state.adversary is not None:
-                gan = generator_terms(state.cfg.adversarial, accelerator.unwrap_model(state.adversary), x, out.recon,
-                                      nll, accelerator.unwrap_model(state.model).last_layer, step)
-                loss = loss if gan is None else loss + gan.loss
+            loss, terms, gan = tokenizer_loss(state, out, x, step, accelerator)
         if not loop.optimizer_step(accelerator, state.model, state.optimizer, state.scheduler, loss, guard,
                                    state.cfg.grad_clip):
             return None
-        disc = discriminator_step(state, x, out.recon, step, accelerator, disc_guard)
+        disc = discriminator_step(state, x, out.recon, step, accelerator)
     # tensors: the loop reads them (a host sync) only at logging steps
     logs = {"loss": loss.detach(), "recon_loss": out.recon_loss.detach(), "commitment_loss": out.commitment_loss.detach(),
             "codebook_loss": out.codebook_loss.detach(), "batch_perplexity": _lowest_level(out.perplexity).detach(),
@@ -256,6 +249,20 @@ def train_step(state: TrainState, batch: dict, accelerator, guard: loop.BadStepG
     if kwargs:
         logs["level_dropout"] = kwargs["level_dropout"]
     return {**logs, **_adversarial_logs(gan, disc)}
+
+
+def tokenizer_loss(state: TrainState, out, x: torch.Tensor, step: int, accelerator):
+    """The tokenizer's loss: its own terms, the perceptual and spectral ones, and (past ``disc_start``) the
+    adversarial ones. Returns (loss, the weighted extra terms by log name, the ``GeneratorTerms`` or None)."""
+    terms = reconstruction_terms(state, out, x)
+    weighted = sum(weight * value for weight, value in terms.values())
+    loss = out.loss + weighted
+    if state.adversary is None:
+        return loss, terms, None
+    nll = out.recon_loss + weighted  # what the adaptive weight balances the GAN term against
+    gan = generator_terms(state.cfg.adversarial, accelerator.unwrap_model(state.adversary), x, out.recon, nll,
+                          accelerator.unwrap_model(state.model).last_layer, step)
+    return (loss if gan is None else loss + gan.loss), terms, gan
 
 
 def reconstruction_terms(state: TrainState, out, x: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
@@ -271,8 +278,7 @@ def reconstruction_terms(state: TrainState, out, x: torch.Tensor) -> dict[str, t
     return terms
 
 
-def discriminator_step(state: TrainState, x: torch.Tensor, recon: torch.Tensor, step: int, accelerator,
-                       guard: loop.BadStepGuard | None):
+def discriminator_step(state: TrainState, x: torch.Tensor, recon: torch.Tensor, step: int, accelerator):
     """The discriminator's loss on this micro-batch, backward, and its optimizer step at accumulation boundaries
     (skipped, like the tokenizer's, when the loss was not finite). None before ``disc_start``."""
     adv = state.cfg.adversarial
@@ -280,7 +286,8 @@ def discriminator_step(state: TrainState, x: torch.Tensor, recon: torch.Tensor, 
         return None
     with accelerator.autocast():
         terms = discriminator_terms(adv, state.adversary, x, recon)
-    loop.optimizer_step(accelerator, state.adversary, state.disc_optimizer, None, terms.loss, guard, adv.grad_clip)
+    loop.optimizer_step(accelerator, state.adversary, state.disc_optimizer, None, terms.loss, state.disc_guard,
+                        adv.grad_clip)
     return terms
 
 
@@ -338,18 +345,15 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     return model
 
 
-def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
-    """Train (or resume) into ``run_dir``; returns the saved model folder."""
-    run_dir = Path(run_dir)
-    accelerator, cfg = loop.open_run(run_dir, cfg, "tokenizer")
-    state = build(cfg, accelerator)
+def loop_hooks(state: TrainState, accelerator, run_dir: Path):
+    """What train-tokenizer plugs into the loop: its step, the usage (and discriminator) logs with the collapse
+    watch, preview pictures, and the rank-sync checks at checkpoints."""
+    cfg = state.cfg
+    watch = CollapseWatch(cfg.adversarial.collapse_gap, cfg.adversarial.collapse_steps)
 
     def every_step(step: int) -> None:
         if cfg.image_every and step % cfg.image_every == 0 and accelerator.is_main_process:
             save_preview(state, accelerator, run_dir / "images" / f"recon_{step:08d}.png")
-
-    disc_guard = loop.BadStepGuard(cfg.max_bad_steps)
-    watch = CollapseWatch(cfg.adversarial.collapse_gap, cfg.adversarial.collapse_steps)
 
     def extra_logs() -> dict:
         logs = {"usage": active_codes(accelerator.unwrap_model(state.model))}
@@ -365,18 +369,19 @@ def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet:
             message += "; " + check_adversary_in_sync(accelerator, state.adversary)
         return message
 
-    def hooks(guard: loop.BadStepGuard) -> loop.LoopHooks:
-        return loop.LoopHooks(
-            step=lambda batch: train_step(state, batch, accelerator, guard, disc_guard),
-            extra_logs=extra_logs,
-            every_step=every_step,
-            sync_check=sync_check,
-        )
+    return lambda guard: loop.LoopHooks(step=lambda batch: train_step(state, batch, accelerator, guard),
+                                        extra_logs=extra_logs, every_step=every_step, sync_check=sync_check)
 
+
+def train(cfg: TokenizerTrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> Path:
+    """Train (or resume) into ``run_dir``; returns the saved model folder."""
+    run_dir = Path(run_dir)
+    accelerator, cfg = loop.open_run(run_dir, cfg, "tokenizer")
+    state = build(cfg, accelerator)
     for module in state.models:
         module.train()
-    loop.train_loop(accelerator, run_dir, cfg, state.dataset, collate_samples, hooks, resume=resume, quiet=quiet,
-                    desc="train-tokenizer", bad_input=cfg.bad_input)
+    loop.train_loop(accelerator, run_dir, cfg, state.dataset, collate_samples, loop_hooks(state, accelerator, run_dir),
+                    resume=resume, quiet=quiet, desc="train-tokenizer", bad_input=cfg.bad_input)
     model = accelerator.unwrap_model(state.model)
     weights = loop.full_state_dict(accelerator, state.model)
     if accelerator.is_main_process:

@@ -285,3 +285,16 @@ def test_training_warns_when_the_discriminator_wins_outright_for_long(tmp_path):
     gan = {**GAN, "disc_start": 1, "collapse_gap": -100.0, "collapse_steps": 4}
     with pytest.warns(RuntimeWarning, match="won outright"):
         run(tmp_path, "collapse", adversarial=gan)
+
+
+def test_gradient_accumulation_steps_the_discriminator_once_per_optimizer_step(tmp_path):
+    """With 2 micro-batches per step, both optimizers step once per optimizer step: the discriminator's Adam has
+    counted exactly the steps since disc_start (not the micro-batches)."""
+    run_dir = run(tmp_path, "accum", "--grad-accum", "2", "--max-steps", "6", "--checkpoint-every", "6",
+                  adversarial={**GAN, "disc_start": 2}).parent
+    state = torch.load(run_dir / "checkpoints" / "step_00000006" / "optimizer_1.bin", weights_only=True)
+    steps = {float(s["step"]) for s in state["state"].values()}
+    assert steps == {4.0}  # steps 2..5 (0-based) of 6
+    tokenizer_steps = {float(s["step"]) for s in torch.load(run_dir / "checkpoints" / "step_00000006" /
+                                                             "optimizer.bin", weights_only=True)["state"].values()}
+    assert tokenizer_steps == {6.0}

@@ -7,6 +7,8 @@ real items of ``--data`` (a built-in name, a folder or shards, split as ``evalua
   offline features of ``stage1_tokenizer.fidelity`` (images ``fd_vgg16``, video ``fd_vgg16_frames``: per-frame
   VGG16 averaged over a clip, audio ``fd_logmel``: log-mel statistics). The same distance between the held-out
   items and as many training items as there are samples is the floor: what real data scores at those sizes.
+  Video also gets ``fvd`` (with its floor) when the user names StyleGAN-V's I3D file (``--fvd-weights`` or
+  ``$TOKGEN_FVD_WEIGHTS``; clips of at least 9 frames).
 - judge (class-conditional pipelines): the share of samples a classifier trained on the real training items
   labels as the class asked for, per class and overall; its accuracy on the held-out items is the ceiling.
 - diversity: mean LPIPS (AlexNet) over random pairs of samples (video: frame t against frame t; audio has no
@@ -37,13 +39,14 @@ from data.common import iterate_items
 from data.modalities import DEFAULT_EVAL_FRACTION, held_out_source, value_range
 from data.pictures import save_comparison
 from harness.devices import add_device_arguments
-from harness.output import Stages, add_output_arguments, emit
+from harness.output import Stages, add_output_arguments, emit, log
 from pipelines.evaluate import data_options, dataset_options
 from pipelines.judge import judge
 from pipelines.pipeline import TokgenPipeline
 from pipelines.sample import generate, write_outputs
-from stage1_tokenizer.fidelity import (VGGFeatures, audio_features, frechet_distance, image_features,
-                                       video_features)
+from stage1_tokenizer.fidelity import (FVD_MIN_FRAMES, FVD_WEIGHTS_ENV, I3DFeatures, VGGFeatures, audio_features,
+                                       check_fvd_frames, check_fvd_weights, frechet_distance, fvd_weights_hint,
+                                       fvd_weights_path, i3d_features, image_features, video_features)
 from stage1_tokenizer.perceptual import PerceptualLoss
 from stage2_prior.sampling import SamplingOptions
 
@@ -85,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of a folder's files (a shard set's samples) held out, by a stable hash of the path "
                         f"(default: {DEFAULT_EVAL_FRACTION})")
     p.add_argument("--eval-data", help="a separate held-out source instead of --data's held-out part")
+    p.add_argument("--fvd-weights", type=Path,
+                   help=f"video: StyleGAN-V's I3D file (i3d_torchscript.pt, checked by sha256) for FVD against the "
+                        f"held-out clips (clips of at least {FVD_MIN_FRAMES} frames; default: ${FVD_WEIGHTS_ENV}; "
+                        "without either, no FVD)")
     p.add_argument("--data-options", type=data_options, default={},
                    help="the reader options the tokenizer was trained with, as the run config's \"data_options\" "
                         "(JSON; e.g. '{\"max_digits\": 1}' for the moving-digits demo; default: none)")
@@ -216,11 +223,27 @@ def distance_to_real(modality: str, samples: torch.Tensor, held_out: torch.Tenso
     held-out, and as the floor held-out against as many training items as there are samples (min(N, K), evenly
     spaced): the bias of a Frechet distance depends on the set sizes, so the floor uses the same ones."""
     key = DISTANCE_KEYS[modality]
-    picks = torch.linspace(0, len(train) - 1, min(len(samples), len(train))).round().long()
+    picks = floor_picks(len(samples), len(train))
     return {key: frechet_distance(samples, held_out),
             f"{key}_train_vs_held_out": frechet_distance(train[picks], held_out),
             "features": FEATURE_NAMES[modality], "num_samples": len(samples), "num_held_out": len(held_out),
             "num_train_reference": len(picks)}
+
+
+def floor_picks(num_samples: int, num_train: int) -> torch.Tensor:
+    """(min(num_samples, num_train),) indices of the training items of the floor, evenly spaced."""
+    return torch.linspace(0, num_train - 1, min(num_samples, num_train)).round().long()
+
+
+def fvd_to_real(i3d: I3DFeatures, samples: torch.Tensor, held_out: torch.Tensor, train: torch.Tensor) -> dict:
+    """FVD of clips (N, C, T, H, W) samples against (M, C, T, H, W) held-out ones, and its floor: held-out against
+    as many (K, C, T, H, W) training clips as there are samples, picked as ``distance_to_real`` picks them."""
+    real = i3d_features(i3d, held_out)
+    return {"fvd": frechet_distance(i3d_features(i3d, samples), real),
+            "fvd_train_vs_held_out": frechet_distance(i3d_features(i3d, train[floor_picks(len(samples), len(train))]),
+                                                      real),
+            "fvd_features": "StyleGAN-V's I3D (Kinetics-400), logits before the softmax (400)",
+            "fvd_frames": samples.shape[2]}
 
 
 @dataclass
@@ -368,8 +391,9 @@ def save_closest_pairs(pipe: TokgenPipeline, out: Path, samples: torch.Tensor, t
                     modality=pipe.modality, sample_rate=pipe.tokenizer.sample_rate)
 
 
-def evaluate_samples(pipe: TokgenPipeline, args: argparse.Namespace) -> dict:
-    """Sample, measure against ``--data``'s real items, write the pictures; the metrics (see the module doc)."""
+def evaluate_samples(pipe: TokgenPipeline, args: argparse.Namespace, fvd_weights: Path | None = None) -> dict:
+    """Sample, measure against ``--data``'s real items, write the pictures; the metrics (see the module doc).
+    ``fvd_weights``: the checked I3D file, for ``fvd`` of a video pipeline."""
     stages, started = Stages("evaluate-samples: {}"), time.perf_counter()
     held_out, train, train_set = stages.run("read real items", load_real, pipe, args)
     labels = sample_labels(pipe, args.num)
@@ -380,11 +404,15 @@ def evaluate_samples(pipe: TokgenPipeline, args: argparse.Namespace) -> dict:
     feats = [stages.run(f"features of {name}", space, x)
              for name, x in (("samples", samples), ("held-out", held_out.x), ("training", train.x))]
     mem = memorization(feats[0], feats[2], feats[1])
+    distance = distance_to_real(pipe.modality, *feats)
+    if fvd_weights is not None and pipe.modality == "video":
+        i3d = stages.run("load I3D", I3DFeatures, fvd_weights).to(pipe.device)
+        distance.update(stages.run("FVD", fvd_to_real, i3d, samples, held_out.x, train.x))
     metrics = {"sampling": {"num_samples": args.num, "seed": args.seed, "temperature": args.temperature,
                             "guidance": args.guidance, "batch_size": args.batch_size, "seconds": round(seconds, 2),
                             **({"per_class": torch.bincount(labels, minlength=pipe.num_classes).tolist()}
                                if labels is not None else {})},
-               "distance_to_real": distance_to_real(pipe.modality, *feats)}
+               "distance_to_real": distance}
     if labels is not None:
         metrics["judge"] = stages.run("judge", judge_samples, pipe, train_set, train, held_out, samples, labels,
                                       args.judge_steps, args.seed)
@@ -403,13 +431,20 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         add_arguments(parser)
         args = parser.parse_args(argv)
     check_arguments(args)
+    fvd_weights = fvd_weights_path(args.fvd_weights)
+    if fvd_weights is not None:
+        check_fvd_weights(fvd_weights)  # a wrong file stops here, before the pipeline loads
     pipe = TokgenPipeline.from_pretrained(args.pipeline, map_location=args.device, dtype=args.dtype)
     check_source(args.data, pipe.modality)
+    if pipe.modality == "video" and fvd_weights is not None:
+        check_fvd_frames(pipe.input_shape[1])  # refused, not padded: see benchmarks/PROTOCOL.md
     if args.guidance != 1.0 and not pipe.num_classes:
         raise ValueError(f"--guidance {args.guidance} is for class-conditional pipelines; this one is unconditional")
     args.out.mkdir(parents=True, exist_ok=True)
+    if pipe.modality == "video" and fvd_weights is None:
+        log.info(fvd_weights_hint())
     metrics = {"pipeline": str(args.pipeline), "fingerprint": pipe.fingerprint(), "data": args.data,
-               "modality": pipe.modality, **evaluate_samples(pipe, args)}
+               "modality": pipe.modality, **evaluate_samples(pipe, args, fvd_weights)}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     emit(args, summary_line(metrics) + f"; wrote {args.out / 'metrics.json'}", metrics)
     return metrics
@@ -420,6 +455,8 @@ def summary_line(metrics: dict) -> str:
     key = DISTANCE_KEYS[metrics["modality"]]
     parts = [f"{d['num_samples']} samples: {key} {d[key]:.2f} to {d['num_held_out']} held-out items "
              f"(training items: {d[key + '_train_vs_held_out']:.2f})"]
+    if "fvd" in d:
+        parts.append(f"FVD {d['fvd']:.2f} (training items: {d['fvd_train_vs_held_out']:.2f})")
     if "judge" in metrics:
         j = metrics["judge"]
         parts.append(f"judge {j['sample_accuracy']:.0%} (held-out real {j['real_accuracy']:.0%})")

@@ -1,5 +1,6 @@
-"""Distribution distances between sets of images: an offline Frechet distance on ImageNet VGG16 features, and
-FID/KID/Inception Score through torch-fidelity from a local, checked Inception file.
+"""Distribution distances between sets of images or clips: an offline Frechet distance on ImageNet VGG16
+features, FID/KID/Inception Score through torch-fidelity from a local, checked Inception file, and FVD through
+StyleGAN-V's TorchScript I3D from a local, checked file.
 
 ``FD-VGG16`` (reported as ``fd_vgg16``) is the Frechet distance of FID computed on a different network: the
 ImageNet VGG16 backbone of the shared offline weights (``vgg16_features.safetensors``, found as LPIPS finds
@@ -16,11 +17,19 @@ FID, KID and IS use torch-fidelity's Inception-v3 (the TensorFlow FID network, 2
 its formulas. No package ships its weights and torch-fidelity would download them when given no file, so the
 user names the file (``--fid-weights PATH`` or ``$TOKGEN_FID_WEIGHTS``); it is checked by its full sha256 before
 ``torch.load`` reads it, and we always pass torch-fidelity a path, so it never downloads.
+
+FVD uses StyleGAN-V's TorchScript port of the Kinetics-400 I3D (``i3d_torchscript.pt``), called as StyleGAN-V
+calls it: clips (B, 3, T, H, W) of uint8 levels as floats, ``rescale=True, resize=True, return_features=True``
+(the detector maps [0, 255] to [-1, 1] and resizes frames to 224x224 itself) -> (B, 400) logits before the
+softmax; the Frechet distance is FID's. The user names the file (``--fvd-weights PATH`` or
+``$TOKGEN_FVD_WEIGHTS``); a TorchScript archive carries code, so it is checked by its full sha256 before
+``torch.jit.load`` opens it, and it is never downloaded. Clips need at least ``FVD_MIN_FRAMES`` (9) frames.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,6 +58,19 @@ INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb91
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 FID_WEIGHTS_ENV = "TOKGEN_FID_WEIGHTS"
 KID_SUBSETS, KID_SUBSET_SIZE, IS_SPLITS = 100, 1000, 10  # torch-fidelity's defaults, smaller for small sets
+
+# StyleGAN-V's TorchScript port of the Kinetics-400 I3D of TF-Hub (the network of the original FVD); 51,235,320
+# bytes. Its full sha256 is pinned by many public repositories that use the file; the mirror holds the same file.
+I3D_FILE = "i3d_torchscript.pt"
+I3D_SHA256 = "bec6519f66ea534e953026b4ae2c65553c17bf105611c746d904657e5860a5e2"
+I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
+I3D_MIRROR = "https://huggingface.co/flateon/FVD-I3D-torchscript"
+FVD_WEIGHTS_ENV = "TOKGEN_FVD_WEIGHTS"
+# The I3D halves time three times (a stride-2 conv, two stride-2 max pools, TensorFlow "SAME" padding: ceil) and
+# its last average pool spans 2 steps: ceil(ceil(ceil(T / 2) / 2) / 2) >= 2 needs T >= 9. Shorter clips make the
+# detector itself fail ("input image (T: 1 ...) smaller than kernel size"), so they are refused, never padded.
+FVD_MIN_FRAMES = 9
+I3D_BATCH = 8  # clips per I3D pass: 8 x 16 frames at 224x224 is StyleGAN-V's batch at 256x256
 
 
 class VGGFeatures(nn.Module):
@@ -129,10 +151,15 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---- FID / KID / Inception Score (torch-fidelity, local weights) ----------------------------------------
+def named_weights(path: str | Path | None, env: str) -> Path | None:
+    """The file the user named: ``path``, else the environment variable ``env``, else None."""
+    named = path if path is not None else os.environ.get(env) or None
+    return Path(named).expanduser() if named is not None else None
+
+
 def fid_weights_path(path: str | Path | None = None) -> Path | None:
     """The Inception file the user named: ``path``, else ``$TOKGEN_FID_WEIGHTS``, else None (no FID)."""
-    named = path if path is not None else os.environ.get(FID_WEIGHTS_ENV) or None
-    return Path(named).expanduser() if named is not None else None
+    return named_weights(path, FID_WEIGHTS_ENV)
 
 
 def fid_weights_hint() -> str:
@@ -149,16 +176,22 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_fid_weights(path: Path) -> Path:
-    """``path`` when it is the standard Inception file; else FileNotFoundError / ValueError in one line."""
+def check_weights_file(path: Path, metric: str, network: str, file: str, sha256: str, url: str) -> Path:
+    """``path`` when its full sha256 is ``sha256``; else FileNotFoundError / ValueError in one line naming the
+    ``metric``, the standard ``network`` ``file`` and where to get it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"FID weights {path}: no such file (expected {INCEPTION_FILE} from {INCEPTION_URL})")
+        raise FileNotFoundError(f"{metric} weights {path}: no such file (expected {file} from {url})")
     digest = sha256_of(path)
-    if digest != INCEPTION_SHA256:
-        raise ValueError(f"FID weights {path} are not the standard Inception file {INCEPTION_FILE}: sha256 "
-                         f"{digest[:16]}... instead of {INCEPTION_SHA256}; download it from {INCEPTION_URL}")
+    if digest != sha256:
+        raise ValueError(f"{metric} weights {path} are not the standard {network} file {file}: sha256 "
+                         f"{digest[:16]}... instead of {sha256}; download it from {url}")
     return path
+
+
+def check_fid_weights(path: Path) -> Path:
+    """``path`` when it is the standard Inception file; else FileNotFoundError / ValueError in one line."""
+    return check_weights_file(path, "FID", "Inception", INCEPTION_FILE, INCEPTION_SHA256, INCEPTION_URL)
 
 
 class InceptionFeatures(nn.Module):
@@ -204,21 +237,84 @@ def inception_metrics(real: torch.Tensor, fake: torch.Tensor, fake_logits: torch
             "inception_score_std": isc["inception_score_std"]}
 
 
+# ---- FVD (StyleGAN-V's TorchScript I3D, local weights) ---------------------------------------------------
+def fvd_weights_path(path: str | Path | None = None) -> Path | None:
+    """The I3D file the user named: ``path``, else ``$TOKGEN_FVD_WEIGHTS``, else None (no FVD)."""
+    return named_weights(path, FVD_WEIGHTS_ENV)
+
+
+def fvd_weights_hint() -> str:
+    """One line on how to get FVD: the file to download (on a machine with internet) and how to name it."""
+    return (f"FVD not computed: download {I3D_URL} (or {I3D_FILE} from {I3D_MIRROR}) and pass --fvd-weights PATH "
+            f"(or set {FVD_WEIGHTS_ENV}=PATH)")
+
+
+def check_fvd_weights(path: Path) -> Path:
+    """``path`` when it is StyleGAN-V's ``i3d_torchscript.pt``; else FileNotFoundError / ValueError in one line."""
+    return check_weights_file(path, "FVD", "I3D", I3D_FILE, I3D_SHA256, I3D_URL)
+
+
+def check_fvd_frames(frames: int) -> None:
+    """A clear line (ValueError) for clips the I3D cannot take: fewer than ``FVD_MIN_FRAMES`` frames."""
+    if frames < FVD_MIN_FRAMES:
+        raise ValueError(f"FVD needs clips of at least {FVD_MIN_FRAMES} frames (the I3D halves time three times, "
+                         f"then pools 2 steps), these have {frames}: evaluate longer clips, or drop --fvd-weights "
+                         f"(and unset {FVD_WEIGHTS_ENV}) to evaluate without FVD")
+
+
+class I3DFeatures(nn.Module):
+    """StyleGAN-V's TorchScript Kinetics-400 I3D from a checked local file.
+
+    (B, C, T, H, W) clips in [0, 1], T >= ``FVD_MIN_FRAMES`` -> (B, 400) float64 logits before the softmax (the
+    features of FVD). Clips are quantized to uint8 levels (as PNG frames would be), kept as floats in [0, 255],
+    grayscale repeated to 3 channels; the detector maps them to [-1, 1] and resizes the frames to 224x224 itself.
+    """
+
+    def __init__(self, weights: str | Path):
+        super().__init__()
+        path = check_fvd_weights(Path(weights))  # before torch.jit.load: a TorchScript archive carries code
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch's notice on TorchScript, the file's format
+            self.net = torch.jit.load(str(path), map_location="cpu")
+        self.register_buffer("anchor", torch.empty(0), persistent=False)  # follows .to(): where clips go
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected clips (B, 1 or 3, T, H, W), got {tuple(x.shape)}")
+        check_fvd_frames(x.shape[2])
+        x = (x.float().clamp(0, 1) * 255).round()
+        x = x.expand(-1, 3, -1, -1, -1) if x.shape[1] == 1 else x
+        features = self.net(x.to(self.anchor.device), rescale=True, resize=True, return_features=True)
+        return features.double()
+
+
+def i3d_features(model: I3DFeatures, clips: torch.Tensor, batch_size: int = I3D_BATCH) -> torch.Tensor:
+    """(N, C, T, H, W) in [0, 1] -> (N, 400) float64 I3D features, ``batch_size`` clips a pass (the detector
+    resizes every frame to 224x224: its memory grows with the clips and frames of a pass, whatever their size)."""
+    parts = [model(clips[i:i + batch_size]).cpu() for i in range(0, len(clips), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, 400, dtype=torch.float64)
+
+
 # ---- features gathered batch by batch ------------------------------------------------------------------
 class PairedFeatures:
     """Features of real items and their reconstructions (or samples), gathered batch by batch.
 
-    Only the features stay in memory (512 + 2048 + 1008 float64 values an item), never the images. ``vgg``
-    gives ``fd_vgg16`` (images, and video through per-frame features); ``inception`` gives FID/KID/IS
-    (images only). Either may be None.
+    Only the features stay in memory (512 + 2048 + 1008 float64 values an image, 512 + 400 a clip), never the
+    items. ``vgg`` gives ``fd_vgg16`` (images, and video through per-frame features); ``inception`` gives
+    FID/KID/IS (images only); ``i3d`` gives FVD (video only). Any may be None.
     """
 
-    def __init__(self, modality: str, vgg: VGGFeatures | None = None, inception: InceptionFeatures | None = None):
+    def __init__(self, modality: str, vgg: VGGFeatures | None = None, inception: InceptionFeatures | None = None,
+                 i3d: I3DFeatures | None = None):
         if modality not in ("image", "video"):
             raise ValueError(f"distribution distances on features are for images and video, got {modality!r}")
         self.modality, self.vgg = modality, vgg
         self.inception = inception if modality == "image" else None
+        self.i3d = i3d if modality == "video" else None
         self.parts: dict[str, list[torch.Tensor]] = {}
+        self.frames: int | None = None  # the clips' T: an FVD compares only at one frame count
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         self.parts.setdefault(key, []).append(value.double().cpu())
@@ -234,13 +330,18 @@ class PairedFeatures:
             pool, logits = self.inception(fake)
             self._add("inception_fake", pool)
             self._add("inception_logits", logits)
+        if self.i3d is not None:
+            self.frames = real.shape[2]
+            self._add("i3d_real", i3d_features(self.i3d, real))
+            self._add("i3d_fake", i3d_features(self.i3d, fake))
 
     def features(self, key: str) -> torch.Tensor:
         return torch.cat(self.parts[key])
 
     def metrics(self) -> dict:
-        """``fd_vgg16`` and ``fid``/``kid``/``kid_std``/``inception_score``/``inception_score_std`` of what was
-        gathered; empty where a model is missing or fewer than 2 items came."""
+        """``fd_vgg16`` (video: ``fd_vgg16_frames``), ``fid``/``kid``/``kid_std``/``inception_score``/
+        ``inception_score_std`` (images) and ``fvd`` with ``fvd_frames`` (video) of what was gathered; empty where
+        a model is missing or fewer than 2 items came."""
         out = {}
         if "vgg_real" in self.parts and len(self.features("vgg_real")) >= 2:
             key = "fd_vgg16_frames" if self.modality == "video" else "fd_vgg16"  # the name evaluate-samples uses
@@ -248,4 +349,7 @@ class PairedFeatures:
         if "inception_real" in self.parts and len(self.features("inception_real")) >= 2:
             out.update(inception_metrics(self.features("inception_real"), self.features("inception_fake"),
                                          self.features("inception_logits")))
+        if "i3d_real" in self.parts and len(self.features("i3d_real")) >= 2:
+            out.update(fvd=frechet_distance(self.features("i3d_real"), self.features("i3d_fake")),
+                       fvd_frames=self.frames)
         return out

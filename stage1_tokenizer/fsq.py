@@ -53,10 +53,7 @@ class FiniteScalarQuantizer(Quantizer):
     # ---- the grid ---------------------------------------------------------------------------------
     def _features(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, *S) -> (N, d) fp32 features in the level space."""
-        flat = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
-        if self.in_proj is not None:
-            flat = F.linear(flat, self.in_proj.weight.float(), self.in_proj.bias.float())
-        return flat
+        return self._projected(z)
 
     def bound(self, h: torch.Tensor) -> torch.Tensor:
         """(N, d) fp32 -> (N, d) in (-L/2, L/2) (odd L) or (-L/2, L/2 - 1) (even L): rounding gives L values.

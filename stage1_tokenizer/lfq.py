@@ -72,10 +72,7 @@ class LookupFreeQuantizer(Quantizer):
     # ---- bits and codes ----------------------------------------------------------------------------
     def _features(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, *S) -> (N, bits) fp32."""
-        flat = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
-        if self.in_proj is not None:
-            flat = F.linear(flat, self.in_proj.weight.float(), self.in_proj.bias.float())
-        return flat
+        return self._projected(z)
 
     def _codes(self, h: torch.Tensor) -> torch.Tensor:
         """(N, bits) -> (N,) long: positive channels are 1 bits (a NaN is a 0 bit: codes stay valid)."""

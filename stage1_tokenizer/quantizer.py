@@ -173,6 +173,14 @@ class Quantizer(nn.Module):
         """A cheap fingerprint (float64 scalar) of the state every rank must share."""
         raise NotImplementedError
 
+    def _projected(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, *S) -> (N, d) fp32 rows (in the order codes flatten), through ``in_proj`` when there is one."""
+        flat = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
+        in_proj = getattr(self, "in_proj", None)
+        if in_proj is not None:
+            flat = F.linear(flat, in_proj.weight.float(), in_proj.bias.float())
+        return flat
+
 
 class VectorQuantizer(Quantizer):
     """Nearest-neighbour codebook lookup for features (B, D, *S): ``encode`` -> codes (B, *S), ``lookup`` -> the
@@ -202,9 +210,7 @@ class VectorQuantizer(Quantizer):
     # ---- lookup -------------------------------------------------------------------------------
     def _features(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, *S) -> (N, d) fp32 lookup-space features."""
-        flat = rearrange(z, "b d ... -> (b ...) d").float()
-        if self.in_proj is not None:
-            flat = F.linear(flat, self.in_proj.weight.float(), self.in_proj.bias.float())
+        flat = self._projected(z)
         return F.normalize(flat, dim=1) if self.config.cosine else flat
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:

@@ -352,20 +352,28 @@ def spoken_digits_manifest() -> dict:
     return manifest
 
 
+SPOKEN_WINDOWS = ("random", "loudest")  # how spoken-digits cuts its training windows (eval: always the loudest)
+
+
 class SpokenDigitsDataset(Dataset):
     """Digits "zero".."nine" spoken by espeak-ng in many voices, speeds and pitches; labels 0..9.
 
     train: voices ``SPOKEN_TRAIN_VOICES``, random ``size``-sample window (global torch RNG; clips
-    shorter than ``size`` land at a random offset in zeros). eval: the held-out voices
-    ``SPOKEN_EVAL_VOICES``, the loudest ``size``-sample window (shorter clips centred):
+    shorter than ``size`` land at a random offset in zeros), or with ``window="loudest"`` the window eval takes
+    (what a prior should learn when its samples are to be whole words placed as the held-out items are). eval:
+    the held-out voices ``SPOKEN_EVAL_VOICES``, the loudest ``size``-sample window (shorter clips centred):
     deterministic. Clips are 16 kHz and trimmed of silence (about 0.3-0.8 s); they are
     resampled once at construction if ``sample_rate`` differs. Generated on first use into
     ``$TOKGEN_CACHE/spoken-digits`` (default ``~/.cache/tokgen/spoken-digits``).
     """
 
-    def __init__(self, *, split: str = "train", size: int = 8192, sample_rate: int = SPOKEN_SAMPLE_RATE):
+    def __init__(self, *, split: str = "train", size: int = 8192, sample_rate: int = SPOKEN_SAMPLE_RATE,
+                 window: str = "random"):
         check_split(split)
+        if window not in SPOKEN_WINDOWS:
+            raise ValueError(f"spoken-digits window must be one of {list(SPOKEN_WINDOWS)}, got {window!r}")
         self.train, self.size, self.sample_rate = split == "train", size, sample_rate
+        self.random_window = self.train and window == "random"
         voices = set(SPOKEN_TRAIN_VOICES if self.train else SPOKEN_EVAL_VOICES)
         folder = spoken_digits_dir()
         self.clips = [c for c in spoken_digits_manifest()["clips"] if c["voice"] in voices]
@@ -387,7 +395,7 @@ class SpokenDigitsDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(i)
         wave = self.waves[i]
-        if self.train:
+        if self.random_window:
             length = wave.shape[-1]
             start = int(torch.randint(min(0, length - self.size), max(0, length - self.size) + 1, (1,)))
         else:

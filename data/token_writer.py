@@ -159,12 +159,14 @@ def check_settings(out_dir: Path, split: str, settings: dict) -> None:
                 f"{out_dir} holds {split} shards made by tokenizer {short(side.get('tokenizer_fingerprint'))}, "
                 f"not by this tokenizer {short(settings['tokenizer_fingerprint'])}: use a new --out folder"
             )
-        for name in ("world_size", "shard_size", "dataset_size", "seed"):
-            if side.get(name) != settings[name]:
+        defaults = {"depth": 0}  # shards written before code stacks had no depth
+        for name in ("world_size", "shard_size", "dataset_size", "seed", "depth"):
+            written, asked = side.get(name, defaults.get(name)), settings.get(name, defaults.get(name))
+            if written != asked:
                 raise ValueError(
                     f"cannot resume the {split} export in {out_dir}: its shards were written with "
-                    f"{name}={side.get(name)}, this run has {name}={settings[name]}; re-run with the same "
-                    "settings or use a new --out folder"
+                    f"{name}={written}, this run has {name}={asked}; re-run with the same settings or use a new "
+                    "--out folder"
                 )
 
 
@@ -181,8 +183,9 @@ def is_done(out_dir: Path, split: str, rank: int, settings: dict) -> bool:
 
 
 # ---- the manifest -----------------------------------------------------------------------------------
-def existing_manifest(out_dir: Path, fingerprint: str) -> dict | None:
-    """The folder's manifest when it exists (its other splits are kept); refused when another tokenizer made it."""
+def existing_manifest(out_dir: Path, fingerprint: str, depth: int = 0) -> dict | None:
+    """The folder's manifest when it exists (its other splits are kept); refused when another tokenizer made it, or
+    the same one at another code-stack ``depth`` (stages kept per position)."""
     path = out_dir / MANIFEST
     if not path.exists():
         return None
@@ -194,6 +197,10 @@ def existing_manifest(out_dir: Path, fingerprint: str) -> dict | None:
             f"{out_dir} holds tokens made by tokenizer {short(manifest.get('tokenizer_fingerprint'))}, "
             f"not by this tokenizer {short(fingerprint)}: export into a new --out folder (or delete that one)"
         )
+    held = {int(level.get("depth", 0)) for level in manifest.get("levels", [])}
+    if held and held != {int(depth)}:
+        raise ValueError(f"{out_dir} holds code stacks of depth {sorted(held)[0]}, this export keeps {depth} stages a "
+                         "position: export into a new --out folder (or delete that one)")
     return manifest
 
 

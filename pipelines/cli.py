@@ -40,9 +40,12 @@ def _entry(module, name: str, kind: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # Before torch loads OpenMP: spinning worker threads make a busy machine (another job on the same
-    # cores) up to 14x slower per step here; passive waiting costs little when the machine is idle.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch loads OpenMP (GNU libgomp in torch's Linux wheels): its default spin-wait of 300,000 spins makes a
+    # busy machine (another job on the same cores) 4x slower per step here, passive waiting makes an idle one 1.7x
+    # slower (a thread sleeps between every pair of parallel ops); 5,000 spins keep the idle speed and cost 1.3x
+    # against passive on a busy machine (BENCHMARKS.md §16). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "5000")
     if not sys.stderr.isatty():
         # Progress bars in log files: a line every 20 s instead of a redraw every 0.1 s.
         os.environ.setdefault("TQDM_MININTERVAL", "20")

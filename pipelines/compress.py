@@ -132,7 +132,7 @@ class PriorCoder:
     def code_shapes(self, input_shape) -> list[tuple[int, ...]]:
         """One item's codes per level for an input (C, *S): the grid (+ the stages of a code stack); ValueError
         when the priors cannot code that size."""
-        shapes = [tuple(s) for s in self.pipe.tokenizer.code_tensor_shapes(tuple(input_shape))]
+        shapes = self.pipe.code_tensor_shapes(tuple(input_shape))
         for level, (prior, shape) in enumerate(zip(self.priors_for(input_shape), shapes)):
             if tuple(prior.code_shape) != shape:
                 raise ValueError(f"the level-{level} prior models {tuple(prior.code_shape)} codes, "
@@ -299,7 +299,7 @@ def _as_codes(pipe, x_or_codes, input_shape=None) -> tuple[list[torch.Tensor], t
     codes = [torch.as_tensor(c).long().cpu() for c in codes]
     if input_shape is None:
         input_shape = tuple(pipe.input_shape)
-        shapes = tok.code_tensor_shapes(input_shape)
+        shapes = pipe.code_tensor_shapes(input_shape)
         if [tuple(c.shape[1:]) for c in codes] != [tuple(s) for s in shapes]:
             grid = codes[0].shape[1 : 1 + tok.dims]  # without the stages of a code stack
             spatial = tuple(n * f for n, f in zip(grid, tok.downsampling))

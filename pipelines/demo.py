@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +49,9 @@ class DemoSpec:
     # (a clip: per frame) on 2 CPU cores, so the video demo searches fewer
     nearest_train_items: int = 500
     distance_items: int | None = None  # held-out items the tokenizer's FD-VGG16 compares (None: all of them)
+    # the data reader's options for the items the prior learns, on top of the tokenizer's (e.g. how windows are cut)
+    export_options: dict = field(default_factory=dict)
+    export_stages: int | None = None  # residual quantizers: the stages the prior models (None: all)
 
 
 # The class-conditional priors learn a null class (class_dropout 0.1) and sample with classifier-free
@@ -59,10 +62,12 @@ DEMOS = {
     # pipeline samples 256x256 images and reconstructs whole photos.
     "photos": DemoSpec("tokenizer-photos", ("prior-photos-top", "prior-photos-bottom"), num_samples=8,
                        export_size=64, sample_size=256, full_photo=True),
-    # The tokenizer trains on 0.26 s windows (half the cost per step); tokens are exported for the
-    # 0.51 s windows that hold a whole spoken digit, which the prior learns and samples.
-    "spoken-digits": DemoSpec("tokenizer-spoken-digits", ("prior-spoken-digits",), samples_per_class=4,
-                              export_size=8192, guidance=2.0),
+    # The tokenizer (4 residual stages, 16 kbit/s) trains on random 0.26 s windows (half the cost per step); tokens
+    # are exported for the 0.51 s window that holds most of each spoken digit (as the held-out clips are cut), and
+    # the prior learns and samples the first 2 stages of them (8 kbit/s): BENCHMARKS.md §16.
+    "spoken-digits": DemoSpec("tokenizer-spoken-digits", ("prior-spoken-digits",), samples_per_class=10,
+                              export_size=8192, guidance=2.0, export_options={"window": "loudest"},
+                              export_stages=2),
     "moving-digits": DemoSpec("tokenizer-moving-digits", ("prior-moving-digits",), samples_per_class=2,
                               guidance=6.0, nearest_train_items=50, distance_items=40),
 }
@@ -89,7 +94,7 @@ def _tokenizer_stage(args, spec: DemoSpec, stages: Stages):
     tokenizer = load_tokenizer(model_dir)
     # on the items the prior learns (spoken digits: whole 0.51 s words, long enough for STOI; the training windows
     # of 0.26 s are not)
-    sized = replace(cfg, size=spec.export_size or cfg.size)
+    sized = items_config(cfg, spec)
     metrics = stages.run("evaluate tokenizer", evaluate, tokenizer, tok_train.build_dataset(sized, "eval"),
                          lpips=tokenizer.modality in ("image", "video"), fd_vgg16=True,
                          distance_items=spec.distance_items,
@@ -97,11 +102,19 @@ def _tokenizer_stage(args, spec: DemoSpec, stages: Stages):
     return cfg, model_dir, tokenizer, metrics
 
 
+def items_config(cfg, spec: DemoSpec, size: int | None = None):
+    """The tokenizer's training config, reading the items the prior learns: of ``size`` (default: the export size),
+    with the spec's ``export_options`` for the data reader."""
+    return replace(cfg, size=size or spec.export_size or cfg.size,
+                   data_options={**cfg.data_options, **spec.export_options})
+
+
 def _export_stage(args, spec: DemoSpec, cfg, tokenizer, stages: Stages) -> Path:
-    sized = replace(cfg, size=spec.export_size or cfg.size)
+    sized = items_config(cfg, spec)
     datasets = {split: tok_train.build_dataset(sized, split) for split in ("train", "eval")}
     stages.run("export tokens", export_tokens, tokenizer, datasets, args.out / "tokens", batch_size=64,
-               shard_size=1000, progress=not args.quiet, seed=args.seed, source=cfg.data)
+               shard_size=1000, progress=not args.quiet, seed=args.seed, source=cfg.data,
+               num_stages=spec.export_stages)
     return args.out / "tokens"
 
 
@@ -151,14 +164,14 @@ def run(args: argparse.Namespace) -> dict:
     samples, codes, labels, seconds, nrow, settings = _sample_stage(args, spec, pipe, stages)
     judged = None
     if labels is not None:
-        judged = stages.run("judge samples", _judge, spec, cfg, samples, labels, num_classes, args.seed, out)
+        judged = stages.run("judge samples", _judge, spec, cfg, tokenizer, samples, labels, num_classes, args.seed, out)
     write_outputs(pipe, out, codes, labels, samples, nrow=nrow)
     measured = stages.run("measure samples", _measure_samples, spec, cfg, pipe, samples, codes, args.seed, out)
     metrics = {
         "dataset": args.dataset,
         "modality": pipe.modality,
         "tokenizer": _tokenizer_summary(tok_metrics),
-        "prior": _prior_summary(prior_runs),
+        "prior": {**_prior_summary(prior_runs), **_prior_stages(pipe, tok_metrics)},
         "sampling": {"num_samples": samples.shape[0], "seconds": seconds, **settings,
                      "tokens_per_s": samples.shape[0] * pipe.num_tokens / seconds,
                      **({"judge": judged} if judged else {}), **measured},
@@ -177,7 +190,7 @@ def _measure_samples(spec: DemoSpec, cfg, pipe: TokgenPipeline, samples: torch.T
         log.warning("samples not measured: the offline VGG16 backbone (vgg16_features.safetensors) is not in "
                     "$TOKGEN_WEIGHTS or shared/weights (see `tokgen evaluate-samples`)")
         return {}
-    sized = replace(cfg, size=spec.sample_size or spec.export_size or cfg.size)  # the items the pipeline makes
+    sized = items_config(cfg, spec, spec.sample_size)  # the items the pipeline makes
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # training datasets crop at random: the same items every run
         held_out = quality.read_items(tok_train.build_dataset(sized, "eval"), len(samples), "held-out")
@@ -192,17 +205,18 @@ def _measure_samples(spec: DemoSpec, cfg, pipe: TokgenPipeline, samples: torch.T
             "memorization": mem.to_dict(len(train.x), 16)}
 
 
-def _judge(spec: DemoSpec, cfg, samples: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
+def _judge(spec: DemoSpec, cfg, tokenizer, samples: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
            out: Path) -> dict:
-    """A classifier trained on the real training items labels the samples (see ``pipelines.judge``);
-    ``samples_vs_real.png`` shows each sample below a held-out real item of the class it was asked for."""
-    sized = replace(cfg, size=spec.export_size or cfg.size)  # the items the prior learned and samples
+    """A classifier trained on the real training items labels the held-out items, the tokenizer's reconstructions of
+    them and the samples (see ``pipelines.judge``); ``samples_vs_real.png`` shows each sample below a held-out real
+    item of the class it was asked for."""
+    sized = items_config(cfg, spec)  # the items the prior learned and samples
     eval_set = tok_train.build_dataset(sized, "eval")
     held_out = [eval_set[i] for i in range(len(eval_set))]  # read once: the judge and the picture share them
     m = cfg.model_config
     rate = m.sample_rate or DEFAULT_SAMPLE_RATE
     result = judge(tok_train.build_dataset(sized, "train"), held_out, samples, labels, m.modality, num_classes,
-                   sample_rate=rate, seed=seed).to_dict()
+                   sample_rate=rate, seed=seed, reconstruct=tokenizer.reconstruct).to_dict()
     by_class: dict[int, list[int]] = {}
     for i, item in enumerate(held_out):
         by_class.setdefault(int(item["label"]), []).append(i)
@@ -250,6 +264,16 @@ def _prior_summary(prior_runs: list[Path]) -> dict:
     return out
 
 
+def _prior_stages(pipe: TokgenPipeline, tok_metrics: dict) -> dict:
+    """For code stacks: the stages the priors model of the tokenizer's, and (audio) the bitrate of those codes."""
+    if not pipe.code_depth:
+        return {}
+    out = {"stages": pipe.code_depth, "tokenizer_stages": pipe.tokenizer.code_depth}
+    if "bitrate_kbps" in tok_metrics:
+        out["bitrate_kbps"] = tok_metrics["bitrate_kbps"] * pipe.code_depth / pipe.tokenizer.code_depth
+    return out
+
+
 LOOK_AT = {"image": ("samples.png", "reconstructions.png", "closest_pairs.png"),
            "audio": ("sample_*.wav", "spectrograms.png", "samples_vs_real.png", "closest_pairs.png"),
            "video": ("sample_*.mp4", "frames.png", "samples_vs_real.png", "reconstructions.png", "closest_pairs.png")}
@@ -263,19 +287,23 @@ def summary(metrics: dict, out: Path) -> str:
     extra = [f"  whole held-out photo {photo['name']} {photo['shape']}: {photo['psnr_db']:.2f} dB"] if photo else []
     if "judge" in s:
         j = s["judge"]
+        recon = (f", {j['reconstruction_accuracy']:.0%} of their reconstructions" if "reconstruction_accuracy" in j
+                 else "")
         extra.append(f"  judge:     a classifier trained on real data labels {j['sample_accuracy']:.0%} of the samples as the "
-                     f"class asked for ({j['real_accuracy']:.0%} of held-out real items)")
+                     f"class asked for ({j['real_accuracy']:.0%} of held-out real items{recon})")
     d, m = s.get("distance_to_real"), s.get("memorization")
     key = quality.DISTANCE_KEYS[metrics["modality"]]
     extra += [] if d is None else [f"  samples:   {key} {d[key]:.2f} to held-out items (training items: {d[key + '_train_vs_held_out']:.2f}), "
                  f"possible copies of a training item {m['possible_copies']:.0%}"]
+    stacks = "" if "stages" not in p else (f", over the first {p['stages']} of {p['tokenizer_stages']} stages"
+                                           + (f" ({p['bitrate_kbps']:.1f} kbps)" if "bitrate_kbps" in p else ""))
     recon = (f"{t['snr_db']:.2f} dB SNR, STOI {t.get('stoi', float('nan')):.2f}, {t['bitrate_kbps']:.1f} kbps" if "snr_db" in t
              else f"{t['psnr_db']:.2f} dB PSNR")
     return "\n".join([
         "",
         f"tokgen demo ({metrics['dataset']}) finished in {metrics['timing']['total_s']:.0f} s",
         f"  tokenizer: {recon} held-out, codebook usage {t['codebook_usage']:.2f}",
-        f"  prior:     {p['bits_per_token']:.3f} bits/token, {p['bits_per_dim']:.4f} bits/dim held-out",
+        f"  prior:     {p['bits_per_token']:.3f} bits/token, {p['bits_per_dim']:.4f} bits/dim held-out" + stacks,
         f"  sampling:  {s['tokens_per_s']:.0f} tokens/s" + (f", guidance {guided}" if guided else ""),
         *extra,
         f"  look at:   {', '.join(str(out / f) for f in LOOK_AT[metrics['modality']])}, {out}/metrics.json",

@@ -17,6 +17,7 @@ What the classifier sees is chosen so that it judges what a person would notice,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,15 @@ class JudgeResult:
     per_class_sample_accuracy: list[float]
     num_real: int
     num_samples: int
+    # the tokenizer's reconstructions of the held-out items, labelled as those items (when a tokenizer is given): what
+    # the tokenizer keeps of the class, the most its samples can be expected to show
+    reconstruction_accuracy: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["reconstruction_accuracy"] is None:
+            del out["reconstruction_accuracy"]
+        return out
 
 
 def log_mel_db(x: torch.Tensor, sample_rate: int) -> torch.Tensor:
@@ -148,13 +155,20 @@ def train_judge(train_set, modality: str, num_classes: int, sample_rate: int = D
 
 def judge(train_set, eval_set, samples: torch.Tensor, labels: torch.Tensor, modality: str, num_classes: int,
           sample_rate: int = DEFAULT_SAMPLE_RATE, steps: int = 600, batch_size: int = 32, seed: int = 0,
-          max_items: int = 2000) -> JudgeResult:
+          max_items: int = 2000, reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          reconstruct_batch: int = 64) -> JudgeResult:
     """Train on ``train_set`` (real items), then score ``eval_set`` and ``samples`` (N, C, *S) asked for
-    ``labels`` (N,). Deterministic for a seed."""
+    ``labels`` (N,); with ``reconstruct`` (a tokenizer's (B, C, *S) -> (B, C, *S), clamped to the data range) also the
+    reconstructions of ``eval_set``, ``reconstruct_batch`` items at a time. Deterministic for a seed."""
     judged = train_judge(train_set, modality, num_classes, sample_rate, steps, batch_size, seed, max_items)
     x_eval, y_eval = _stack(eval_set, max_items)
     real = judged.hits(x_eval, y_eval)
     hits = judged.hits(samples, labels)
     per_class = [float(hits[labels == c].mean()) if bool((labels == c).any()) else float("nan")
                  for c in range(num_classes)]
-    return JudgeResult(float(real.mean()), float(hits.mean()), per_class, len(x_eval), len(samples))
+    recon = None
+    if reconstruct is not None:
+        with torch.no_grad():
+            recon = float(torch.cat([judged.hits(reconstruct(x), y) for x, y in
+                                     zip(x_eval.split(reconstruct_batch), y_eval.split(reconstruct_batch))]).mean())
+    return JudgeResult(float(real.mean()), float(hits.mean()), per_class, len(x_eval), len(samples), recon)

@@ -61,10 +61,12 @@ class TokgenPipeline:
                     f"level-{level} prior models {tuple(prior.config.grid_shape)} grids of {prior.config.vocab_size} "
                     f"codes, but the tokenizer makes {tuple(shape)} grids of {k} codes: they do not belong together"
                 )
-            if prior.config.depth != self.tokenizer.code_depth:
-                raise ValueError(f"level-{level} prior models code stacks of depth {prior.config.depth}, but the "
-                                 f"tokenizer's codes have {self.tokenizer.code_depth} stages per position (0: none): "
-                                 "they do not belong together")
+            # a prior may model the first k stages of a residual quantizer's stacks (a lower bitrate), never more
+            stacked, depth = self.tokenizer.code_depth, prior.config.depth
+            if bool(depth) != bool(stacked) or depth > stacked or depth != self.priors[0].config.depth:
+                raise ValueError(f"level-{level} prior models code stacks of depth {depth}, but the tokenizer's codes "
+                                 f"have {stacked} stages per position (0: none) and the level-0 prior's depth is "
+                                 f"{self.priors[0].config.depth}: they do not belong together")
 
     def with_input_shape(self, input_shape: tuple[int, ...]) -> "TokgenPipeline":
         """This pipeline for inputs of another size (C, *S): the tokenizer is fully convolutional, and
@@ -227,11 +229,24 @@ class TokgenPipeline:
         with self.autocast():
             return self.tokenizer.decode_clamped([c.to(self.device) for c in codes]).float()
 
+    @property
+    def code_depth(self) -> int:
+        """Stages per position the priors model (0: no code stacks); at most the tokenizer's ``code_depth``."""
+        return self.priors[0].config.depth
+
+    def code_tensor_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Input (C, *S) -> one item's codes per level as the priors model them: the grid, (*grid, code_depth) for
+        code stacks."""
+        depth = self.code_depth
+        return [(*grid, depth) if depth else tuple(grid) for grid in self.tokenizer.code_shapes(tuple(input_shape))]
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x (B, C, *S) -> codes per level (B, *grid), top first; (B, *grid, depth) for code stacks."""
+        """x (B, C, *S) -> codes per level (B, *grid), top first; (B, *grid, depth) for code stacks, the first
+        ``code_depth`` stages (the ones the priors model)."""
+        stages = {"num_stages": self.code_depth} if self.code_depth else {}
         with self.autocast():
-            return self.tokenizer.encode_levels(x.to(self.device))
+            return self.tokenizer.encode_levels(x.to(self.device), **stages)
 
     def __call__(self, batch_size: int = 1, class_labels=None, options: SamplingOptions | None = None, *,
                  generator: torch.Generator | None = None, output_type: str = "decoded", progress=None,

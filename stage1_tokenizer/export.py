@@ -139,7 +139,8 @@ def _plan(ds, out_dir, name, rank, world, settings, batch_size, num_workers, spl
 def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 64, shard_size: int = 10000,
                   accelerator=None, progress: bool = True, split: str = "train", seed: int = 0,
                   num_workers: int = 0, split_iterable: bool = False, source: str | None = None,
-                  dtype: torch.dtype = torch.float32, split_sources: dict | None = None) -> dict:
+                  dtype: torch.dtype = torch.float32, split_sources: dict | None = None,
+                  num_stages: int | None = None) -> dict:
     """Encode ``dataset`` (or ``{"train": ds, "eval": ds}``) into token shards under ``out_dir``.
 
     Returns the manifest (also written to ``out_dir/manifest.json`` by the main process). With an
@@ -147,15 +148,17 @@ def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 6
     dataset must already be this process's share, unless ``split_iterable`` (keep every world-th item).
     Splits already in an existing manifest of the same tokenizer are kept (export train, then eval).
     ``split_sources``: per split, what it was read from (source, held-out fraction, files), for the manifest.
+    ``num_stages``: a residual quantizer's first k stages only (code stacks of depth k: a prior over a lower bitrate).
     """
     started = time.time()
     acc = accelerator if accelerator is not None else _Single()
     rank, world = acc.process_index, acc.num_processes
     datasets = _check_request(dataset, split, batch_size, shard_size)
     out_dir = Path(out_dir)
+    depth = export_depth(tokenizer, num_stages)
     info = TokenizerInfo(tokenizer.fingerprint(), tokenizer.modality, list(tokenizer.codebook_sizes),
-                         tokenizer.code_shapes, tokenizer.code_depth)
-    previous = existing_manifest(out_dir, info.fingerprint)
+                         tokenizer.code_shapes, depth)
+    previous = existing_manifest(out_dir, info.fingerprint, depth)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
@@ -164,12 +167,13 @@ def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 6
     for name, ds in datasets.items():
         iterable = isinstance(ds, IterableDataset)
         settings = {"tokenizer_fingerprint": info.fingerprint, "world_size": world, "shard_size": shard_size,
-                    "dataset_size": None if iterable else len(ds), "seed": seed}
+                    "dataset_size": None if iterable else len(ds), "seed": seed, "depth": depth}
         if not iterable and len(ds) == 0:
             raise ValueError(f"the {name} dataset is empty")
         plan = _plan(ds, out_dir, name, rank, world, settings, batch_size, num_workers, split_iterable)
         writer = ShardWriter(out_dir, name, rank, settings, info.codebook_sizes)
-        _encode_split(tokenizer, plan, writer, acc, progress and acc.is_main_process, f"export {name}", dtype)
+        _encode_split(tokenizer, plan, writer, acc, progress and acc.is_main_process, f"export {name}", dtype,
+                      num_stages)
         mark_done(out_dir, name, rank, settings)
     acc.wait_for_everyone()
     manifest = None
@@ -185,6 +189,19 @@ def export_tokens(tokenizer: Tokenizer, dataset, out_dir, *, batch_size: int = 6
                           f"under 'skipped' in {out_dir / MANIFEST}")
     acc.wait_for_everyone()
     return manifest if manifest is not None else json.loads((out_dir / MANIFEST).read_text())
+
+
+def export_depth(tokenizer: Tokenizer, num_stages: int | None) -> int:
+    """Stages per position of the exported codes: the tokenizer's (0: no stacks), or the first ``num_stages``."""
+    if num_stages is None:
+        return tokenizer.code_depth
+    if not tokenizer.code_depth:
+        raise ValueError("num_stages (--stages) applies to residual quantizers (kind 'rvq'); this tokenizer's codes "
+                         "have one code per position")
+    if not 1 <= num_stages <= tokenizer.code_depth:
+        raise ValueError(f"num_stages (--stages) must be in 1..{tokenizer.code_depth} (the tokenizer's stages), "
+                         f"got {num_stages}")
+    return int(num_stages)
 
 
 def class_names(datasets: Mapping) -> list[str] | None:
@@ -208,12 +225,14 @@ def _check_request(dataset, split: str, batch_size: int, shard_size: int) -> dic
 
 @torch.no_grad()
 def _encode_split(tokenizer: Tokenizer, plan: _Plan, writer: ShardWriter, acc, show: bool, desc: str,
-                  dtype: torch.dtype) -> None:
+                  dtype: torch.dtype, num_stages: int | None) -> None:
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     bar = tqdm(total=plan.total, initial=plan.done, desc=desc, unit="item", disable=not show, dynamic_ncols=True)
     try:
         for shard, indices, batch in plan.batches:
             with autocast(acc.device, dtype):
-                codes = [c.cpu() for c in tokenizer.encode_levels(batch["x"].to(acc.device, non_blocking=True))]
+                codes = [c.cpu() for c in tokenizer.encode_levels(batch["x"].to(acc.device, non_blocking=True),
+                                                                  **stages)]
             for c, k in zip(codes, tokenizer.codebook_sizes):
                 if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
                     raise ValueError(f"codes outside [0, {k}) from the tokenizer")
@@ -241,6 +260,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default: 10000)")
     p.add_argument("--seed", type=int, default=0, help="seeds the training-split crops (deterministic)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--stages", type=int, help="residual quantizers (kind rvq): export the first K stages of each "
+                   "position (code stacks of depth K: a prior at a lower bitrate, which the pipeline samples and "
+                   "decodes as such)")
     add_device_arguments(p)
     add_held_out_arguments(p)
     add_output_arguments(p)
@@ -276,7 +298,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     manifest = export_tokens(tokenizer, datasets, args.out, batch_size=args.batch_size,
                              shard_size=args.shard_size, accelerator=accelerator, progress=not args.quiet,
                              seed=args.seed, num_workers=args.num_workers, source=str(args.data),
-                             dtype=resolve_dtype(args.dtype), split_sources=held_out)
+                             dtype=resolve_dtype(args.dtype), split_sources=held_out, num_stages=args.stages)
     if accelerator.is_main_process:
         splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
         emit(args, f"tokens of {splits} inputs {manifest['input_shape']} -> "

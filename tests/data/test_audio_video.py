@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from data import build_dataset, collate_samples
-from data.audio import SPOKEN_EVAL_VOICES, SPOKEN_PITCHES, SPOKEN_SPEEDS, SPOKEN_TRAIN_VOICES
+from data.audio import (SPOKEN_EVAL_VOICES, SPOKEN_PITCHES, SPOKEN_SPEEDS, SPOKEN_TRAIN_VOICES, loudest_start,
+                        window)
 from data.builtin import digits_indices
 from data.video import frames_to_clip, read_frames
 from data.files import read_input, write_output
@@ -153,6 +154,20 @@ def test_spoken_digits_other_rate(spoken):
     slow = _audio("spoken-digits", split="eval", size=4096, sample_rate=8000)
     assert slow[3]["x"].shape == (1, 4096)
     assert abs(slow.waves[3].shape[-1] - held.waves[3].shape[-1] / 2) <= 1
+
+
+def test_spoken_digits_training_windows_can_be_the_loudest(spoken):
+    """``window="loudest"`` (a data option) cuts each training clip where eval cuts a held-out one: deterministic,
+    the whole word where it fits; the default draws a random window."""
+    train, _ = spoken
+    loud = _audio("spoken-digits", split="train", size=8192, window="loudest")
+    torch.manual_seed(0)
+    assert torch.equal(loud[5]["x"], loud[5]["x"]) and loud[5]["key"] == train[5]["key"]
+    assert torch.equal(loud[5]["x"], window(loud.waves[5], 8192, loudest_start(loud.waves[5], 8192)))
+    draws = [train[5]["x"] for _ in range(6)]
+    assert any(not torch.equal(d, draws[0]) for d in draws[1:])
+    with pytest.raises(ValueError, match="window must be one of"):
+        _audio("spoken-digits", split="train", size=8192, window="centre")
 
 
 def test_spoken_digits_needs_espeak(tmp_path, monkeypatch):

@@ -404,5 +404,6 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
         assert "distance_to_real" not in s and "fd_vgg16" not in metrics["tokenizer"]
     judged = metrics["sampling"]["judge"]  # a classifier trained on real digits labels the samples
     assert 0 <= judged["sample_accuracy"] <= 1 and judged["real_accuracy"] > 0.5 and judged["num_samples"] == 10
+    assert 0 <= judged["reconstruction_accuracy"] <= 1  # and the tokenizer's reconstructions of the held-out digits
     pipe = TokgenPipeline.from_pretrained(out / "pipeline")
     assert pipe.num_classes == 10 and pipe.input_shape == (1, 32, 32)

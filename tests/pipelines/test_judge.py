@@ -23,6 +23,17 @@ def test_judge_tells_right_labels_from_wrong_ones():
     assert good.real_accuracy > 0.85 and good.sample_accuracy > 0.85
     assert bad.sample_accuracy < 0.1 and bad.real_accuracy == good.real_accuracy  # deterministic per seed
     assert len(good.per_class_sample_accuracy) == 10 and good.num_samples == 100
+    assert "reconstruction_accuracy" not in good.to_dict()  # no tokenizer given
+
+
+def test_judge_scores_a_tokenizers_reconstructions_of_the_held_out_items():
+    train = build_dataset("digits", split="train", size=8, channels=1)
+    held_out = build_dataset("digits", split="eval", size=8, channels=1)
+    x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    exact = judge(train, held_out, x, y, "image", 10, steps=200, reconstruct=lambda b: b, reconstruct_batch=7)
+    assert exact.reconstruction_accuracy == exact.real_accuracy  # a perfect tokenizer keeps every verdict
+    blank = judge(train, held_out, x, y, "image", 10, steps=200, reconstruct=torch.zeros_like)
+    assert blank.reconstruction_accuracy < 0.2 and blank.to_dict()["reconstruction_accuracy"] < 0.2
 
 
 def test_features_give_pooled_views_of_every_modality():

@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from data.token_writer import level_entry
 from harness.config import PRESET_DIR, preset
 from pipelines.demo import DEMOS
 from harness.config import config_from_dict
+from stage1_tokenizer.adversarial import build_adversary
 from stage1_tokenizer.registry import TOKENIZERS
 from stage1_tokenizer.train import TokenizerTrainConfig
 from stage2_prior.registry import prior_classes
@@ -37,10 +39,12 @@ def test_demo_presets_fit_together(name):
     cfg = config_from_dict(TokenizerTrainConfig, preset(spec.tokenizer))
     torch.manual_seed(0)
     tokenizer = TOKENIZERS[cfg.arch][0](cfg.model_config).eval()
+    stages = {"num_stages": spec.export_stages} if spec.export_stages else {}  # the stages the demo exports
     with torch.no_grad():
-        codes = tokenizer.encode_levels(_input(cfg, spec.export_size or cfg.size))
-    # code grids and codebook sizes come top first, as priors number their levels
-    manifest = {"levels": [{"grid_shape": list(c.shape[1:]), "codebook_size": v}
+        codes = tokenizer.encode_levels(_input(cfg, spec.export_size or cfg.size), **stages)
+    # code grids and codebook sizes come top first, as priors number their levels (stacks: the stages last)
+    depth = spec.export_stages or tokenizer.code_depth
+    manifest = {"levels": [level_entry(c.shape[1: c.dim() - (1 if depth else 0)], v, depth)
                            for c, v in zip(codes, tokenizer.codebook_sizes)], "num_classes": 10}
     assert len(spec.priors) == len(manifest["levels"])
     for level, prior_name in enumerate(spec.priors):
@@ -131,8 +135,6 @@ def test_the_default_image_preset_spends_no_more_compute_than_the_peer():
 def test_every_tokenizer_preset_builds_and_its_discriminator_judges_its_input(name):
     """Each shipped tokenizer preset resolves (types checked), builds its tokenizer, reconstructs an input of a
     size it takes, and where it trains adversarially its discriminator gives finite logits on that input."""
-    from stage1_tokenizer.adversarial import build_adversary
-
     cfg = config_from_dict(TokenizerTrainConfig, preset(name))
     m = cfg.model_config
     torch.manual_seed(0)

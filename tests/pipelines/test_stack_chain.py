@@ -131,3 +131,24 @@ def test_audio_clips_through_a_wavenet_prior(tmp_path, capsys, fresh_accelerate)
     assert metrics["distance_to_real"]["fd_logmel"] >= 0 and metrics["diversity"]["distinct_codes_all_levels"] > 0
     with np.load(tmp_path / "es" / "codes.npz") as codes:
         assert codes["level_0"].shape == (4, 32, STAGES)
+    # a prior over the first stage only (`export-tokens --stages 1`): a pipeline at the lower bitrate
+    fresh_accelerate()
+    tokens1, prior1, pipe1 = tmp_path / "tokens1", tmp_path / "prior1", tmp_path / "pipe1"
+    assert tokgen("export-tokens", run, "--data", clips, "--out", tokens1, "--split", "train", "--stages", 1,
+                  "--device", "cpu", "--quiet") == 0
+    assert json.loads((tokens1 / "manifest.json").read_text())["levels"][0]["depth"] == 1
+    config = write_json(tmp_path / "wavenet1.json", {"arch": "wavenet", "model": PRIORS["wavenet"], **TRAIN,
+                                                     "eval_every": 0})
+    assert tokgen("train-prior", "--tokens", tokens1, "--config", config, "--out", prior1, "--unconditional",
+                  "--quiet") == 0
+    fresh_accelerate()
+    assert tokgen("make-pipeline", "--tokenizer", run, "--priors", prior1, "--out", pipe1, "--quiet") == 0
+    assert tokgen("sample", pipe1, "--num", 2, "--out", tmp_path / "s1", "--device", "cpu", "--quiet") == 0
+    with np.load(tmp_path / "s1" / "codes.npz") as codes:
+        assert codes["level_0"].shape == (2, 32, 1)
+    assert tokgen("compress", pipe1, clips / "clip0.wav", "--out", tmp_path / "c1.tkg", "--quiet") == 0
+    assert tokgen("encode", pipe1, clips / "clip0.wav", "--stages", 1, "--out", tmp_path / "e1.npz", "--quiet") == 0
+    assert tokgen("decompress", pipe1, tmp_path / "c1.tkg", "--out", tmp_path / "r1.wav", "--codes-out",
+                  tmp_path / "d1.npz", "--quiet") == 0
+    with np.load(tmp_path / "e1.npz") as a, np.load(tmp_path / "d1.npz") as b:
+        assert a["level_0"].shape == (1, 128, 1) and np.array_equal(a["level_0"], b["level_0"])

@@ -195,3 +195,28 @@ def test_audio_files_compress_exactly(tiny, tmp_path):
     enc = encode_main(args=ns(model=tmp_path / "pipe", input=tmp_path / "a.wav", out=tmp_path / "e.npz", size=None,
                               stages=None))
     assert torch.equal(codes[0], enc[0][0]) and sf.info(str(tmp_path / "o.wav")).frames == 128
+
+
+# ---- a prior over the first stages only (a lower bitrate) ------------------------------------------------
+def test_a_prior_over_the_first_stages_samples_scores_and_compresses_at_that_depth(tiny):
+    """The tokenizer codes 3 stages; the prior models the first 2 (tokens exported with ``--stages 2``): the pipeline
+    samples and decodes stacks of 2, encodes inputs to their first 2 stages, and its bits and compression count those."""
+    torch.manual_seed(0)
+    prior = WaveNetPrior(WaveNetPriorConfig(grid_shape=(8,), vocab_size=K, depth=2, channels=12, skip_channels=12,
+                                            head_channels=12, layers_per_cycle=2, num_cycles=1))
+    tokenizer = tiny.vqvae(modality="audio", factors=(8,), codebook_size=K, quantizer=RVQ)
+    pipe = TokgenPipeline(tokenizer, [tiny.scale_up(prior)], (1, 64))
+    assert pipe.code_depth == 2 and tokenizer.code_depth == D and pipe.num_tokens == 8 * 2
+    out = pipe(batch_size=3, generator=gen(9))
+    assert out.codes[0].shape == (3, 8, 2) and out.samples.shape == (3, 1, 64)
+    x = out.samples
+    codes = pipe.encode(x)[0]
+    assert torch.equal(codes, tokenizer.encode_levels(x, num_stages=2)[0])
+    bits = pipe.nll_bits([codes])
+    assert torch.allclose(bits[:, 0], pipe.priors[0].nll(codes).double() / math.log(2))
+    blobs = C.compress_batch(pipe, x)
+    assert all(torch.equal(d.codes[0], codes[i]) for i, d in enumerate(C.decompress_batch(pipe, blobs)))
+    deeper = WaveNetPrior(WaveNetPriorConfig(grid_shape=(8,), vocab_size=K, depth=D + 1, channels=12,
+                                             skip_channels=12, head_channels=12, layers_per_cycle=2, num_cycles=1))
+    with pytest.raises(ValueError, match="depth"):  # more stages than the tokenizer codes
+        TokgenPipeline(tokenizer, [deeper], (1, 64))

@@ -305,3 +305,23 @@ def test_iterable_source_resume(tmp_path, tiny):
     assert not list((tmp_path / "out").glob("*.tmp"))
     assert read_manifest(tmp_path / "out")["splits"]["train"]["num_samples"] == 21
     assert as_dict(tmp_path / "out") == as_dict(tmp_path / "ref")
+
+
+def test_export_of_the_first_stages_of_a_residual_quantizer(tmp_path, tiny):
+    """``num_stages`` (``--stages``) exports stacks of the first k stages: the manifest says depth k, the codes are the
+    tokenizer's at k stages; the folder refuses another depth, and only residual quantizers take it, in range."""
+    tok = tiny.vqvae(codebook_size=16, quantizer={"kind": "rvq", "num_stages": 3})
+    ds = tiny.images(noise=0.0)
+    manifest = export_tokens(tok, ds, tmp_path / "tok", batch_size=8, shard_size=64, progress=False, num_stages=2)
+    assert manifest["levels"][0]["depth"] == 2 and manifest["levels"][0]["stage_codebook_sizes"] == [16, 16]
+    codes, _, _ = load_all(tmp_path / "tok", "train")
+    with torch.no_grad():
+        expected = tok.encode_levels(torch.stack([ds[i]["x"] for i in range(N)]), num_stages=2)[0]
+    assert codes[0].shape == (N, 4, 4, 2) and torch.equal(codes[0], expected)
+    with pytest.raises(ValueError, match="depth 2"):  # the same tokenizer at all 3 stages into the same folder
+        export_tokens(tok, {"eval": ds}, tmp_path / "tok", batch_size=8, progress=False)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=r"1\.\.3"):
+            export_tokens(tok, ds, tmp_path / f"bad{bad}", progress=False, num_stages=bad)
+    with pytest.raises(ValueError, match="residual"):
+        export_tokens(tiny.vqvae(codebook_size=16), ds, tmp_path / "vq", progress=False, num_stages=1)

@@ -3,6 +3,7 @@ resume) and a tiny demo. The pipeline is a tiny random one (no training needed).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -407,3 +408,22 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
     assert 0 <= judged["reconstruction_accuracy"] <= 1  # and the tokenizer's reconstructions of the held-out digits
     pipe = TokgenPipeline.from_pretrained(out / "pipeline")
     assert pipe.num_classes == 10 and pipe.input_shape == (1, 32, 32)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="spoken-digits needs espeak-ng (make install)")
+def test_spoken_digits_demo_samples_the_first_stages_of_words_cut_as_held_out(tmp_path, capsys):
+    """The spoken-digits demo: a residual tokenizer of 4 stages, tokens of the first 2 exported from the window
+    around each word, a prior and a pipeline at that depth, kbps and STOI reported, the judge on reconstructions."""
+    out = tmp_path / "demo"
+    assert tokgen("demo", "--dataset", "spoken-digits", "--out", out, "--tokenizer-steps", 2, "--prior-steps", 2,
+                  "--samples-per-class", 1) == 0
+    assert "over the first 2 of 4 stages (8.0 kbps)" in capsys.readouterr().out
+    manifest = json.loads((out / "tokens" / "manifest.json").read_text())
+    assert manifest["levels"][0]["depth"] == 2 and manifest["input_shape"] == [1, 8192]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tokenizer"]["bitrate_kbps"] == 16.0 and 0 <= metrics["tokenizer"]["stoi"] <= 1
+    assert metrics["prior"]["stages"] == 2 and metrics["prior"]["bitrate_kbps"] == 8.0
+    assert 0 <= metrics["sampling"]["judge"]["reconstruction_accuracy"] <= 1
+    with np.load(out / "codes.npz") as codes:
+        assert codes["level_0"].shape == (10, 256, 2)
+    assert TokgenPipeline.from_pretrained(out / "pipeline").code_depth == 2

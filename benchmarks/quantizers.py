@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[THREADS_ENV] = str(args.threads)
     split = lambda s: [v.strip() for v in s.split(",")] if s else None  # noqa: E731
     started = time.perf_counter()
+    apply_threads()  # before machine_info, which records the thread count
     info = machine_info()
     result = run(args.quick, split(args.testbed), split(args.only), args.keep, args.tokenizer_steps,
                  args.prior_steps)

@@ -1,4 +1,4 @@
-"""Quantizers at matched bitrate (issue 18): VQ, residual VQ at 2, 3 and 4 stages, FSQ and LFQ in one tokenizer,
+"""Quantizers at matched bitrate (issue 18): VQ, residual VQ of 2 and 4 stages, FSQ and LFQ in one tokenizer,
 trained on the same data for the same steps, each with a small prior on its exported tokens.
 
 Method. A testbed is a demo's tokenizer preset and its prior preset(s) (``TESTBEDS``): ``speech`` the spoken-digits
@@ -79,7 +79,7 @@ TESTBEDS = {
 def variants(bits: int) -> dict[str, dict]:
     """name -> the quantizer fields a variant sets, each coding ``bits`` bits a position."""
     out = {"vq": {"kind": "vq", "codebook_size": 2 ** bits}}
-    for k in (2, 3, 4):
+    for k in (2, 4):  # the priors' widths split into one channel group per stage: 3 would not divide them
         if bits % k == 0:
             out[f"rvq{k}"] = {"kind": "rvq", "num_stages": k, "codebook_size": 2 ** (bits // k)}
     out["fsq"] = {"kind": "fsq", "levels": fsq_levels(bits)}
@@ -297,7 +297,7 @@ def run(quick: bool = False, testbeds: list[str] | None = None, only: list[str] 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quantizers", description=__doc__.split("\n")[0])
     p.add_argument("--testbed", help=f"comma-separated subset of {', '.join(TESTBEDS)}")
-    p.add_argument("--only", help="comma-separated subset of the variants: vq, rvq2, rvq3, rvq4, fsq, lfq")
+    p.add_argument("--only", help="comma-separated subset of the variants: vq, rvq2, rvq4, fsq, lfq")
     p.add_argument("--tokenizer-steps", type=int, help="override the preset's tokenizer steps (every variant)")
     p.add_argument("--prior-steps", type=int, help="override the preset's prior steps (every variant)")
     p.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")

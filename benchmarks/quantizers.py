@@ -3,7 +3,7 @@ trained on the same data for the same steps, each with a small prior on its expo
 
 Method. A testbed is a demo's tokenizer preset and its prior preset(s) (``TESTBEDS``): ``speech`` the spoken-digits
 demo (1-D VQ-VAE, 32x hop, 500 positions a second; WaveNet prior), ``photos`` the photos demo (2-level VQ-VAE-2
-on 32 px crops; gated PixelCNN per level). Every variant replaces only the preset's ``quantizer`` kind and size,
+on 32 px crops; gated PixelCNN per level), ``video`` the moving-digits demo (3-D VQ-VAE; transformer prior). Every variant replaces only the preset's ``quantizer`` kind and size,
 so that each position of each level carries the testbed's ``bits`` bits (``VARIANTS``: a 2^bits-code VQ, RVQ
 stages of 2^(bits / k) codes, FSQ levels whose product is 2^bits, LFQ with ``bits`` bits); the network, the seed,
 the data order and the steps are the preset's (``--tokenizer-steps``, ``--prior-steps`` override the steps of all
@@ -63,8 +63,9 @@ class Testbed:
     bits: int  # bits per position (per level) every variant codes
     eval_size: int | None = None  # items of this size are evaluated and exported (None: the training size)
     judge: bool = False  # class-labelled data: the demo's judge on the reconstructions
-    image: bool = False  # LPIPS and FD-VGG16 (on ``distance_items`` items)
+    image: bool = False  # LPIPS and FD-VGG16 (on ``distance_items`` items; video: per frame)
     distance_items: int | None = None
+    video: bool = False
 
 
 TESTBEDS = {
@@ -73,6 +74,9 @@ TESTBEDS = {
     # 8 bits a position at both levels (the photos demo codes 8 at the top, 9 at the bottom): RVQ of 2 and 4 stages
     "photos": Testbed("tokenizer-photos", ("prior-photos-top", "prior-photos-bottom"), bits=8, eval_size=64,
                       image=True, distance_items=200),
+    # the moving-digits demo's 3-D VQ-VAE (8 frames of 64x64 -> 4x4x4 codes of 8 bits) and its transformer prior
+    "video": Testbed("tokenizer-moving-digits", ("prior-moving-digits",), bits=8, image=True, distance_items=40,
+                     video=True),
 }
 
 
@@ -228,8 +232,9 @@ def usage(metrics: dict) -> str:
 
 def rows_for(bed_name: str, bed: Testbed, results: dict[str, dict]) -> tuple[list[str], list[list]]:
     if bed.image:
-        quality = ["PSNR (dB)", "SSIM", "LPIPS", f"FD-VGG16 ({bed.distance_items} items)"]
-        keys = ["psnr_db", "ssim", "lpips", "fd_vgg16"]
+        frames = " of frames" if bed.video else ""
+        quality = ["PSNR (dB)", "SSIM", "LPIPS", f"FD-VGG16{frames} ({bed.distance_items} items)"]
+        keys = ["psnr_db", "ssim", "lpips", "fd_vgg16_frames" if bed.video else "fd_vgg16"]
     else:
         quality = ["SNR (dB)", "SI-SDR (dB)", "STOI", "mel distance (multi-scale)", "judge: reconstructions / real"]
         keys = ["snr_db", "si_sdr_db", "stoi", "mel_distance_multiscale"]

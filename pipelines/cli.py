@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch loads OpenMP (GNU libgomp in torch's Linux wheels): its default spin-wait of 300,000 spins makes a
     # busy machine (another job on the same cores) 4x slower per step here, passive waiting makes an idle one 1.7x
     # slower (a thread sleeps between every pair of parallel ops); 5,000 spins keep the idle speed and cost 1.3x
-    # against passive on a busy machine (BENCHMARKS.md §16). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    # against passive on a busy machine (BENCHMARKS.md §16c). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "5000")
     if not sys.stderr.isatty():

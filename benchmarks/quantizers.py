@@ -20,8 +20,9 @@ variants alike). Per variant, one after the other in this process (one torch thr
 4. after all variants trained: encode and decode speed, milliseconds per item for a batch of ``SPEED_BATCH``
    held-out items, the variants interleaved round by round (a shared machine's load hits all alike), medians.
 
-``python -m benchmarks.quantizers [--testbed speech,photos] [--only vq,fsq] [--threads 1] [--keep DIR]`` (about 1.5
-hours on one thread of a 2-core machine for both testbeds); results in ``benchmarks/results/quantizers.json``
+``python -m benchmarks.quantizers [--testbed speech,photos,video] [--only vq,fsq] [--threads 1] [--keep DIR]``
+(hours on one thread at the presets' steps; BENCHMARKS.md §16d ran 20-40 minutes a testbed with
+``--tokenizer-steps``/``--prior-steps``); results in ``benchmarks/results/quantizers.json``
 (``quantizers_speech.json`` for ``--testbed speech``).
 ``--keep DIR`` keeps every run (tokenizers, tokens, priors) and reuses the finished ones when run again.
 """

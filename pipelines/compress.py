@@ -163,8 +163,11 @@ class PriorCoder:
         shapes = self.code_shapes(input_shape)
         for level, (c, shape, k) in enumerate(zip(codes, shapes, self.sizes)):
             if tuple(c.shape) != (batch, *shape):
+                depth = self.pipe.code_depth  # stacks of another depth: say how to make the right ones
+                hint = (f" (this pipeline's priors model {depth} stages a position: `tokgen encode --stages {depth}`)"
+                        if depth and c.dim() == len(shape) + 1 and c.shape[-1] != depth else "")
                 raise ValueError(f"level-{level} codes must be ({batch}, {shape}) for inputs {input_shape}, "
-                                 f"got {tuple(c.shape)}")
+                                 f"got {tuple(c.shape)}{hint}")
             if c.numel() and (int(c.min()) < 0 or int(c.max()) >= k):
                 raise ValueError(f"level-{level} codes out of range [0, {k}): another tokenizer's codes?")
         labels = self._labels(batch, class_labels)

@@ -220,3 +220,14 @@ def test_a_prior_over_the_first_stages_samples_scores_and_compresses_at_that_dep
                                              skip_channels=12, head_channels=12, layers_per_cycle=2, num_cycles=1))
     with pytest.raises(ValueError, match="depth"):  # more stages than the tokenizer codes
         TokgenPipeline(tokenizer, [deeper], (1, 64))
+
+
+def test_codes_of_every_stage_are_refused_by_a_pipeline_over_fewer_with_the_command_that_makes_them(tiny):
+    torch.manual_seed(0)
+    prior = WaveNetPrior(WaveNetPriorConfig(grid_shape=(8,), vocab_size=K, depth=2, channels=12, skip_channels=12,
+                                            head_channels=12, layers_per_cycle=2, num_cycles=1))
+    tokenizer = tiny.vqvae(modality="audio", factors=(8,), codebook_size=K, quantizer=RVQ)
+    pipe = TokgenPipeline(tokenizer, [tiny.scale_up(prior)], (1, 64))
+    all_stages = tokenizer.encode_levels(torch.rand(1, 1, 64) * 1.6 - 0.8)  # (1, 8, 3): the tokenizer's full depth
+    with pytest.raises(ValueError, match="model 2 stages a position: `tokgen encode --stages 2`"):
+        C.compress_batch(pipe, all_stages)

@@ -71,7 +71,8 @@ def pixelcnn_step_bytes(prior: GatedPixelCNNPrior, batch: int) -> float:
 def wavenet_step_bytes(prior: WaveNetPrior, batch: int) -> float:
     cfg, f = prior.config, 4
     per_token = sum(_nbytes(layer.conv, layer.out, layer.ctx) for layer in prior.layers) + _nbytes(prior.head)
-    return per_token + len(prior.layers) * batch * cfg.channels * cfg.kernel_size * f  # queue taps
+    # per layer the sum waiting for this position (2C values; as many as the k = 2 taps it stands for)
+    return per_token + len(prior.layers) * batch * cfg.channels * cfg.kernel_size * f
 
 
 def build(quick: bool):

@@ -1,18 +1,15 @@
-"""Causal convolutions with an incremental (one position at a time) mode, for the PixelCNN and WaveNet priors.
+"""Causal convolutions for the PixelCNN and WaveNet priors, and what their cached steps share.
 
-Each convolution has two ways to run with the same weights:
+Each convolution runs the whole sequence / grid at once (training, likelihoods), causality by padding and shifting,
+never by masking weights, so outputs never depend on later inputs, not even by zero gradients. The cached steps
+(one position at a time) use the same weights, laid out by the priors themselves (``wavenet.LayerSteps``,
+``pixelcnn.ColumnSteps``); the vertical conv keeps its own row cache:
 
-* ``forward``: the whole sequence / grid at once (training, likelihoods), causality by padding and
-  shifting, never by masking weights, so outputs never depend on later inputs, not even by zero gradients.
-* an incremental mode that keeps only the past inputs the kernel can still reach:
-
-  - ``CausalConv1d`` (WaveNet): a per-layer queue of the last ``(k - 1) * dilation + 1`` inputs; one new
-    sample costs one kernel application (k taps) per layer, whatever the receptive field
-    (Fast WaveNet, Paine et al. 2016).
-  - ``VerticalConv`` (PixelCNN vertical stack): the last ``kh`` rows of its input; ``row`` computes a whole
-    output row from them (O(W) once per row, O(1) amortized per token).
-  - ``HorizontalConv`` (PixelCNN horizontal stack): the current row of its input; ``at`` computes the single
-    output position (i, j) from the ``kw`` inputs to its left (Ramachandran et al. 2017).
+* ``CausalConv1d`` (WaveNet): output t sees inputs t - (k-1) d ... t;
+* ``VerticalConv`` (PixelCNN vertical stack): the last ``kh`` rows of its input; ``row`` computes a whole
+  output row from them (O(W) once per row, O(1) amortized per token);
+* ``HorizontalConv`` (PixelCNN horizontal stack): output (i, j) sees the ``kw`` inputs to its left (mask A) or up
+  to itself (mask B) on its row (Ramachandran et al. 2017).
 
 Code stacks (:mod:`stage2_prior.stacks`) add the stage order inside a position: ``StackCausalConv1d`` and
 ``StackHorizontalConv`` also take the input at the output's own position, through a channel-group mask (A or B)
@@ -64,13 +61,6 @@ def shift_down(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
 
 
-def linear_step(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 (or any k taps flattened into ``x``) convolution applied to one position: (B, Cin*k) -> (B, Cout).
-    A group-masked layer (code stacks) computes with its masked weight, as its forward does."""
-    weight = conv.masked_weight if isinstance(conv, GroupMasked) else conv.weight
-    return F.linear(x, weight.reshape(weight.shape[0], -1), conv.bias)
-
-
 def pointwise(conv: type[nn.Module], in_widths: list[int], out_widths: list[int], depth: int) -> nn.Module:
     """A 1x1 convolution from channels laid out as the segments ``in_widths`` to ``out_widths`` (e.g. the halves
     of a gate): plain without stacks; for stacks masked B by stage groups (each segment split into ``depth``)."""
@@ -81,32 +71,6 @@ def pointwise(conv: type[nn.Module], in_widths: list[int], out_widths: list[int]
 
 
 # ---- 1-D --------------------------------------------------------------------------------------
-class ConvQueue:
-    """The past inputs one ``CausalConv1d`` can still reach, as a ring buffer stored twice over
-    (slot p and p + size) so that the k taps are always one strided slice, never a gather."""
-
-    def __init__(self, batch: int, channels: int, size: int, like: torch.Tensor):
-        self.size, self.t = size, 0
-        self.buf = like.new_zeros(batch, channels, 2 * size)  # zeros = the left padding
-
-    def push(self, x: torch.Tensor) -> None:
-        p = self.t % self.size
-        self.buf[:, :, p] = x
-        self.buf[:, :, p + self.size] = x
-        self.t += 1
-
-    def replace(self, x: torch.Tensor) -> None:
-        """Overwrite the newest input (the same position again: the next stage of a code stack)."""
-        p = (self.t - 1) % self.size
-        self.buf[:, :, p] = x
-        self.buf[:, :, p + self.size] = x
-
-    def window(self, dilation: int) -> torch.Tensor:
-        """(B, C, k): inputs at t - (k-1) d, ..., t - d, t for the input t just pushed."""
-        p = (self.t - 1) % self.size
-        return self.buf[:, :, p + 1 : p + self.size + 1 : dilation]
-
-
 class CausalConv1d(nn.Conv1d):
     """Dilated convolution whose output t sees inputs t - (k-1) d ... t (left padding)."""
 
@@ -119,18 +83,6 @@ class CausalConv1d(nn.Conv1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(F.pad(x, (self.context, 0)))
-
-    def start_queue(self, batch: int) -> ConvQueue:
-        return ConvQueue(batch, self.in_channels, self.context + 1, self.weight)
-
-    def step(self, x: torch.Tensor, queue: ConvQueue, replace: bool = False) -> torch.Tensor:
-        """x (B, Cin) is the input at the next position (``replace``: again at the newest one); returns the output
-        there, (B, Cout)."""
-        if replace:
-            queue.replace(x)
-        else:
-            queue.push(x)
-        return linear_step(self, queue.window(self.dilation[0]).reshape(x.shape[0], -1))
 
 
 def gate_mask(in_channels: int, out_channels: int, depth: int, mask: str) -> torch.Tensor:
@@ -204,24 +156,12 @@ class HorizontalConv(nn.Conv2d):
             return super().forward(F.pad(x, (kw, 0)))[..., :-1]
         return super().forward(F.pad(x, (kw - 1, 0)))
 
-    def start_row(self, batch: int, width: int) -> torch.Tensor:
-        """Cache of the current input row, with kw zero columns on the left."""
-        return self.weight.new_zeros(batch, self.in_channels, width + self.width)
-
-    def write(self, row: torch.Tensor, j: int, x: torch.Tensor) -> None:
-        """Store the input at column j, x (B, Cin)."""
-        row[:, :, self.width + j] = x
-
-    def at(self, row: torch.Tensor, j: int) -> torch.Tensor:
-        """Output at column j, (B, Cout), from the cached inputs to its left."""
-        start = j + (0 if self.mask == "A" else 1)
-        return linear_step(self, row[:, :, start : start + self.width].reshape(row.shape[0], -1))
-
 
 class StackHorizontalConv(GroupMasked, HorizontalConv):
-    """``HorizontalConv`` over a code stack's channel groups, into the two halves of a gate: output (i, j) sees inputs (i, j - kw + 1 ... j), the
-    ones before j in full and the one at j through the group mask, A (the first layer: group k sees the groups
-    < k, the stages drawn before k) or B (later layers: <= k). Cached like mask B (``at`` reads column j)."""
+    """``HorizontalConv`` over a code stack's channel groups, into the two halves of a gate: output (i, j) sees
+    inputs (i, j - kw + 1 ... j), the ones before j in full and the one at j through the group mask, A (the first
+    layer: group k sees the groups < k, the stages drawn before k) or B (later layers: <= k). Its ``mask`` is "B"
+    (the taps it reads); ``stage_mask_kind`` is the group mask's."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask: str, depth: int):
         super().__init__(in_channels, out_channels, kernel_size, "B")  # the taps of mask B, then the group mask

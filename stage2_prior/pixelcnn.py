@@ -20,7 +20,8 @@ Cached generation (``start_state``/``step``) keeps, per layer:
 
 * the last kh = k//2+1 input rows of the vertical conv; when a row starts, every layer's vertical output
   for the whole row (and its link to the horizontal stack, plus conditioning) is computed once from them;
-* the horizontal conv's inputs for the current row; a step computes only position (i, j) of each layer;
+* the horizontal conv's inputs for the current row, position-major so the inputs a position reads are one view;
+  a step computes only position (i, j) of each layer, in about six kernels per layer (``ColumnSteps``);
 * keys and values of every attention layer (like a transformer's KV cache).
 
 Code stacks (``depth`` > 0, codes (B, H, W, depth)): the channels split into one group per stage, as PixelCNN
@@ -48,10 +49,10 @@ from torch import nn
 
 from harness.folders import PretrainedMixin
 from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
-from stage2_prior.causal_conv import (VerticalConv, conditioning_map, gate, horizontal_conv, linear_step, pointwise,
-                                      shift_down, upper_level_conditioning)
-from stage2_prior.stacks import (GroupLayerNorm, MaskedConv2d, MaskedLinear, check_divisible, code_embedding,
-                                 group_ids)
+from stage2_prior.causal_conv import (VerticalConv, conditioning_map, gate, horizontal_conv, pointwise, shift_down,
+                                      upper_level_conditioning)
+from stage2_prior.stacks import (GroupLayerNorm, GroupMasked, MaskedConv2d, MaskedLinear, check_divisible,
+                                 code_embedding, group_ids)
 
 
 @dataclass
@@ -140,14 +141,52 @@ class CausalSelfAttention(nn.Module):
         return x + self.proj(rearrange(out, "b n 1 d -> b (n d)"))
 
 
+def _matrix(conv: nn.Module) -> torch.Tensor:
+    """(k * in, out) contiguous: a 1 x k (or 1x1) conv's weight, mask applied, laid out for ``window @ W`` on a few
+    rows, the window's k inputs side by side (oldest first)."""
+    weight = conv.masked_weight if isinstance(conv, GroupMasked) else conv.weight  # (out, in, 1, k)
+    return weight[:, :, 0, :].permute(2, 1, 0).flatten(0, 1).contiguous()
+
+
+class ColumnSteps:
+    """One gated layer's horizontal stream in a cached step: its weights as matrices for the few-row GEMMs of one
+    position (masks applied) and its input row.
+
+    The row is stored position-major, (B, kw + W, C) with kw zero columns on the left, so the kw inputs a position
+    reads are one view of (B, kw * C) and a step runs one GEMM for the horizontal conv, none for copying."""
+
+    def __init__(self, layer: GatedLayer, batch: int, width: int):
+        c, kw = layer.h_conv.in_channels, layer.h_conv.width
+        self.conv, self.conv_bias = _matrix(layer.h_conv), layer.h_conv.bias  # (kw * C, 2C), (2C,)
+        out = _matrix(layer.out)
+        self.res, self.skip = out[:, :c].contiguous(), out[:, c:].contiguous()
+        self.res_bias, self.skip_bias = layer.out.bias[:c], layer.out.bias[c:]
+        self.row = self.conv.new_zeros(batch, kw + width, c)
+        self.columns = list(self.row.unbind(1))  # (B, C) views: column j's input is columns[kw + j]
+        first = 0 if layer.h_conv.mask == "A" else 1  # mask A reads j - kw .. j - 1, mask B j - kw + 1 .. j
+        self.windows = [self.row[:, j + first : j + first + kw].flatten(1) for j in range(width)]
+        self.pre = self.conv.new_empty(batch, 2 * c)
+        self.pre_tanh = self.pre[:, :c]
+        # per column of the current row: (B, 2C) conv bias + link + conditioning, contiguous for the GEMM
+        self.bias_rows = self.conv.new_empty(width, batch, 2 * c)
+        self.bias = list(self.bias_rows.unbind(0))
+
+    def gated(self, j: int) -> torch.Tensor:
+        """(B, C) gated output at column j of the current row."""
+        torch.addmm(self.bias[j], self.windows[j], self.conv, out=self.pre)
+        self.pre_tanh.tanh_()
+        return F.glu(self.pre, 1)  # tanh(a) * sigmoid(b)
+
+
 @dataclass
 class PixelCNNState:
     """Sampling state; see the module docstring. ``pos`` is the next raster position to predict."""
 
     ctx: torch.Tensor | None  # (B, C, H, W) conditioning map (class + upper-level codes)
     v_rows: list[torch.Tensor]  # per layer: last kh input rows of the vertical conv
-    h_rows: list[torch.Tensor]  # per layer: the horizontal conv's inputs on the current row
-    h_bias: list[torch.Tensor] = field(default_factory=list)  # per layer: (B, 2C, W) link + conditioning, this row
+    columns: list[ColumnSteps]  # per layer: the horizontal stream's weights, input row and per-column bias
+    head: tuple[torch.Tensor, ...]  # (W1, b1, W2, b2) of the head's 1x1 convs, (in, out) matrices
+    skip_bias: torch.Tensor  # (C,) the skip biases of all layers, summed
     attn: dict[int, dict] = field(default_factory=dict)  # layer index -> {"k", "v"} caches
     pos: int = 0
 
@@ -202,34 +241,39 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
         return logits.unflatten(-1, (self.config.depth, -1)) if self.config.depth else logits
 
     # ---- incremental (cached) computation -----------------------------------------------------
+    @torch.no_grad()
     def start_state(self, batch: int, class_labels=None, cond=None) -> PixelCNNState:
         self.check_inputs(None, class_labels, cond, batch=batch)
         cfg, w = self.config, self.config.grid_shape[1]
         head_dim = cfg.channels // cfg.attn_heads
         p = self.tok_emb.weight
+        columns = [ColumnSteps(layer, batch, w) for layer in self.layers]
+        _, conv1, _, conv2 = self.head
         return PixelCNNState(
             ctx=self.context(batch, class_labels, cond),
             v_rows=[layer.v_conv.start_rows(batch, w) for layer in self.layers],
-            h_rows=[layer.h_conv.start_row(batch, w) for layer in self.layers],
+            columns=columns,
+            head=(_matrix(conv1), conv1.bias, _matrix(conv2), conv2.bias),
+            skip_bias=sum(column.skip_bias for column in columns),
             attn={int(i): {"k": p.new_zeros(batch, cfg.attn_heads, self.num_positions, head_dim),
                            "v": p.new_zeros(batch, cfg.attn_heads, self.num_positions, head_dim)} for i in self.attn},
         )
 
     def _start_row(self, state: PixelCNNState, i: int) -> None:
         """Every layer's vertical output for row i (rows < i are known) and its bias on the horizontal stack."""
-        first = self.layers[0].h_conv
+        kw = state.columns[0].row.shape[1] - self.config.grid_shape[1]
+        # the first layer's inputs on the row just finished = the codes of row i - 1, embedded (zeros above row 0)
+        v = state.columns[0].row[:, kw:].transpose(1, 2)  # (B, C, W)
         if i == 0:
-            v = state.h_rows[0].new_zeros(state.h_rows[0].shape[0], self.config.channels, self.config.grid_shape[1])
-        else:  # the first layer's inputs on the row just finished = the codes of row i - 1, embedded
-            v = state.h_rows[0][:, :, first.width :].clone()
+            v = torch.zeros_like(v)
         ctx = None if state.ctx is None else state.ctx[:, :, i : i + 1]
-        state.h_bias = []
         for n, layer in enumerate(self.layers):
             state.v_rows[n] = layer.v_conv.push_row(state.v_rows[n], v)
             v_out, h_bias = layer.vertical(layer.v_conv.row(state.v_rows[n]), ctx)
             v = v_out[:, :, 0]
-            state.h_bias.append(h_bias[:, :, 0])
+            torch.add(h_bias[:, :, 0].permute(2, 0, 1), state.columns[n].conv_bias, out=state.columns[n].bias_rows)
 
+    @torch.no_grad()
     def step(self, state: PixelCNNState, prev: torch.Tensor | None) -> torch.Tensor:
         """Logits (B, V) for code ``state.pos``; ``prev`` (B,) is the code before (None at 0). Stacks: codes in raster
         order of (position, stage), stages fastest."""
@@ -250,26 +294,34 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
 
     def _write_input(self, state: PixelCNNState, t: int, code: torch.Tensor) -> None:
         """Code ``t`` (B,) embedded into the first layer's input row (a stack's stage into its channel group)."""
-        width, depth, first = self.config.grid_shape[1], self.config.depth, self.layers[0].h_conv
+        width, depth, first = self.config.grid_shape[1], self.config.depth, state.columns[0]
+        kw = first.row.shape[1] - width
         if not depth:
-            first.write(state.h_rows[0], t % width, self.tok_emb(code))
+            first.columns[kw + t % width].copy_(self.tok_emb(code))
             return
         position, stage = divmod(t, depth)
         group = self.config.channels // depth
-        column = first.width + position % width
-        state.h_rows[0][:, stage * group : (stage + 1) * group, column] = self.tok_emb.stage(code, stage)
+        first.columns[kw + position % width][:, stage * group : (stage + 1) * group] = self.tok_emb.stage(code, stage)
 
     def _column(self, state: PixelCNNState, t: int, j: int) -> torch.Tensor:
-        """Every layer of the horizontal stream at position t = (i, j) -> the head's logits (B, V, or depth * V)."""
-        skip, h = 0, None
-        for n, layer in enumerate(self.layers):
-            pre = layer.h_conv.at(state.h_rows[n], j) + state.h_bias[n][:, :, j]
-            res, s = linear_step(layer.out, gate(pre)).chunk(2, 1)
-            h = res if layer.first else h + res
-            skip = skip + s
+        """Every layer of the horizontal stream at position t = (i, j) -> the head's logits (B, V, or depth * V).
+        Each layer's output h goes straight into the next layer's input row; the last layer's reaches nothing."""
+        columns, kw = state.columns, state.columns[0].row.shape[1] - self.config.grid_shape[1]
+        skip, h = None, None
+        for n, column in enumerate(columns):
+            gated = column.gated(j)
+            if skip is None:
+                skip = torch.addmm(state.skip_bias, gated, column.skip)
+            else:
+                skip.addmm_(gated, column.skip)
+            if n + 1 == len(columns):
+                break
+            target = columns[n + 1].columns[kw + j]
+            if h is None:  # the first layer: no residual connection
+                h = torch.addmm(column.res_bias, gated, column.res, out=target)
+            else:
+                h = torch.add(h, torch.addmm(column.res_bias, gated, column.res), out=target)
             if n in state.attn:
-                h = self.attn[str(n)].step(h, state.attn[n], t)
-            if n + 1 < len(self.layers):
-                self.layers[n + 1].h_conv.write(state.h_rows[n + 1], j, h)
-        _, conv1, _, conv2 = self.head
-        return linear_step(conv2, F.relu(linear_step(conv1, F.relu(skip))))
+                h = target.copy_(self.attn[str(n)].step(h, state.attn[n], t))
+        w1, b1, w2, b2 = state.head
+        return torch.addmm(b2, torch.addmm(b1, skip.relu_(), w1).relu_(), w2)

@@ -14,11 +14,13 @@ k = stage k); the first layer also reads the stages of t itself through a 1x1 co
 stages < k), the later layers' convs read their own position through a mask B on that tap, the 1x1 convs to
 residual | skip and the head are masked B, and the head gives V logits per group. So stage k at t sees every stage
 before t and the stages < k at t. A cached step computes one stage: the position again, with the stages drawn so
-far (each queue's newest entry is replaced, not pushed).
+far; a position's features are passed on to later positions at its last stage.
 
-Cached generation keeps one queue per layer with the last (k - 1) d + 1 inputs of its conv, so a token costs
-L * (k * C * 2C + C * (C + S)) multiply-adds (+ head, + L * C * 2C with conditioning) whatever the receptive
-field; a full forward costs that for every position.
+Cached generation (Fast WaveNet) keeps, per layer, the sums that the next (k - 1) d positions' pre-activations
+have already received from earlier inputs (``LayerSteps``): each input is multiplied by all k taps once, when it
+is computed. A token costs L * (k * C * 2C + C * (C + S)) multiply-adds (+ head, + L * C * 2C with conditioning
+from upper-level codes) whatever the receptive field, in about six kernels per layer; a full forward costs that
+for every position.
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ from torch import nn
 
 from harness.folders import PretrainedMixin
 from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
-from stage2_prior.causal_conv import (CausalConv1d, ConvQueue, StackCausalConv1d, conditioning_map, gate,
-                                      linear_step, pointwise, upper_level_conditioning)
-from stage2_prior.stacks import MaskedConv1d, check_divisible, code_embedding, group_ids
+from stage2_prior.causal_conv import (CausalConv1d, StackCausalConv1d, conditioning_map, gate, pointwise,
+                                      upper_level_conditioning)
+from stage2_prior.stacks import GroupMasked, MaskedConv1d, check_divisible, code_embedding, group_ids
 
 
 @dataclass
@@ -81,33 +83,96 @@ class ResidualLayer(nn.Module):
         # stacks, first layer: the stages drawn at t (mask A: group k sees the stages < k)
         self.same = MaskedConv1d(group_ids([c], depth), group_ids([c, c], depth), "A") if depth and first else None
 
-    def finish(self, x, pre, ctx, step: bool):
-        """Shared by both paths: pre-activation (+ conditioning) -> (x + residual, skip)."""
-        if ctx is not None:
-            pre = pre + (linear_step(self.ctx, ctx) if step else self.ctx(ctx))
-        out = linear_step(self.out, gate(pre)) if step else self.out(gate(pre))
-        res, skip = out.split([x.shape[1], out.shape[1] - x.shape[1]], dim=1)
-        return x + res, skip
-
     def forward(self, x, ctx, same=None):
-        """x (B, C, T); ``same`` (B, C, T): stacks, first layer: the codes at each position itself, embedded."""
+        """x (B, C, T) -> (x + residual, skip); ``same`` (B, C, T): stacks, first layer: the codes at each position
+        itself, embedded."""
         pre = self.conv(x)
         if self.same is not None:
             pre = pre + self.same(same)
-        return self.finish(x, pre, ctx, step=False)
+        if ctx is not None:
+            pre = pre + self.ctx(ctx)
+        res, skip = self.out(gate(pre)).split([x.shape[1], self.out.out_channels - x.shape[1]], dim=1)
+        return x + res, skip
 
-    def step(self, x, queue: ConvQueue, ctx, same=None, replace: bool = False):
-        """x (B, C) at the next position (``replace``: the same position again, for a stack's next stage)."""
-        pre = self.conv.step(x, queue, replace)
+
+def _matrix(conv: nn.Module, tap: int = 0) -> torch.Tensor:
+    """(in, out) contiguous: one tap of a conv's weight (its mask applied), laid out for ``x @ W`` on a few rows."""
+    weight = conv.masked_weight if isinstance(conv, GroupMasked) else conv.weight  # (out, in, k)
+    return weight[:, :, tap].t().contiguous()
+
+
+class LayerSteps:
+    """One residual layer in a cached step: its weights as (in, out) matrices for the few-row GEMMs of one
+    position (masks applied), and the sums its pre-activation receives ahead of time.
+
+    When x(t), the layer's input at position t, is known, it is multiplied at once by every tap that will read
+    it: the tap at t gives t's pre-activation, the tap at t - m d (m = 1 .. k-1) is added to the sum waiting for
+    position t + m d. A step so reads no past inputs, only one waiting sum, and runs one GEMM per tap. ``slots``
+    is a ring of (k - 1) d + 1 sums, slot p % size for position p.
+
+    The residual biases are folded in: the running x is kept without them (x~ = x - c, c the sum of the residual
+    biases of the layers below), and each tap's share of c is in the sums: ``fresh`` (bias, constant conditioning
+    and W_now c: what a position has before any past tap arrives) and ``offsets`` (W_past c, which each past tap
+    brings; the zero padding before the sequence brings none).
+    """
+
+    def __init__(self, layer: ResidualLayer, batch: int, ctx: torch.Tensor | None, offset: torch.Tensor):
+        """ctx: (B, C) conditioning the same at every position, or None; ``offset`` (C,): c of this layer's input."""
+        k, c = layer.conv.kernel_size[0], layer.conv.in_channels
+        self.dilation, self.size = layer.conv.dilation[0], (k - 1) * layer.conv.dilation[0] + 1
+        self.now = _matrix(layer.conv, k - 1)
+        self.past = [_matrix(layer.conv, k - 1 - m) for m in range(1, k)]  # the taps at t - m d, m = 1 .. k-1
+        self.offsets = [offset @ tap for tap in self.past]
+        out = _matrix(layer.out)
+        self.res, self.skip = out[:, :c].contiguous(), out[:, c:].contiguous()
+        self.res_bias, self.skip_bias = layer.out.bias[:c], layer.out.bias[c:]
+        fresh = layer.conv.bias + offset @ self.now
+        self.same = None if layer.same is None else _matrix(layer.same)
+        if layer.same is not None:
+            fresh = fresh + layer.same.bias
+        self.ctx = None  # (C, 2C): the conditioning's weight where it changes along the sequence
+        if layer.ctx is not None:
+            fresh = fresh + layer.ctx.bias
+            if ctx is not None:
+                fresh = fresh + ctx @ _matrix(layer.ctx)
+            else:
+                self.ctx = _matrix(layer.ctx)
+        self.fresh = fresh.expand(batch, -1).contiguous()  # (B, 2C)
+        self.far = self.fresh + self.offsets[-1]  # the furthest tap's sum starts from this
+        self.slots = list(self.fresh.new_empty(self.size, *self.fresh.shape).unbind(0))
+        self.pre = torch.empty_like(self.fresh)
+        self.pre_tanh = self.pre[:, : self.pre.shape[1] // 2]
+
+    def start(self, ctx_rows: torch.Tensor | None, length: int) -> None:
+        """The sums of the first (k - 1) d positions, which no past tap reaches (the zero padding)."""
+        for p in range(min(self.size - 1, length)):
+            self.slots[p].copy_(self.fresh)
+            if self.ctx is not None:
+                self.slots[p].addmm_(ctx_rows[p], self.ctx)
+
+    def pre_activation(self, x: torch.Tensor, t: int, same: torch.Tensor | None) -> torch.Tensor:
+        """(B, 2C) at position t from x~(t) (B, C) and, stacks' first layer, the stages drawn at t (B, C)."""
+        torch.addmm(self.slots[t % self.size], x, self.now, out=self.pre)
         if self.same is not None:
-            pre = pre + linear_step(self.same, same)
-        return self.finish(x, pre, ctx, step=True)
+            self.pre.addmm_(same, self.same)
+        return self.pre
+
+    def send(self, x: torch.Tensor, t: int, ctx_rows: torch.Tensor | None) -> None:
+        """x~(t) (B, C) into the sums of positions t + d, ..., t + (k - 1) d; the furthest one's sum starts here."""
+        for m, (tap, offset) in enumerate(zip(self.past[:-1], self.offsets[:-1]), start=1):
+            self.slots[(t + m * self.dilation) % self.size].addmm_(x, tap).add_(offset)
+        far = t + (self.size - 1)
+        slot = torch.addmm(self.far, x, self.past[-1], out=self.slots[far % self.size])
+        if self.ctx is not None and far < len(ctx_rows):
+            slot.addmm_(ctx_rows[far], self.ctx)
 
 
 @dataclass
 class WaveNetState:
-    queues: list[ConvQueue]  # per layer: its conv's past inputs
-    ctx: torch.Tensor | None  # (B, C, T) conditioning (class + upper-level codes)
+    layers: list[LayerSteps]  # per layer: prepared weights and the sums waiting for later positions
+    head: tuple[torch.Tensor, ...]  # (W1, b1, W2, b2) of the head's 1x1 convs, (in, out) matrices
+    skip_bias: torch.Tensor  # (S,) the skip biases of all layers, summed
+    ctx_rows: torch.Tensor | None  # (T, B, C) conditioning that changes along the sequence (upper-level codes)
     batch: int
     pos: int = 0  # the next code (stacks: position pos // depth, stage pos % depth)
     x_in: torch.Tensor | None = None  # stacks: (B, C) the first layer's input at the current position
@@ -162,11 +227,23 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
         return logits.unflatten(-1, (self.config.depth, -1)) if self.config.depth else logits
 
     # ---- incremental (cached) computation -----------------------------------------------------
+    @torch.no_grad()
     def start_state(self, batch: int, class_labels=None, cond=None) -> WaveNetState:
         self.check_inputs(None, class_labels, cond, batch=batch)
-        return WaveNetState([layer.conv.start_queue(batch) for layer in self.layers],
-                            self.context(batch, class_labels, cond), batch)
+        ctx = self.context(batch, class_labels, cond)  # (B, C, T) or None
+        varying = ctx is not None and self.cond_emb is not None  # upper-level codes change along the sequence
+        ctx_rows = ctx.permute(2, 0, 1).contiguous() if varying else None
+        constant = ctx[:, :, 0] if ctx is not None and not varying else None
+        layers, offset = [], self.start.new_zeros(self.config.channels)
+        for layer in self.layers:
+            layers.append(LayerSteps(layer, batch, constant, offset))
+            layers[-1].start(ctx_rows, self.config.grid_shape[0])
+            offset = offset + layers[-1].res_bias
+        _, conv1, _, conv2 = self.head
+        head = (_matrix(conv1), conv1.bias, _matrix(conv2), conv2.bias)
+        return WaveNetState(layers, head, sum(plan.skip_bias for plan in layers), ctx_rows, batch)
 
+    @torch.no_grad()
     def step(self, state: WaveNetState, prev: torch.Tensor | None) -> torch.Tensor:
         """Logits (B, V) for code ``state.pos``; ``prev`` (B,) is the code before (None at 0). Stacks: codes in raster
         order of (position, stage), stages fastest."""
@@ -178,17 +255,28 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
         if self.config.depth:
             return self._step_stacks(state, prev)
         x = self.start.expand(state.batch, -1) if t == 0 else self.tok_emb(prev)
-        ctx = None if state.ctx is None else state.ctx[:, :, t]
-        skip = 0
-        for layer, queue in zip(self.layers, state.queues):
-            x, s = layer.step(x, queue, ctx)
-            skip = skip + s
         state.pos = t + 1
-        return self._head_step(skip)
+        return self._run_layers(state, x, t, None, final=True)
 
-    def _head_step(self, skip: torch.Tensor) -> torch.Tensor:
-        _, conv1, _, conv2 = self.head
-        return linear_step(conv2, F.relu(linear_step(conv1, F.relu(skip))))
+    def _run_layers(self, state: WaveNetState, x: torch.Tensor, t: int, same: torch.Tensor | None,
+                    final: bool) -> torch.Tensor:
+        """Every layer at position t from the first layer's input x (B, C) -> the head's logits (B, V or depth * V).
+        ``final``: each layer's x~(t) is sent on to later positions (for a stack, at its last stage only: the
+        earlier stages' x~(t) lack stages that later positions see)."""
+        skip = None
+        for plan in state.layers:
+            pre = plan.pre_activation(x, t, same)
+            if final:
+                plan.send(x, t, state.ctx_rows)
+            plan.pre_tanh.tanh_()
+            gated = F.glu(pre, 1)  # tanh(a) * sigmoid(b)
+            if skip is None:  # the first layer: new tensors (x may be the start vector or a stack's codes)
+                skip, x = torch.addmm(state.skip_bias, gated, plan.skip), torch.addmm(x, gated, plan.res)
+            else:
+                skip.addmm_(gated, plan.skip)
+                x.addmm_(gated, plan.res)
+        w1, b1, w2, b2 = state.head
+        return torch.addmm(b2, torch.addmm(b1, skip.relu_(), w1).relu_(), w2)
 
     def _step_stacks(self, state: WaveNetState, prev: torch.Tensor | None) -> torch.Tensor:
         depth, group = self.config.depth, self.config.channels // self.config.depth
@@ -199,10 +287,6 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
         if stage == 0:  # a new position: its input is the one before, all stages (the start vector at 0)
             state.x_in = self.start.expand(state.batch, -1) if t == 0 else state.current
             state.current = self.start.new_zeros(state.batch, self.config.channels)
-        ctx = None if state.ctx is None else state.ctx[:, :, t]
-        x, skip = state.x_in, 0
-        for layer, queue in zip(self.layers, state.queues):
-            x, s = layer.step(x, queue, ctx, same=state.current, replace=stage > 0)
-            skip = skip + s
         state.pos += 1
-        return self._head_step(skip).unflatten(1, (depth, -1))[:, stage]
+        logits = self._run_layers(state, state.x_in, t, state.current, final=stage == depth - 1)
+        return logits.unflatten(1, (depth, -1))[:, stage]

@@ -68,38 +68,33 @@ PRIORS = {
 
 # ---- shared convolutions -----------------------------------------------------------------------
 @pytest.mark.parametrize("kernel,dilation", [(2, 1), (3, 4), (2, 8)])
-def test_causal_conv1d_steps_match_forward(kernel, dilation):
+def test_causal_conv1d_sees_its_taps_only(kernel, dilation):
+    """Output t depends on inputs t - (k-1) d, ..., t - d, t and on no other (the cached steps are checked at the
+    prior level: test_cached_steps_match_forward)."""
     torch.manual_seed(0)
     conv = CausalConv1d(3, 5, kernel, dilation)
-    x = torch.randn(2, 3, 20)
+    x = torch.randn(2, 3, 40)
     with torch.no_grad():
         full = conv(x)
-        queue = conv.start_queue(2)
-        steps = torch.stack([conv.step(x[:, :, t], queue) for t in range(20)], -1)
-    assert torch.allclose(steps, full, atol=1e-6)
-    # output t depends on inputs t - (k-1) d ... t only
-    x2 = x.clone()
-    x2[:, :, 10] += 1
-    with torch.no_grad():
-        diff = (conv(x2) - full).abs().amax((0, 1))
-    assert (diff[:10] == 0).all() and diff[10] > 0
+        for t in (5, 20, 39):
+            x2 = x.clone()
+            x2[:, :, t] += 1
+            diff = (conv(x2) - full).abs().amax((0, 1))
+            changed = set(diff.nonzero().flatten().tolist())
+            assert changed == {t + m * dilation for m in range(kernel) if t + m * dilation < 40}
 
 
 @pytest.mark.parametrize("mask", ["A", "B"])
-def test_2d_convs_incremental_match_forward(mask):
+def test_2d_convs_see_what_their_masks_allow(mask):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 6)
     hconv, vconv = HorizontalConv(3, 5, 5, mask), VerticalConv(3, 5, 5)
     with torch.no_grad():
         hfull, vfull = hconv(x), vconv(x)
         rows = vconv.start_rows(2, 6)
-        for i in range(4):
+        for i in range(4):  # the vertical conv's row cache gives its rows
             rows = vconv.push_row(rows, x[:, :, i])
             assert torch.allclose(vconv.row(rows)[:, :, 0], vfull[:, :, i], atol=1e-6)
-            row = hconv.start_row(2, 6)
-            for j in range(6):
-                hconv.write(row, j, x[:, :, i, j])
-                assert torch.allclose(hconv.at(row, j), hfull[:, :, i, j], atol=1e-6)
     # mask A: (i, j) sees (i, < j); mask B: (i, <= j); never another row
     x2 = x.clone()
     x2[:, :, 2, 3] += 1

@@ -58,7 +58,8 @@ def make(arch: str, conditional: bool = True, null_class: bool = False, **kw):
                                        attn_every=2 if arch == "pixelcnn_attn" else 0, attn_heads=3,
                                        **_common(conditional, (2, 3), null_class), **kw)
         return _perturb(GatedPixelCNNPrior(cfg), 0.1)
-    cfg = WaveNetPriorConfig(grid_shape=(10,), channels=c, skip_channels=c, head_channels=2 * c, kernel_size=2,
+    cfg = WaveNetPriorConfig(grid_shape=(10,), channels=c, skip_channels=c, head_channels=2 * c,
+                             kernel_size=3 if arch == "wavenet_k3" else 2,
                              **{"layers_per_cycle": 3, "num_cycles": 1, **kw}, **_common(conditional, (5,), null_class))
     return _perturb(WaveNetPrior(cfg), 0.1)
 
@@ -131,7 +132,7 @@ def test_group_masks():
 
 # ---- cached steps -------------------------------------------------------------------------------
 @pytest.mark.parametrize("conditional", [True, False])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["wavenet_k3"])  # k = 3: a tap between t and the furthest one
 def test_cached_steps_match_forward(arch, conditional):
     prior = make(arch, conditional)
     codes, labels, cond = inputs(prior, batch=3)

@@ -34,16 +34,19 @@ def upper_level_conditioning(config, channels: int, conv: type[nn.Module]):
 
 
 def conditioning_map(prior, batch: int, class_labels=None, cond=None) -> torch.Tensor | None:
-    """(B, C, *grid): a conv prior's class embedding + processed upper-level codes, or None when unconditional.
+    """A conv prior's class embedding + processed upper-level codes: (B, C, *grid), or (B, C, 1, ...) when only a
+    class conditions it (the same at every position: the layers' 1x1 conditioning convs then run once per sample,
+    not once per position, and broadcast), or None when unconditional.
 
     Needs ``prior.config``, ``prior.class_emb``/``embed_class`` and ``prior.cond_emb``/``cond_conv``."""
     cfg = prior.config
     if not cfg.conditional:
         return None
     grid = tuple(cfg.grid_shape)
-    ctx = prior.tok_emb.weight.new_zeros(batch, cfg.channels, *grid)
+    ones = (1,) * len(grid)
+    ctx = prior.tok_emb.weight.new_zeros(batch, cfg.channels, *ones)
     if prior.class_emb is not None:
-        ctx = ctx + prior.embed_class(class_labels).view(batch, -1, *([1] * len(grid)))
+        ctx = ctx + prior.embed_class(class_labels).view(batch, -1, *ones)
     if prior.cond_emb is not None:
         up = F.interpolate(prior.cond_emb(cond).movedim(-1, 1), size=grid, mode="nearest")
         ctx = ctx + prior.cond_conv(up)

@@ -182,7 +182,7 @@ class ColumnSteps:
 class PixelCNNState:
     """Sampling state; see the module docstring. ``pos`` is the next raster position to predict."""
 
-    ctx: torch.Tensor | None  # (B, C, H, W) conditioning map (class + upper-level codes)
+    ctx: torch.Tensor | None  # (B, C, H, W) conditioning map (class + upper-level codes), (B, C, 1, 1) class only
     v_rows: list[torch.Tensor]  # per layer: last kh input rows of the vertical conv
     columns: list[ColumnSteps]  # per layer: the horizontal stream's weights, input row and per-column bias
     head: tuple[torch.Tensor, ...]  # (W1, b1, W2, b2) of the head's 1x1 convs, (in, out) matrices
@@ -222,7 +222,8 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
         return MaskedConv2d(group_ids([config.head_channels], d), out, "B")
 
     def context(self, batch: int, class_labels=None, cond=None) -> torch.Tensor | None:
-        """(B, C, H, W): class embedding + processed upper-level codes, or None when unconditional."""
+        """(B, C, H, W): class embedding + processed upper-level codes; (B, C, 1, 1) with a class only; None when
+        unconditional."""
         return conditioning_map(self, batch, class_labels, cond)
 
     def forward(self, codes: torch.Tensor, class_labels=None, cond=None) -> torch.Tensor:
@@ -266,7 +267,7 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
         v = state.columns[0].row[:, kw:].transpose(1, 2)  # (B, C, W)
         if i == 0:
             v = torch.zeros_like(v)
-        ctx = None if state.ctx is None else state.ctx[:, :, i : i + 1]
+        ctx = state.ctx if state.ctx is None or state.ctx.shape[2] == 1 else state.ctx[:, :, i : i + 1]
         for n, layer in enumerate(self.layers):
             state.v_rows[n] = layer.v_conv.push_row(state.v_rows[n], v)
             v_out, h_bias = layer.vertical(layer.v_conv.row(state.v_rows[n]), ctx)

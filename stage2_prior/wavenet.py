@@ -208,7 +208,8 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
         return MaskedConv1d(group_ids([config.head_channels], d), out, "B")
 
     def context(self, batch: int, class_labels=None, cond=None) -> torch.Tensor | None:
-        """(B, C, T): class embedding + processed upper-level codes, or None when unconditional."""
+        """(B, C, T): class embedding + processed upper-level codes; (B, C, 1) with a class only; None when
+        unconditional."""
         return conditioning_map(self, batch, class_labels, cond)
 
     def forward(self, codes: torch.Tensor, class_labels=None, cond=None) -> torch.Tensor:
@@ -230,7 +231,7 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
     @torch.no_grad()
     def start_state(self, batch: int, class_labels=None, cond=None) -> WaveNetState:
         self.check_inputs(None, class_labels, cond, batch=batch)
-        ctx = self.context(batch, class_labels, cond)  # (B, C, T) or None
+        ctx = self.context(batch, class_labels, cond)  # (B, C, T), (B, C, 1) or None
         varying = ctx is not None and self.cond_emb is not None  # upper-level codes change along the sequence
         ctx_rows = ctx.permute(2, 0, 1).contiguous() if varying else None
         constant = ctx[:, :, 0] if ctx is not None and not varying else None

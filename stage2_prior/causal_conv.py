@@ -64,6 +64,28 @@ def shift_down(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
 
 
+def step_matrix(conv: nn.Module, tap: int | None = None) -> torch.Tensor:
+    """A conv's weight (its mask applied) laid out for ``x @ W`` on the few rows of a cached step: one tap,
+    (in, out), or (``tap`` None) all its taps side by side, oldest first, (k * in, out). Any 1-D conv, or a 2-D one
+    of one row (1 x k, 1x1)."""
+    weight = (conv.masked_weight if isinstance(conv, GroupMasked) else conv.weight).flatten(2)  # (out, in, k)
+    if tap is not None:
+        return weight[:, :, tap].t().contiguous()
+    return weight.permute(2, 1, 0).flatten(0, 1).contiguous()
+
+
+def head_step_weights(head: nn.Sequential) -> tuple[torch.Tensor, ...]:
+    """(W1, b1, W2, b2) of a conv prior's head ReLU -> 1x1 -> ReLU -> 1x1, as ``step_matrix`` lays them out."""
+    _, conv1, _, conv2 = head
+    return step_matrix(conv1), conv1.bias, step_matrix(conv2), conv2.bias
+
+
+def head_step(weights: tuple[torch.Tensor, ...], skip: torch.Tensor) -> torch.Tensor:
+    """The head at one position: summed skips (B, S), overwritten by their ReLU, -> logits (B, V)."""
+    w1, b1, w2, b2 = weights
+    return torch.addmm(b2, torch.addmm(b1, skip.relu_(), w1).relu_(), w2)
+
+
 def pointwise(conv: type[nn.Module], in_widths: list[int], out_widths: list[int], depth: int) -> nn.Module:
     """A 1x1 convolution from channels laid out as the segments ``in_widths`` to ``out_widths`` (e.g. the halves
     of a gate): plain without stacks; for stacks masked B by stage groups (each segment split into ``depth``)."""

@@ -49,10 +49,10 @@ from torch import nn
 
 from harness.folders import PretrainedMixin
 from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
-from stage2_prior.causal_conv import (VerticalConv, conditioning_map, gate, horizontal_conv, pointwise, shift_down,
-                                      upper_level_conditioning)
-from stage2_prior.stacks import (GroupLayerNorm, GroupMasked, MaskedConv2d, MaskedLinear, check_divisible,
-                                 code_embedding, group_ids)
+from stage2_prior.causal_conv import (VerticalConv, conditioning_map, gate, head_step, head_step_weights,
+                                      horizontal_conv, pointwise, shift_down, step_matrix, upper_level_conditioning)
+from stage2_prior.stacks import (GroupLayerNorm, MaskedConv2d, MaskedLinear, check_divisible, code_embedding,
+                                 group_ids)
 
 
 @dataclass
@@ -141,13 +141,6 @@ class CausalSelfAttention(nn.Module):
         return x + self.proj(rearrange(out, "b n 1 d -> b (n d)"))
 
 
-def _matrix(conv: nn.Module) -> torch.Tensor:
-    """(k * in, out) contiguous: a 1 x k (or 1x1) conv's weight, mask applied, laid out for ``window @ W`` on a few
-    rows, the window's k inputs side by side (oldest first)."""
-    weight = conv.masked_weight if isinstance(conv, GroupMasked) else conv.weight  # (out, in, 1, k)
-    return weight[:, :, 0, :].permute(2, 1, 0).flatten(0, 1).contiguous()
-
-
 class ColumnSteps:
     """One gated layer's horizontal stream in a cached step: its weights as matrices for the few-row GEMMs of one
     position (masks applied) and its input row.
@@ -157,12 +150,13 @@ class ColumnSteps:
 
     def __init__(self, layer: GatedLayer, batch: int, width: int):
         c, kw = layer.h_conv.in_channels, layer.h_conv.width
-        self.conv, self.conv_bias = _matrix(layer.h_conv), layer.h_conv.bias  # (kw * C, 2C), (2C,)
-        out = _matrix(layer.out)
+        self.kw = kw
+        self.conv, self.conv_bias = step_matrix(layer.h_conv), layer.h_conv.bias  # (kw * C, 2C), (2C,)
+        out = step_matrix(layer.out)
         self.res, self.skip = out[:, :c].contiguous(), out[:, c:].contiguous()
         self.res_bias, self.skip_bias = layer.out.bias[:c], layer.out.bias[c:]
         self.row = self.conv.new_zeros(batch, kw + width, c)
-        self.columns = list(self.row.unbind(1))  # (B, C) views: column j's input is columns[kw + j]
+        self.columns = list(self.row.unbind(1))[kw:]  # (B, C) views: column j's input
         first = 0 if layer.h_conv.mask == "A" else 1  # mask A reads j - kw .. j - 1, mask B j - kw + 1 .. j
         self.windows = [self.row[:, j + first : j + first + kw].flatten(1) for j in range(width)]
         self.pre = self.conv.new_empty(batch, 2 * c)
@@ -249,12 +243,11 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
         head_dim = cfg.channels // cfg.attn_heads
         p = self.tok_emb.weight
         columns = [ColumnSteps(layer, batch, w) for layer in self.layers]
-        _, conv1, _, conv2 = self.head
         return PixelCNNState(
             ctx=self.context(batch, class_labels, cond),
             v_rows=[layer.v_conv.start_rows(batch, w) for layer in self.layers],
             columns=columns,
-            head=(_matrix(conv1), conv1.bias, _matrix(conv2), conv2.bias),
+            head=head_step_weights(self.head),
             skip_bias=sum(column.skip_bias for column in columns),
             attn={int(i): {"k": p.new_zeros(batch, cfg.attn_heads, self.num_positions, head_dim),
                            "v": p.new_zeros(batch, cfg.attn_heads, self.num_positions, head_dim)} for i in self.attn},
@@ -262,9 +255,9 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
 
     def _start_row(self, state: PixelCNNState, i: int) -> None:
         """Every layer's vertical output for row i (rows < i are known) and its bias on the horizontal stack."""
-        kw = state.columns[0].row.shape[1] - self.config.grid_shape[1]
+        first = state.columns[0]
         # the first layer's inputs on the row just finished = the codes of row i - 1, embedded (zeros above row 0)
-        v = state.columns[0].row[:, kw:].transpose(1, 2)  # (B, C, W)
+        v = first.row[:, first.kw :].transpose(1, 2)  # (B, C, W)
         if i == 0:
             v = torch.zeros_like(v)
         ctx = state.ctx if state.ctx is None or state.ctx.shape[2] == 1 else state.ctx[:, :, i : i + 1]
@@ -296,18 +289,17 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
     def _write_input(self, state: PixelCNNState, t: int, code: torch.Tensor) -> None:
         """Code ``t`` (B,) embedded into the first layer's input row (a stack's stage into its channel group)."""
         width, depth, first = self.config.grid_shape[1], self.config.depth, state.columns[0]
-        kw = first.row.shape[1] - width
         if not depth:
-            first.columns[kw + t % width].copy_(self.tok_emb(code))
+            first.columns[t % width].copy_(self.tok_emb(code))
             return
         position, stage = divmod(t, depth)
         group = self.config.channels // depth
-        first.columns[kw + position % width][:, stage * group : (stage + 1) * group] = self.tok_emb.stage(code, stage)
+        first.columns[position % width][:, stage * group : (stage + 1) * group] = self.tok_emb.stage(code, stage)
 
     def _column(self, state: PixelCNNState, t: int, j: int) -> torch.Tensor:
         """Every layer of the horizontal stream at position t = (i, j) -> the head's logits (B, V, or depth * V).
         Each layer's output h goes straight into the next layer's input row; the last layer's reaches nothing."""
-        columns, kw = state.columns, state.columns[0].row.shape[1] - self.config.grid_shape[1]
+        columns = state.columns
         skip, h = None, None
         for n, column in enumerate(columns):
             gated = column.gated(j)
@@ -317,12 +309,11 @@ class GatedPixelCNNPrior(PriorMixin, PretrainedMixin, nn.Module):
                 skip.addmm_(gated, column.skip)
             if n + 1 == len(columns):
                 break
-            target = columns[n + 1].columns[kw + j]
+            target = columns[n + 1].columns[j]
             if h is None:  # the first layer: no residual connection
                 h = torch.addmm(column.res_bias, gated, column.res, out=target)
             else:
                 h = torch.add(h, torch.addmm(column.res_bias, gated, column.res), out=target)
             if n in state.attn:
                 h = target.copy_(self.attn[str(n)].step(h, state.attn[n], t))
-        w1, b1, w2, b2 = state.head
-        return torch.addmm(b2, torch.addmm(b1, skip.relu_(), w1).relu_(), w2)
+        return head_step(state.head, skip)

@@ -32,9 +32,9 @@ from torch import nn
 
 from harness.folders import PretrainedMixin
 from stage2_prior.base import PriorConfig, PriorMixin, class_embedding
-from stage2_prior.causal_conv import (CausalConv1d, StackCausalConv1d, conditioning_map, gate, pointwise,
-                                      upper_level_conditioning)
-from stage2_prior.stacks import GroupMasked, MaskedConv1d, check_divisible, code_embedding, group_ids
+from stage2_prior.causal_conv import (CausalConv1d, StackCausalConv1d, conditioning_map, gate, head_step,
+                                      head_step_weights, pointwise, step_matrix, upper_level_conditioning)
+from stage2_prior.stacks import MaskedConv1d, check_divisible, code_embedding, group_ids
 
 
 @dataclass
@@ -95,12 +95,6 @@ class ResidualLayer(nn.Module):
         return x + res, skip
 
 
-def _matrix(conv: nn.Module, tap: int = 0) -> torch.Tensor:
-    """(in, out) contiguous: one tap of a conv's weight (its mask applied), laid out for ``x @ W`` on a few rows."""
-    weight = conv.masked_weight if isinstance(conv, GroupMasked) else conv.weight  # (out, in, k)
-    return weight[:, :, tap].t().contiguous()
-
-
 class LayerSteps:
     """One residual layer in a cached step: its weights as (in, out) matrices for the few-row GEMMs of one
     position (masks applied), and the sums its pre-activation receives ahead of time.
@@ -120,23 +114,24 @@ class LayerSteps:
         """ctx: (B, C) conditioning the same at every position, or None; ``offset`` (C,): c of this layer's input."""
         k, c = layer.conv.kernel_size[0], layer.conv.in_channels
         self.dilation, self.size = layer.conv.dilation[0], (k - 1) * layer.conv.dilation[0] + 1
-        self.now = _matrix(layer.conv, k - 1)
-        self.past = [_matrix(layer.conv, k - 1 - m) for m in range(1, k)]  # the taps at t - m d, m = 1 .. k-1
+        self.now = step_matrix(layer.conv, k - 1)
+        self.past = [step_matrix(layer.conv, k - 1 - m) for m in range(1, k)]  # the taps at t - m d, m = 1 .. k-1
         self.offsets = [offset @ tap for tap in self.past]
-        out = _matrix(layer.out)
+        self.middle = list(zip(self.past[:-1], self.offsets[:-1]))  # k > 2: the taps between t and the furthest
+        out = step_matrix(layer.out)
         self.res, self.skip = out[:, :c].contiguous(), out[:, c:].contiguous()
         self.res_bias, self.skip_bias = layer.out.bias[:c], layer.out.bias[c:]
         fresh = layer.conv.bias + offset @ self.now
-        self.same = None if layer.same is None else _matrix(layer.same)
+        self.same = None if layer.same is None else step_matrix(layer.same)
         if layer.same is not None:
             fresh = fresh + layer.same.bias
         self.ctx = None  # (C, 2C): the conditioning's weight where it changes along the sequence
         if layer.ctx is not None:
             fresh = fresh + layer.ctx.bias
             if ctx is not None:
-                fresh = fresh + ctx @ _matrix(layer.ctx)
+                fresh = fresh + ctx @ step_matrix(layer.ctx)
             else:
-                self.ctx = _matrix(layer.ctx)
+                self.ctx = step_matrix(layer.ctx)
         self.fresh = fresh.expand(batch, -1).contiguous()  # (B, 2C)
         self.far = self.fresh + self.offsets[-1]  # the furthest tap's sum starts from this
         self.slots = list(self.fresh.new_empty(self.size, *self.fresh.shape).unbind(0))
@@ -159,7 +154,7 @@ class LayerSteps:
 
     def send(self, x: torch.Tensor, t: int, ctx_rows: torch.Tensor | None) -> None:
         """x~(t) (B, C) into the sums of positions t + d, ..., t + (k - 1) d; the furthest one's sum starts here."""
-        for m, (tap, offset) in enumerate(zip(self.past[:-1], self.offsets[:-1]), start=1):
+        for m, (tap, offset) in enumerate(self.middle, start=1):
             self.slots[(t + m * self.dilation) % self.size].addmm_(x, tap).add_(offset)
         far = t + (self.size - 1)
         slot = torch.addmm(self.far, x, self.past[-1], out=self.slots[far % self.size])
@@ -240,9 +235,8 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
             layers.append(LayerSteps(layer, batch, constant, offset))
             layers[-1].start(ctx_rows, self.config.grid_shape[0])
             offset = offset + layers[-1].res_bias
-        _, conv1, _, conv2 = self.head
-        head = (_matrix(conv1), conv1.bias, _matrix(conv2), conv2.bias)
-        return WaveNetState(layers, head, sum(plan.skip_bias for plan in layers), ctx_rows, batch)
+        return WaveNetState(layers, head_step_weights(self.head), sum(plan.skip_bias for plan in layers), ctx_rows,
+                            batch)
 
     @torch.no_grad()
     def step(self, state: WaveNetState, prev: torch.Tensor | None) -> torch.Tensor:
@@ -276,8 +270,7 @@ class WaveNetPrior(PriorMixin, PretrainedMixin, nn.Module):
             else:
                 skip.addmm_(gated, plan.skip)
                 x.addmm_(gated, plan.res)
-        w1, b1, w2, b2 = state.head
-        return torch.addmm(b2, torch.addmm(b1, skip.relu_(), w1).relu_(), w2)
+        return head_step(state.head, skip)
 
     def _step_stacks(self, state: WaveNetState, prev: torch.Tensor | None) -> torch.Tensor:
         depth, group = self.config.depth, self.config.channels // self.config.depth

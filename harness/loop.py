@@ -166,6 +166,19 @@ def open_run(run_dir: Path, cfg: TrainingConfig, tracker: str) -> tuple[Accelera
     return accelerator, cfg
 
 
+def close_run(accelerator) -> None:
+    """End a run on every process: wait for all, let go of the prepared models, then end the trackers and the
+    process group. Call after the caller has dropped its own references to the prepared (wrapped) models.
+
+    The order matters: DDP's reducer holds the gloo process group, and a reducer freed after
+    ``end_training`` destroyed the group runs gloo's destructor with the GIL held; that destructor joins a worker
+    thread which may be waiting for the GIL, and the process hangs (pytorch#56297). Freed first, the reducer only
+    drops a reference; ``destroy_process_group`` then ends the group from Python, which releases the GIL."""
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # forgets the prepared objects and collects the cycles that keep a wrapper alive
+    accelerator.end_training()
+
+
 def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights under the model's own names; call on every process (FSDP gathers the shards).
 

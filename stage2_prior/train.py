@@ -252,8 +252,8 @@ def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: boo
     if accelerator.is_main_process:
         model.save_pretrained(run_dir / "model", weights)
         _write_info(cfg, held_out, run_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    del state, model, weights  # the wrapped model goes before the process group (see close_run)
+    loop.close_run(accelerator)
     return run_dir / "model"
 
 

@@ -65,7 +65,7 @@ def test_demo_presets_use_the_cheap_first_stage():
     video = config_from_dict(TokenizerTrainConfig, preset("tokenizer-moving-digits")).model_config
     audio = config_from_dict(TokenizerTrainConfig, preset("tokenizer-spoken-digits")).model_config
     photos = config_from_dict(TokenizerTrainConfig, preset("tokenizer-photos")).model_config
-    assert video.patch == (1, 2, 2) and audio.patch is not None and photos.patch == (2, 2)
+    assert video.patch == (1, 4, 4) and audio.patch is not None and photos.patch == (2, 2)
     assert preset("prior-moving-digits")["model"]["relative_bias"] is True
 
 

@@ -1,0 +1,38 @@
+"""benchmarks/preset_cuts.py: the cut differs from the preset only where asked, both train configs resolve, the
+equal-time schedule scales with the steps, and (slow) a quick run trains and scores both sides."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.preset_cuts import markdown, run, training_config, variant
+from harness.config import config_from_dict, preset
+from stage1_tokenizer.train import TokenizerTrainConfig
+
+
+@pytest.mark.parametrize("name, cut", [("tokenizer-audio-3level", {"patch": [2]}),
+                                       ("tokenizer-moving-digits", {"patch": [1, 4, 4], "channels": [32, 32]})])
+def test_the_cut_changes_only_its_fields_and_its_schedule_follows_the_steps(name, cut):
+    base, cheaper = preset(name), variant(name, cut)
+    assert {k: v for k, v in cheaper["model"].items() if k not in cut} == \
+           {k: v for k, v in base["model"].items() if k not in cut}
+    assert all(cheaper["model"][k] == v for k, v in cut.items())
+    values = training_config(cheaper, steps=300, seed=3)
+    cfg = config_from_dict(TokenizerTrainConfig, values)  # a valid training config
+    assert cfg.max_steps == cfg.checkpoint_every == 300 and cfg.seed == 3 and cfg.image_every == 0
+    if "level_dropout_steps" in base:
+        assert values["level_dropout_steps"] == 150  # annealed over half the steps, as the shipped presets do
+    assert {k: v for k, v in values.items() if k not in ("model", "max_steps", "checkpoint_every", "image_every",
+                                                          "seed", "log_with", "level_dropout_steps")} == \
+           {k: v for k, v in base.items() if k not in ("model", "max_steps", "checkpoint_every", "image_every",
+                                                        "level_dropout_steps")}
+
+
+@pytest.mark.slow
+def test_a_quick_run_trains_and_scores_both_sides():
+    result = run("tokenizer-digits", {"channels": [16, 16]}, seeds=[0], quick=True)
+    costs = result["costs"]
+    assert costs["cut"]["flops_per_value"] < costs["preset"]["flops_per_value"]
+    assert result["steps"]["cut"] > result["steps"]["preset"]  # the cheaper side gets more steps in the same time
+    assert [r["side"] for r in result["rows"]] == ["preset", "cut"]
+    assert all(r["metrics"]["psnr_db"] > 5 for r in result["rows"])
+    assert "tokenizer-digits" in markdown(result)

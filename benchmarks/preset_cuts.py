@@ -1,19 +1,20 @@
 """A shipped tokenizer preset against a cheaper cut of it, at equal wall-clock (issue 19 item 2).
 
-``python -m benchmarks.preset_cuts --preset NAME --cut JSON [--seconds S] [--seeds 0,1] [--quick]``; JSON holds the model
-fields the cut changes, e.g. ``'{"patch": [4]}'``. ``--preset`` is the one measured first: give the shipped preset
-and the variant to weigh against it (the cut may also be the more expensive side).
+``python -m benchmarks.preset_cuts --preset NAME --cut JSON [--seconds S] [--seeds 0,1] [--quick]``; JSON holds
+the model fields the cut changes, e.g. ``'{"patch": [4]}'``. ``--preset`` is the one measured first: give the
+shipped preset and the variant to weigh against it (the cut may also be the more expensive side).
 
 Method:
 
 * FLOPs: the train step (forward and backward of the loss) of each, per input value, with
   ``torch.utils.flop_counter``, against the peer's 118 kFLOP per value of a 64x64x3 image (BENCHMARKS §13).
 * Step times: both train steps timed side by side in one process, one thread, interleaved rounds, medians.
-* Equal wall-clock: the preset trains its own ``max_steps`` (or the steps that take ``--seconds``: the GPU presets'
-  20,000 steps do not fit a CPU run); the cut trains the steps that take the same time by those step times (schedules scaled to them: warmup as the preset, level dropout annealed over half of the steps
-  as the shipped presets do). Both run at the same time, each ``tokgen train-tokenizer`` in its own process with
-  one thread, so both see the same machine load; then ``tokgen evaluate-tokenizer`` scores each on the held-out
-  split (every metric of the protocol but the slow FD-VGG16).
+* Equal wall-clock: the preset trains its own ``max_steps`` (or the steps that take ``--seconds``: the GPU
+  presets' 20,000 steps do not fit a CPU run); the cut trains the steps that take the same time by those step
+  times (schedules scaled to them: warmup as the preset, level dropout annealed over half of the steps as the
+  shipped presets do). Both run at the same time, each ``tokgen train-tokenizer`` in its own process with one
+  thread, so both see the same machine load; then ``tokgen evaluate-tokenizer`` scores each on the held-out split
+  (every metric of the protocol but the slow FD-VGG16).
 
 ``--quick`` trains each for a tenth of the time (a smoke run, not a result).
 """
@@ -85,21 +86,25 @@ def training_config(values: dict, steps: int, seed: int) -> dict:
 
 
 def train_both(configs: dict[str, dict], folder: Path) -> dict[str, float]:
-    """Both trainings at once, one process and one thread each; {side: wall seconds}."""
+    """Both trainings at once, one process and one thread each; {side: wall seconds until it ended}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs, start = {}, time.perf_counter()
     for k, cfg in configs.items():
         (folder / f"{k}.json").write_text(json.dumps(cfg))
         cmd = [sys.executable, "-m", "pipelines.cli", "train-tokenizer", "--config", str(folder / f"{k}.json"),
                "--out", str(folder / k), "--quiet"]
-        procs[k] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    text=True)
+        with open(folder / f"{k}.log", "w") as log:
+            procs[k] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     seconds = {}
-    for k, proc in procs.items():
-        _, err = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(f"train-tokenizer ({k}) failed:\n{err[-3000:]}")
-        seconds[k] = time.perf_counter() - start
+    while len(seconds) < len(procs):  # polled, so each side's time is its own, not the slower one's
+        for k, proc in procs.items():
+            if k not in seconds and proc.poll() is not None:
+                seconds[k] = time.perf_counter() - start
+                if proc.returncode:
+                    for other in procs.values():
+                        other.kill()
+                    raise RuntimeError(f"train-tokenizer ({k}) failed:\n{(folder / f'{k}.log').read_text()[-3000:]}")
+        time.sleep(0.5)
     return seconds
 
 

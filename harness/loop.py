@@ -173,7 +173,8 @@ def close_run(accelerator) -> None:
     The order matters: DDP's reducer holds the gloo process group, and a reducer freed after
     ``end_training`` destroyed the group runs gloo's destructor with the GIL held; that destructor joins a worker
     thread which may be waiting for the GIL, and the process hangs (pytorch#56297). Freed first, the reducer only
-    drops a reference; ``destroy_process_group`` then ends the group from Python, which releases the GIL."""
+    drops a reference; ``destroy_process_group`` then drops the last one through the group's Python binding, whose
+    destructor releases the GIL (pytorch#154976)."""
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # forgets the prepared objects and collects the cycles that keep a wrapper alive
     accelerator.end_training()

@@ -106,9 +106,12 @@ def default_preset(data: str | None) -> dict:
     return preset("tokenizer-digits" if data in (None, "digits") else "tokenizer-image")
 
 
-def for_arch(base: dict, arch: str) -> dict:
-    """``base`` as the start of a config for ``arch``: another architecture starts from its own model fields."""
-    if arch == base.get("arch", "vqvae"):
+def for_file(base: dict, file: dict) -> dict:
+    """``base`` as the start of the config in ``file``: another architecture, or a model of another modality, starts
+    from its own model fields (a default preset's patch or factors mean nothing for another kind of input)."""
+    model, file_model = base.get("model", {}), file.get("model") or {}
+    same_arch = file.get("arch", base.get("arch", "vqvae")) == base.get("arch", "vqvae")
+    if same_arch and file_model.get("modality", model.get("modality")) == model.get("modality"):
         return base
     dropped = {"model", "level_dropout_steps"}  # the model's fields, and what only a hierarchy anneals
     return {key: value for key, value in base.items() if key not in dropped}
@@ -129,7 +132,7 @@ def parse_config(args: argparse.Namespace) -> TokenizerTrainConfig:
     base = default_preset(args.data)
     if args.config:
         file = load_config_file(args.config)
-        base = merge(for_arch(base, file.get("arch", base.get("arch", "vqvae"))), file)
+        base = merge(for_file(base, file), file)
     if args.data and base.get("data") not in (None, args.data):
         base = {**base, "data_options": {}}  # reader options belong to the source they were written for
     return resolve(TokenizerTrainConfig, base, flags)

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, count_flops, interleaved, machine_info, median, table, write_result
+from benchmarks.peer_vqvae import TokgenSide, preset_input
 
 PEER_FLOPS_PER_VALUE = 118e3  # rosinality's default VQVAE, 64x64x3 (BENCHMARKS §13, peer_vqvae.presets.json)
 METRICS = {"audio": ("snr_db", "si_sdr_db", "stoi", "mel_distance_multiscale"),
@@ -37,26 +38,14 @@ METRICS = {"audio": ("snr_db", "si_sdr_db", "stoi", "mel_distance_multiscale"),
 
 
 def variant(name: str, cut: dict) -> dict:
-    """The preset's values with ``cut`` merged into its model fields."""
-    from harness.config import preset
+    """The preset's values with ``cut`` merged into its model fields (nested ones, e.g. the quantizer's, key by key)."""
+    from harness.config import merge, preset
 
-    values = preset(name)
-    return {**values, "model": {**values["model"], **cut}}
+    return merge(preset(name), {"model": cut})
 
 
-def _side(values: dict, run_dir: Path):
-    from benchmarks.peer_vqvae import TokgenSide
-
+def _side(values: dict, run_dir: Path) -> TokgenSide:
     return TokgenSide(values, values["size"], values["batch_size"], run_dir)
-
-
-def _batch(side):
-    """A batch of the preset's training shape (random values: speed and FLOPs do not depend on them)."""
-    import torch
-
-    cfg, m = side.cfg, side.cfg.model_config
-    spatial = {"audio": (cfg.size,), "video": (cfg.frames, cfg.size, cfg.size)}.get(m.modality, (cfg.size, cfg.size))
-    return torch.rand(cfg.batch_size, m.in_channels, *spatial) * 2 - 1
 
 
 def cost(values: dict[str, dict]) -> dict[str, dict]:
@@ -67,7 +56,8 @@ def cost(values: dict[str, dict]) -> dict[str, dict]:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         sides = {k: _side(v, Path(tmp) / k) for k, v in values.items()}
-        x = _batch(sides["preset"])
+        cfg = sides["preset"].cfg
+        x = preset_input(cfg).repeat_interleave(cfg.batch_size, dim=0)  # speed and FLOPs do not depend on values
         for k, side in sides.items():
             flops = count_flops(lambda: side.model(x).loss.backward())
             side.model.zero_grad(set_to_none=True)

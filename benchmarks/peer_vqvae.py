@@ -1,7 +1,7 @@
 """tokgen's image tokenizer side by side with rosinality/vq-vae-2-pytorch (the VQ-VAE-2 most people run).
 
 ``python -m benchmarks.peer_vqvae --peer PATH [--seconds 300] [--seeds 0,1] [--parts speed,quality,sampling]
-[--quick]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch (its ``vqvae.py`` and
+[--quick] [--mixed-precision bf16]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch (its ``vqvae.py`` and
 ``pixelsnail.py`` are imported from there; nothing is vendored).
 
 Four parts; every tokgen figure of the first three comes from the shipped ``harness/presets/tokenizer-image.json``
@@ -14,6 +14,9 @@ Four parts; every tokgen figure of the first three comes from the shipped ``harn
   this machine's measured one-thread fp32 peak (``peak_gflops``). Rows: the peer's default ``VQVAE``, tokgen's preset,
   tokgen's earlier preset (the one the shipped preset replaced) and a tokgen hierarchical model of the peer's
   size with residual blocks at full resolution (what issue 19 measured first).
+  A row at the peer's FLOPs: the shipped preset with two residual blocks per stage. ``--mixed-precision bf16``
+  adds tokgen as ``--mixed-precision bf16`` trains it and the peer under bf16 autocast (its own training script has
+  no mixed precision), every "vs peer" still against the peer as it ships; ``quality`` then trains tokgen in bf16.
 * presets: the train-step FLOPs per input (and per input value) of every shipped tokenizer preset, against the
   peer's per value of a 64x64x3 image.
 * quality at equal wall-clock: the peer and tokgen train at the same time, one process and one thread each
@@ -81,12 +84,13 @@ def tokgen_config(values: dict, size: int, batch: int):
 class TokgenSide:
     """A tokgen tokenizer as its trainer builds and steps it."""
 
-    def __init__(self, values: dict, size: int, batch: int, run_dir: Path):
+    def __init__(self, values: dict, size: int, batch: int, run_dir: Path, mixed_precision: str = "no"):
         from harness import loop
         from stage1_tokenizer.train import build
 
         self.cfg = tokgen_config(values, size, batch)
-        self.accelerator = loop.make_accelerator(run_dir, "no", 1, log_with="none")
+        # "bf16": the trainer's --mixed-precision bf16 (Accelerate's autocast; code choice stays fp32)
+        self.accelerator = loop.make_accelerator(run_dir, mixed_precision, 1, log_with="none")
         self.state = build(self.cfg, self.accelerator)
         self.model = self.accelerator.unwrap_model(self.state.model)
         self.guard = loop.BadStepGuard(self.cfg.max_bad_steps)
@@ -98,10 +102,12 @@ class TokgenSide:
             raise RuntimeError("tokgen's step was skipped (non-finite loss)")
 
     def encode(self, x) -> list:
-        return self.model.encode_levels(x)
+        with self.accelerator.autocast():
+            return self.model.encode_levels(x)
 
     def decode(self, codes):
-        return self.model.decode_levels(codes).clamp(0, 1)
+        with self.accelerator.autocast():
+            return self.model.decode_levels(codes).float().clamp(0, 1)
 
     def parameters(self):
         return self.model.parameters()
@@ -113,28 +119,33 @@ class TokgenSide:
 class PeerSide:
     """The peer's ``VQVAE`` with its training recipe; takes and gives images in [0, 1] like tokgen."""
 
-    def __init__(self, vqvae_class):
+    def __init__(self, vqvae_class, bf16: bool = False):
         import torch
 
         self.model = vqvae_class()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=PEER_LR)
+        # bf16: its forward under torch.autocast, which its train_vqvae.py does not do (a row for comparison)
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     def train_step(self, x) -> None:
         import torch.nn.functional as F
 
         x = x * 2 - 1  # the peer trains on images normalised to [-1, 1]
         self.optimizer.zero_grad()
-        recon, latent_loss = self.model(x)
-        loss = F.mse_loss(recon, x) + PEER_LATENT_WEIGHT * latent_loss.mean()
+        with self.autocast:
+            recon, latent_loss = self.model(x)
+        loss = F.mse_loss(recon.float(), x) + PEER_LATENT_WEIGHT * latent_loss.float().mean()
         loss.backward()
         self.optimizer.step()
 
     def encode(self, x) -> list:
-        _, _, _, top, bottom = self.model.encode(x * 2 - 1)
+        with self.autocast:
+            _, _, _, top, bottom = self.model.encode(x * 2 - 1)
         return [top, bottom]
 
     def decode(self, codes):
-        return ((self.model.decode_code(*codes) + 1) / 2).clamp(0, 1)
+        with self.autocast:
+            return ((self.model.decode_code(*codes).float() + 1) / 2).clamp(0, 1)
 
     def parameters(self):
         return self.model.parameters()
@@ -144,23 +155,38 @@ class PeerSide:
 
 
 # ---- speed ------------------------------------------------------------------------------------
-def speed_contenders(peer_path: str, size: int, batch: int, tmp: Path) -> dict:
+def matched_flops_values() -> dict:
+    """The shipped image preset with two residual blocks per stage: 0.98x the peer's train-step FLOPs."""
+    from harness.config import merge, preset
+
+    return merge(preset("tokenizer-image"), {"model": {"num_res_blocks": 2}})
+
+
+def speed_contenders(peer_path: str, size: int, batch: int, tmp: Path, mixed_precision: str = "no") -> dict:
+    """The rows of the speed table. The peer as it ships (fp32) comes first: every "vs peer" is against it.
+
+    ``mixed_precision="bf16"`` times tokgen as ``--mixed-precision bf16`` trains it, next to the same models
+    in fp32 and the peer in both; the two slow earlier tokgen models are left out of that run."""
     vqvae_class = import_peer(peer_path)
     sides = {"rosinality VQVAE (default)": PeerSide(vqvae_class),
              "tokgen tokenizer-image (shipped)": TokgenSide({}, size, batch, tmp / "a"),
-             "tokgen earlier tokenizer-image": TokgenSide(ONE_LEVEL_CONFIG, size, batch, tmp / "b"),
-             "tokgen peer-sized, full-resolution blocks": TokgenSide(PEER_SIZED, size, batch, tmp / "c")}
-    return sides
+             "tokgen matched FLOPs (2 blocks per stage)": TokgenSide(matched_flops_values(), size, batch, tmp / "m")}
+    if mixed_precision == "bf16":
+        return {**sides, "rosinality VQVAE, bf16 autocast": PeerSide(vqvae_class, bf16=True),
+                "tokgen tokenizer-image, bf16": TokgenSide({}, size, batch, tmp / "a16", "bf16"),
+                "tokgen matched FLOPs, bf16": TokgenSide(matched_flops_values(), size, batch, tmp / "m16", "bf16")}
+    return {**sides, "tokgen earlier tokenizer-image": TokgenSide(ONE_LEVEL_CONFIG, size, batch, tmp / "b"),
+            "tokgen peer-sized, full-resolution blocks": TokgenSide(PEER_SIZED, size, batch, tmp / "c")}
 
 
-def speed_worker(peer_path: str, size: int, batch: int, repeats: int) -> dict:
+def speed_worker(peer_path: str, size: int, batch: int, repeats: int, mixed_precision: str = "no") -> dict:
     import torch
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.rand(batch, 3, size, size)
     with tempfile.TemporaryDirectory(prefix="tokgen-peer-") as tmp:
-        sides = speed_contenders(peer_path, size, batch, Path(tmp))
+        sides = speed_contenders(peer_path, size, batch, Path(tmp), mixed_precision)
         fns, flops, params = {}, {}, {}
         for name, side in sides.items():
             params[name] = sum(p.numel() for p in side.parameters())
@@ -172,7 +198,7 @@ def speed_worker(peer_path: str, size: int, batch: int, repeats: int) -> dict:
             for key in ("train", "encode", "decode"):
                 flops[f"{name}|{key}"] = count_flops(fns[f"{name}|{key}"])
         times = interleaved(fns, repeats=repeats, warmup=1)
-    return {"size": size, "batch": batch, "threads": 1, "parameters": params, "flops": flops, "seconds": times,
+    return {"size": size, "batch": batch, "threads": 1, "mixed_precision": mixed_precision, "parameters": params, "flops": flops, "seconds": times,
             "peak_gflops": peak_gflops()}
 
 
@@ -218,7 +244,8 @@ def score(side) -> dict:
             "codes_used_top_first": [len(u) / 512 for u in used]}
 
 
-def quality_worker(side_name: str, peer_path: str, seconds: float, seed: int, values: dict) -> dict:
+def quality_worker(side_name: str, peer_path: str, seconds: float, seed: int, values: dict,
+                   mixed_precision: str = "no") -> dict:
     import torch
 
     from data import collate_samples
@@ -227,7 +254,8 @@ def quality_worker(side_name: str, peer_path: str, seconds: float, seed: int, va
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="tokgen-peer-") as tmp:
-        side = PeerSide(import_peer(peer_path)) if side_name == "peer" else TokgenSide(values, 64, 16, Path(tmp))
+        side = PeerSide(import_peer(peer_path)) if side_name == "peer" else TokgenSide(values, 64, 16, Path(tmp),
+                                                                                        mixed_precision)
         crops = PhotosDataset(split="train", size=64)
         steps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -235,7 +263,7 @@ def quality_worker(side_name: str, peer_path: str, seconds: float, seed: int, va
             side.train_step(batch)
             steps += 1
         trained_s = time.perf_counter() - t0
-        return {"side": side_name, "steps": steps, "seconds": trained_s, "seed": seed,
+        return {"side": side_name, "mixed_precision": "no" if side_name == "peer" else mixed_precision, "steps": steps, "seconds": trained_s, "seed": seed,
                 "parameters": sum(p.numel() for p in side.parameters()), **score(side)}
 
 
@@ -252,9 +280,9 @@ def collect(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def side_by_side(peer_path: str, seconds: float, seed: int, values: dict) -> list[dict]:
-    """The peer and tokgen trained at the same time, one thread each."""
-    procs = [worker_process(["quality", side, peer_path, str(seconds), str(seed), json.dumps(values)])
+def side_by_side(peer_path: str, seconds: float, seed: int, values: dict, mixed_precision: str = "no") -> list[dict]:
+    """The peer (as it ships, fp32) and tokgen (in ``mixed_precision``) trained at the same time, one thread each."""
+    procs = [worker_process(["quality", side, peer_path, str(seconds), str(seed), json.dumps(values), mixed_precision])
              for side in ("peer", "tokgen")]
     return [collect(p) for p in procs]
 
@@ -336,7 +364,8 @@ def quality_table(pairs: list[list[dict]]) -> str:
     rows = []
     for pair in pairs:
         for r in pair:
-            rows.append([r["seed"], "rosinality VQVAE" if r["side"] == "peer" else "tokgen tokenizer-image",
+            name = "rosinality VQVAE" if r["side"] == "peer" else "tokgen tokenizer-image"
+            rows.append([r["seed"], name + (", bf16" if r.get("mixed_precision") == "bf16" else ""),
                          f"{r['parameters'] / 1e6:.2f}M", r["steps"], f"{r['seconds']:.0f}",
                          f"{r['psnr']:.2f}", f"{r['lpips']:.4f}",
                          " / ".join(f"{u:.2f}" for u in r["codes_used_top_first"])])
@@ -348,12 +377,13 @@ PARTS = ("speed", "presets", "quality", "sampling")
 
 
 def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, cases: list[tuple[int, int]],
-            parts: tuple[str, ...] = PARTS) -> dict:
+            parts: tuple[str, ...] = PARTS, mixed_precision: str = "no") -> dict:
     from benchmarks.peer_sampling import sampling_table
 
     result, md = {"title": "Side by side with rosinality/vq-vae-2-pytorch", "train_seconds": seconds}, []
     if "speed" in parts:
-        result["speed"] = [run_worker("benchmarks.peer_vqvae", ["speed", peer_path, str(s), str(b), str(repeats)])
+        result["speed"] = [run_worker("benchmarks.peer_vqvae", ["speed", peer_path, str(s), str(b), str(repeats),
+                                                                   mixed_precision])
                            for s, b in cases]
         md.append("### Speed\n\n" + speed_table(result["speed"]))
     if "presets" in parts:
@@ -361,7 +391,7 @@ def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, case
         md.append("### FLOPs of every shipped tokenizer preset\n\n" + presets_table(
             result["presets"]["rows"], result["presets"]["peer_train_flops_per_value"]))
     if "quality" in parts:
-        result["quality"] = [side_by_side(peer_path, seconds, seed, {}) for seed in seeds]
+        result["quality"] = [side_by_side(peer_path, seconds, seed, {}, mixed_precision) for seed in seeds]
         md.append("### Held-out quality at equal wall-clock\n\n" + quality_table(result["quality"]))
     if "sampling" in parts:
         result["sampling"] = run_worker("benchmarks.peer_sampling", [peer_path, "8", str(max(2, repeats // 2))],
@@ -374,9 +404,9 @@ def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, case
 def worker_main(argv: list[str]) -> None:
     kind, rest = argv[0], argv[1:]
     if kind == "speed":
-        result = speed_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        result = speed_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4])
     else:
-        result = quality_worker(rest[0], rest[1], float(rest[2]), int(rest[3]), json.loads(rest[4]))
+        result = quality_worker(rest[0], rest[1], float(rest[2]), int(rest[3]), json.loads(rest[4]), rest[5])
     print(json.dumps(result))
 
 
@@ -387,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one side-by-side pair each")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 s of training, 2 speed rounds at 64 px")
+    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                   help="bf16: tokgen as `--mixed-precision bf16` trains it (speed: beside fp32 and the peer in both; "
+                        "quality: against the peer as it ships, fp32)")
     args = p.parse_args(argv)
     seconds, repeats = (20.0, 2) if args.quick else (args.seconds, 5)
     seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.quick else None]
@@ -394,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
     if set(parts) - set(PARTS):
         p.error(f"--parts: choose from {', '.join(PARTS)}")
-    result = run_all(args.peer, seconds, seeds, repeats, SPEED_CASES[:1] if args.quick else SPEED_CASES, parts)
+    result = run_all(args.peer, seconds, seeds, repeats, SPEED_CASES[:1] if args.quick else SPEED_CASES, parts,
+                     args.mixed_precision)
     name = "peer_vqvae" + ("" if parts == PARTS else "." + "_".join(parts))
+    name += "" if args.mixed_precision == "no" else "." + args.mixed_precision
     command = "python -m benchmarks.peer_vqvae " + " ".join(sys.argv[1:] if argv is None else argv)
     path = write_result(name + (".quick" if args.quick else ""), result, info, command,
                         time.perf_counter() - t0)

@@ -1,6 +1,6 @@
 """A shipped tokenizer preset against a cheaper cut of it, at equal wall-clock (issue 19 item 2).
 
-``python -m benchmarks.preset_cuts --preset NAME --cut JSON [--seconds S] [--seeds 0,1] [--quick]``; JSON holds
+``python -m benchmarks.preset_cuts --preset NAME --cut JSON [--seconds S] [--seeds 0,1] [--quick] [--tag T]``; JSON holds
 the model fields the cut changes, e.g. ``'{"patch": [4]}'``. ``--preset`` is the one measured first: give the
 shipped preset and the variant to weigh against it (the cut may also be the more expensive side).
 
@@ -145,16 +145,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, help="training time of each side (default: the preset's max_steps)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--tag", help="suffix of the result file, so a second cut of a preset keeps the first's file")
     args = p.parse_args(argv)
     start, info = time.time(), machine_info()
     result = run(args.preset, args.cut, [int(s) for s in args.seeds.split(",")], args.quick, args.seconds)
     result["markdown"] = markdown(result)
     print(result["markdown"])
-    name = f"preset_cuts.{args.preset}" + (".quick" if args.quick else "")
+    name = ".".join(["preset_cuts", args.preset] + ([args.tag] if args.tag else []) + (["quick"] if args.quick else []))
     command = "python -m benchmarks.preset_cuts " + " ".join(
         [f"--preset {args.preset}", f"--cut '{json.dumps(args.cut)}'", f"--seeds {args.seeds}"]
         + ([f"--seconds {args.seconds:g}"] if args.seconds else [])
-        + (["--quick"] if args.quick else []))
+        + (["--quick"] if args.quick else []) + ([f"--tag {args.tag}"] if args.tag else []))
     print(f"\n({write_result(name, result, info, command, time.time() - start)})")
 
 

@@ -1,8 +1,8 @@
 """tokgen's image tokenizer side by side with rosinality/vq-vae-2-pytorch (the VQ-VAE-2 most people run).
 
 ``python -m benchmarks.peer_vqvae --peer PATH [--seconds 300] [--seeds 0,1] [--parts speed,quality,sampling]
-[--quick] [--mixed-precision bf16]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch (its ``vqvae.py`` and
-``pixelsnail.py`` are imported from there; nothing is vendored).
+[--quick] [--mixed-precision bf16]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch
+(its ``vqvae.py`` and ``pixelsnail.py`` are imported from there; nothing is vendored).
 
 Four parts; every tokgen figure of the first three comes from the shipped ``harness/presets/tokenizer-image.json``
 (the preset a user's own folder gets) unless a row says otherwise:
@@ -198,8 +198,8 @@ def speed_worker(peer_path: str, size: int, batch: int, repeats: int, mixed_prec
             for key in ("train", "encode", "decode"):
                 flops[f"{name}|{key}"] = count_flops(fns[f"{name}|{key}"])
         times = interleaved(fns, repeats=repeats, warmup=1)
-    return {"size": size, "batch": batch, "threads": 1, "mixed_precision": mixed_precision, "parameters": params, "flops": flops, "seconds": times,
-            "peak_gflops": peak_gflops()}
+    return {"size": size, "batch": batch, "threads": 1, "mixed_precision": mixed_precision, "parameters": params,
+            "flops": flops, "seconds": times, "peak_gflops": peak_gflops()}
 
 
 def _no_grad(fn, arg):
@@ -263,7 +263,8 @@ def quality_worker(side_name: str, peer_path: str, seconds: float, seed: int, va
             side.train_step(batch)
             steps += 1
         trained_s = time.perf_counter() - t0
-        return {"side": side_name, "mixed_precision": "no" if side_name == "peer" else mixed_precision, "steps": steps, "seconds": trained_s, "seed": seed,
+        return {"side": side_name, "mixed_precision": "no" if side_name == "peer" else mixed_precision,
+                "steps": steps, "seconds": trained_s, "seed": seed,
                 "parameters": sum(p.numel() for p in side.parameters()), **score(side)}
 
 
@@ -356,8 +357,10 @@ def speed_table(runs: list[dict]) -> str:
                "encode GFLOP", "decode img/s", "vs peer", "decode GFLOP", "train GFLOP/s (of peak)"]
     peaks = "; ".join(f"{r['size']} px worker: matmul {r['peak_gflops']['matmul']:.0f}, 3x3 conv "
                       f"{r['peak_gflops']['conv3x3']:.0f}" for r in runs)
+    bf16 = any(r.get("mixed_precision") == "bf16" for r in runs)
     return (table(columns, rows) + f"\n\nOne thread. GFLOP: per step of the batch (torch.utils.flop_counter; a "
-            f"multiply-add is 2). Peak, measured in the same workers (fp32 GFLOP/s): {peaks}.")
+            f"multiply-add is 2). Peak, measured in the same workers (fp32 GFLOP/s): {peaks}."
+            + (" The bf16 rows are against that fp32 peak too, so they can read over 100%." if bf16 else ""))
 
 
 def quality_table(pairs: list[list[dict]]) -> str:

@@ -1,8 +1,9 @@
 """A shipped tokenizer preset against a cheaper cut of it, at equal wall-clock (issue 19 item 2).
 
-``python -m benchmarks.preset_cuts --preset NAME --cut JSON [--seconds S] [--seeds 0,1] [--quick] [--tag T]``; JSON holds
-the model fields the cut changes, e.g. ``'{"patch": [4]}'``. ``--preset`` is the one measured first: give the
-shipped preset and the variant to weigh against it (the cut may also be the more expensive side).
+``python -m benchmarks.preset_cuts --preset NAME --cut JSON [--seconds S] [--seeds 0,1] [--quick]
+[--tag T]``; JSON holds the model fields the cut changes, e.g. ``'{"patch": [4]}'``; ``--tag`` names a second
+result file of the same preset. ``--preset`` is the one measured first: give the shipped preset and the
+variant to weigh against it (the cut may also be the more expensive side).
 
 Method:
 

@@ -50,6 +50,9 @@ PEER_SIZED = {  # the peer's size (2.09M parameters against 1.39M), residual blo
                                                          "ema": True, "decay": 0.99, "restart_threshold": 1.0}},
 }
 PEER_LR = 3e-4  # train_vqvae.py's default
+# The peer's default VQVAE's train step (forward and backward) on a 64x64x3 image, counted by ``--parts speed``
+# (23.2 GFLOP a batch of 16, BENCHMARKS §13): what preset_cuts and the tests compare with, without its checkout.
+PEER_TRAIN_FLOPS_PER_64PX_IMAGE = 23.2e9 / 16
 PEER_LATENT_WEIGHT = 0.25  # train_vqvae.py's latent_loss_weight
 
 

@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, count_flops, interleaved, machine_info, median, table, write_result
-from benchmarks.peer_vqvae import TokgenSide, preset_input
+from benchmarks.peer_vqvae import PEER_TRAIN_FLOPS_PER_64PX_IMAGE, TokgenSide, preset_input
 
-PEER_FLOPS_PER_VALUE = 118e3  # rosinality's default VQVAE, 64x64x3 (BENCHMARKS §13, peer_vqvae.presets.json)
+PEER_FLOPS_PER_VALUE = PEER_TRAIN_FLOPS_PER_64PX_IMAGE / (3 * 64 * 64)  # 118 kFLOP
 METRICS = {"audio": ("snr_db", "si_sdr_db", "stoi", "mel_distance_multiscale"),
            "image": ("psnr_db", "ssim", "lpips"), "video": ("psnr_db", "ssim", "lpips")}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.peer_vqvae import TokgenSide, matched_flops_values
+from benchmarks.peer_vqvae import PEER_TRAIN_FLOPS_PER_64PX_IMAGE, TokgenSide, matched_flops_values
 
-PEER_TRAIN_GFLOP_PER_64PX_IMAGE = 23.2 / 16  # the peer's default VQVAE, counted by the benchmark (BENCHMARKS §13)
+PEER_TRAIN_GFLOP_PER_64PX_IMAGE = PEER_TRAIN_FLOPS_PER_64PX_IMAGE / 1e9
 
 
 def test_the_matched_flops_row_spends_the_peers_flops(tmp_path):

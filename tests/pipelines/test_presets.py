@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.peer_vqvae import PEER_TRAIN_FLOPS_PER_64PX_IMAGE
 from data.token_writer import level_entry
 from harness.config import PRESET_DIR, preset
 from pipelines.demo import DEMOS
@@ -114,8 +115,8 @@ def test_every_prior_config_works_through_the_command_line(name, tmp_path):
 
 
 # The train step of rosinality/vq-vae-2-pytorch's default VQVAE on a 64x64 image, forward and backward, counted
-# with torch.utils.flop_counter by benchmarks/peer_vqvae.py (23.2 GFLOP for a batch of 16).
-PEER_TRAIN_GFLOP_PER_64PX_IMAGE = 23.2 / 16
+# with torch.utils.flop_counter by benchmarks/peer_vqvae.py.
+PEER_TRAIN_GFLOP_PER_64PX_IMAGE = PEER_TRAIN_FLOPS_PER_64PX_IMAGE / 1e9
 
 
 def test_the_default_image_preset_spends_no_more_compute_than_the_peer():

@@ -356,11 +356,8 @@ def test_fsdp_is_refused_with_one_line():
 
 def test_a_config_file_for_another_modality_does_not_inherit_the_default_presets_model_fields():
     """The default preset (digits) folds 2x2 patches; a config file's audio or video model must not get them."""
-    from harness.config import merge, preset
-    from stage1_tokenizer.train import for_file
-
-    base = preset("tokenizer-digits")
+    base = train.preset("tokenizer-digits")
     audio = {"model": {"modality": "audio", "in_channels": 1, "factors": [8]}}
-    assert "patch" not in merge(for_file(base, audio), audio)["model"]
+    assert "patch" not in train.merge(train.for_file(base, audio), audio)["model"]
     image = {"model": {"channels": [16, 16]}}  # same modality: the file overrides field by field
-    assert merge(for_file(base, image), image)["model"]["patch"] == base["model"]["patch"]
+    assert train.merge(train.for_file(base, image), image)["model"]["patch"] == base["model"]["patch"]

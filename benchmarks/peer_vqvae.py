@@ -26,6 +26,9 @@ Four parts; every tokgen figure of the first three comes from the shipped ``harn
   The two have the same code grids (4x and 8x downsampling, 512 codes per level).
 * sampling: a 32x32 top-level code map from the peer's PixelSNAIL through its ``sample.py`` loop against
   tokgen's cached priors of about its size (``benchmarks/peer_sampling.py``).
+
+Not in the default run, ``--parts precision``: tokgen's preset trained in fp32 and in bf16 at the same time, as the
+quality part trains it (same seed and crops), and scored the same way.
 """
 from __future__ import annotations
 
@@ -286,8 +289,14 @@ def collect(proc: subprocess.Popen) -> dict:
 
 def side_by_side(peer_path: str, seconds: float, seed: int, values: dict, mixed_precision: str = "no") -> list[dict]:
     """The peer (as it ships, fp32) and tokgen (in ``mixed_precision``) trained at the same time, one thread each."""
-    procs = [worker_process(["quality", side, peer_path, str(seconds), str(seed), json.dumps(values), mixed_precision])
-             for side in ("peer", "tokgen")]
+    return train_together([("peer", "no"), ("tokgen", mixed_precision)], peer_path, seconds, seed, values)
+
+
+def train_together(sides: list[tuple[str, str]], peer_path: str, seconds: float, seed: int,
+                   values: dict) -> list[dict]:
+    """``quality_worker`` for each (side, mixed precision) at the same time, one process and one thread each."""
+    procs = [worker_process(["quality", side, peer_path, str(seconds), str(seed), json.dumps(values), precision])
+             for side, precision in sides]
     return [collect(p) for p in procs]
 
 
@@ -363,7 +372,22 @@ def speed_table(runs: list[dict]) -> str:
     bf16 = any(r.get("mixed_precision") == "bf16" for r in runs)
     return (table(columns, rows) + f"\n\nOne thread. GFLOP: per step of the batch (torch.utils.flop_counter; a "
             f"multiply-add is 2). Peak, measured in the same workers (fp32 GFLOP/s): {peaks}."
-            + (" The bf16 rows are against that fp32 peak too, so they can read over 100%." if bf16 else ""))
+            + (" The bf16 rows are against that fp32 peak too, so they can read over 100%." if bf16 else "")
+            + " " + matched_flops_ceiling(runs))
+
+
+def matched_flops_ceiling(runs: list[dict], factor: float = 1.5) -> str:
+    """What ``factor`` x the peer's train-step images/s at the peer's own FLOPs asks of a model: ``factor`` x the
+    peer's achieved GFLOP/s, as a share of the measured fp32 peak."""
+    peer = "rosinality VQVAE (default)|train"
+    parts = []
+    for r in runs:
+        rate = r["flops"][peer] / median(r["seconds"][peer]) / 1e9
+        peak = r["peak_gflops"]["peak"]
+        parts.append(f"{r['size']} px: {factor * rate:.0f} GFLOP/s, {100 * factor * rate / peak:.0f}% of the peak "
+                     f"(the peer runs at {100 * rate / peak:.0f}%)")
+    return (f"In fp32, {factor}x the peer's train-step images/s at the peer's FLOPs means a whole step at {factor}x "
+            f"its GFLOP/s: " + "; ".join(parts) + ".")
 
 
 def quality_table(pairs: list[list[dict]]) -> str:
@@ -380,6 +404,7 @@ def quality_table(pairs: list[list[dict]]) -> str:
 
 
 PARTS = ("speed", "presets", "quality", "sampling")
+EXTRA_PARTS = ("precision",)  # not in the default run
 
 
 def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, cases: list[tuple[int, int]],
@@ -399,6 +424,10 @@ def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, case
     if "quality" in parts:
         result["quality"] = [side_by_side(peer_path, seconds, seed, {}, mixed_precision) for seed in seeds]
         md.append("### Held-out quality at equal wall-clock\n\n" + quality_table(result["quality"]))
+    if "precision" in parts:
+        result["precision"] = [train_together([("tokgen", "no"), ("tokgen", "bf16")], peer_path, seconds, seed, {})
+                               for seed in seeds]
+        md.append("### tokgen in fp32 and in bf16 at equal wall-clock\n\n" + quality_table(result["precision"]))
     if "sampling" in parts:
         result["sampling"] = run_worker("benchmarks.peer_sampling", [peer_path, "8", str(max(2, repeats // 2))],
                                         timeout=7200)
@@ -421,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", required=True, help="a checkout of rosinality/vq-vae-2-pytorch")
     p.add_argument("--seconds", type=float, default=300, help="training time of each side (default 300)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one side-by-side pair each")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {', '.join(PARTS)} (the default), or precision: tokgen's preset "
+                        "trained in fp32 and in bf16 at the same time, --seconds each")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 s of training, 2 speed rounds at 64 px")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                    help="bf16: tokgen as `--mixed-precision bf16` trains it (speed: beside fp32 and the peer in both; "
@@ -431,8 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.quick else None]
     info, t0 = machine_info(), time.perf_counter()
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
-    if set(parts) - set(PARTS):
-        p.error(f"--parts: choose from {', '.join(PARTS)}")
+    if set(parts) - set(PARTS + EXTRA_PARTS):
+        p.error(f"--parts: choose from {', '.join(PARTS + EXTRA_PARTS)}")
     result = run_all(args.peer, seconds, seeds, repeats, SPEED_CASES[:1] if args.quick else SPEED_CASES, parts,
                      args.mixed_precision)
     name = "peer_vqvae" + ("" if parts == PARTS else "." + "_".join(parts))

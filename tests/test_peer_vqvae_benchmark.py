@@ -1,11 +1,15 @@
-"""benchmarks/peer_vqvae.py without the peer's checkout: the matched-FLOPs row is matched, and tokgen's side
-trains and round-trips under ``--mixed-precision bf16`` as it does in fp32 (codes chosen in fp32)."""
+"""benchmarks/peer_vqvae.py without the peer's checkout: the matched-FLOPs row is matched, tokgen's side
+trains and round-trips under ``--mixed-precision bf16`` as it does in fp32 (codes chosen in fp32), and the precision
+part trains both side by side."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.peer_vqvae import PEER_TRAIN_FLOPS_PER_64PX_IMAGE, TokgenSide, matched_flops_values
+from benchmarks.peer_vqvae import PEER_TRAIN_FLOPS_PER_64PX_IMAGE, TokgenSide, matched_flops_values, quality_table, \
+    train_together
 
 PEER_TRAIN_GFLOP_PER_64PX_IMAGE = PEER_TRAIN_FLOPS_PER_64PX_IMAGE / 1e9
 
@@ -33,3 +37,13 @@ def test_tokgen_side_trains_and_round_trips_in_bf16(tmp_path):
         recon = bf16.decode(codes)
     assert [c.dtype for c in codes] == [torch.int64] * 2 and [c.shape[-1] for c in codes] == [8, 16]
     assert recon.dtype == torch.float32 and recon.shape == x.shape and 0 <= recon.min() and recon.max() <= 1
+
+
+def test_the_precision_part_trains_tokgen_in_fp32_and_bf16_side_by_side():
+    """``--parts precision``: two worker processes at once, the same preset and seed, one per precision."""
+    fp32, bf16 = train_together([("tokgen", "no"), ("tokgen", "bf16")], "unused", 0.5, 0, {})
+    assert [fp32["mixed_precision"], bf16["mixed_precision"]] == ["no", "bf16"]
+    for r in (fp32, bf16):
+        assert r["side"] == "tokgen" and r["steps"] >= 1 and r["seed"] == 0
+        assert math.isfinite(r["psnr"]) and 0 <= r["lpips"] and len(r["codes_used_top_first"]) == 2
+    assert "tokgen tokenizer-image, bf16" in quality_table([[fp32, bf16]])

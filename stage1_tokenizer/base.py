@@ -17,7 +17,7 @@ from torch import nn
 
 from data.modalities import DEFAULT_SAMPLE_RATE, MODALITY_DIMS, check_modality, clamp_to_range
 from harness.folders import PretrainedMixin
-from stage1_tokenizer.modules import conv_factors
+from stage1_tokenizer.modules import NORMS, conv_factors
 from stage1_tokenizer.quantizer import QuantizerConfig
 
 
@@ -32,6 +32,9 @@ class TokenizerConfig:
     patch: tuple[int, ...] | None = None  # first downsampling by folding patches into channels (divides factors)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     recon_loss: str = "mse"  # mse | l1
+    # group: GroupNorm before every activation of the residual blocks and output convs; none: no normalisation (as
+    # the VQ-VAE-2 paper's nets). The small image preset trains faster and better without (BENCHMARKS.md §13).
+    norm: str = "group"
     sample_rate: int = 0  # audio only; 0 = DEFAULT_SAMPLE_RATE
 
     @property
@@ -48,6 +51,8 @@ class TokenizerConfig:
             conv_factors(self.level_factors[0], self.patch)  # clear error for a patch that does not divide
         if self.recon_loss not in ("mse", "l1"):
             raise ValueError(f"recon_loss must be 'mse' or 'l1', got {self.recon_loss!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
 
 
 class Tokenizer(PretrainedMixin, nn.Module):

@@ -89,11 +89,11 @@ class HierarchicalVQVAE(Tokenizer):
         self.config = config
         dims, n, d, hid = self.dims, config.num_levels, config.quantizer.dim, config.hidden
         conv = CONV[dims]
-        nrb = config.num_res_blocks
+        nrb, nk = config.num_res_blocks, config.norm
         # Bottom-up encoders: level 0 from the input, level k from level k-1's features.
         self.encoders = nn.ModuleList(
-            [Encoder(dims, config.in_channels, config.channels, nrb, config.factors[0], hid, config.patch)]
-            + [Encoder(dims, hid, (hid,), nrb, config.factors[k], hid) for k in range(1, n)]
+            [Encoder(dims, config.in_channels, config.channels, nrb, config.factors[0], hid, config.patch, nk)]
+            + [Encoder(dims, hid, (hid,), nrb, config.factors[k], hid, norm_kind=nk) for k in range(1, n)]
         )
         # Pre-quantization 1x1 convs: the top sees its features; lower levels also the context from above.
         self.pre_quant = nn.ModuleList(conv(hid + (d if k < n - 1 else 0), d, 1) for k in range(n))
@@ -104,10 +104,11 @@ class HierarchicalVQVAE(Tokenizer):
         )
         # up[k] maps level k+1's context (codes + what came from above) to level k's resolution.
         self.up = nn.ModuleList(
-            Decoder(dims, self._context_channels(k + 1), (hid,), nrb, config.factors[k + 1], d) for k in range(n - 1)
+            Decoder(dims, self._context_channels(k + 1), (hid,), nrb, config.factors[k + 1], d, norm_kind=nk)
+            for k in range(n - 1)
         )
         self.decoder = Decoder(dims, self._context_channels(0), config.channels, nrb, config.factors[0],
-                               config.in_channels, config.patch)
+                               config.in_channels, config.patch, nk)
 
     def _context_channels(self, level: int) -> int:
         d = self.config.quantizer.dim

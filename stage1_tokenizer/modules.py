@@ -26,8 +26,15 @@ def as_conv_input(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
 
 
-def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels // 4) or 1, channels, eps=1e-6)
+NORMS = ("group", "none")
+
+
+def norm(channels: int, kind: str = "group") -> nn.Module:
+    """GroupNorm (groups of at least 4 channels, at most 32 groups), or ``kind="none"``: an identity, which keeps
+    the layer indices (and so the weights' names) of a net with norms."""
+    if kind not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
+    return nn.GroupNorm(min(32, channels // 4) or 1, channels, eps=1e-6) if kind == "group" else nn.Identity()
 
 
 def down_schedule(factors: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -44,13 +51,13 @@ def down_schedule(factors: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, dims: int, channels: int, out_channels: int | None = None):
+    def __init__(self, dims: int, channels: int, out_channels: int | None = None, norm_kind: str = "group"):
         super().__init__()
         out = out_channels or channels
         conv = CONV[dims]
         self.block = nn.Sequential(
-            norm(channels), nn.SiLU(), conv(channels, out, 3, padding=1),
-            norm(out), nn.SiLU(), conv(out, out, 3, padding=1),
+            norm(channels, norm_kind), nn.SiLU(), conv(channels, out, 3, padding=1),
+            norm(out, norm_kind), nn.SiLU(), conv(out, out, 3, padding=1),
         )
         self.skip = conv(channels, out, 1) if out != channels else nn.Identity()
 
@@ -106,11 +113,12 @@ class Encoder(nn.Module):
 
     ``patch`` (optional, per axis, dividing ``factors``): the first downsampling folds each patch into
     channels (``space_to_depth``) instead of running convs at full resolution, where most of a small
-    video net's time goes; the strided convs do the rest.
+    video net's time goes; the strided convs do the rest. ``norm_kind``: see ``norm``.
     """
 
     def __init__(self, dims: int, in_channels: int, channels: tuple[int, ...], num_res_blocks: int,
-                 factors: tuple[int, ...], out_channels: int, patch: tuple[int, ...] | None = None):
+                 factors: tuple[int, ...], out_channels: int, patch: tuple[int, ...] | None = None,
+                 norm_kind: str = "group"):
         super().__init__()
         self.patch = _patch_or_none(patch)
         strides = down_schedule(conv_factors(factors, self.patch))
@@ -118,11 +126,11 @@ class Encoder(nn.Module):
         in_channels *= math.prod(self.patch or (1,))
         layers: list[nn.Module] = [CONV[dims](in_channels, widths[0], 3, padding=1)]
         for i, stride in enumerate(strides):
-            layers += [ResBlock(dims, widths[i], widths[i + 1])]
-            layers += [ResBlock(dims, widths[i + 1]) for _ in range(num_res_blocks - 1)]
+            layers += [ResBlock(dims, widths[i], widths[i + 1], norm_kind)]
+            layers += [ResBlock(dims, widths[i + 1], norm_kind=norm_kind) for _ in range(num_res_blocks - 1)]
             layers.append(_down(dims, widths[i + 1], stride))
-        layers += [ResBlock(dims, widths[-1]) for _ in range(num_res_blocks)]
-        layers += [norm(widths[-1]), nn.SiLU(), CONV[dims](widths[-1], out_channels, 1)]
+        layers += [ResBlock(dims, widths[-1], norm_kind=norm_kind) for _ in range(num_res_blocks)]
+        layers += [norm(widths[-1], norm_kind), nn.SiLU(), CONV[dims](widths[-1], out_channels, 1)]
         self.net = channels_last(nn.Sequential(*layers), dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,19 +144,20 @@ class Decoder(nn.Module):
     (the last convs give each patch's values as channels, ``depth_to_space`` puts them in place)."""
 
     def __init__(self, dims: int, in_channels: int, channels: tuple[int, ...], num_res_blocks: int,
-                 factors: tuple[int, ...], out_channels: int, patch: tuple[int, ...] | None = None):
+                 factors: tuple[int, ...], out_channels: int, patch: tuple[int, ...] | None = None,
+                 norm_kind: str = "group"):
         super().__init__()
         self.patch = _patch_or_none(patch)
         strides = down_schedule(conv_factors(factors, self.patch))[::-1]
         out_channels *= math.prod(self.patch or (1,))
         widths = _stage_widths(channels, len(strides))[::-1]
         layers: list[nn.Module] = [CONV[dims](in_channels, widths[0], 3, padding=1)]
-        layers += [ResBlock(dims, widths[0]) for _ in range(num_res_blocks)]
+        layers += [ResBlock(dims, widths[0], norm_kind=norm_kind) for _ in range(num_res_blocks)]
         for i, stride in enumerate(strides):
             layers.append(_up(dims, widths[i], stride))
-            layers += [ResBlock(dims, widths[i], widths[i + 1])]
-            layers += [ResBlock(dims, widths[i + 1]) for _ in range(num_res_blocks - 1)]
-        layers += [norm(widths[-1]), nn.SiLU(), CONV[dims](widths[-1], out_channels, 3, padding=1)]
+            layers += [ResBlock(dims, widths[i], widths[i + 1], norm_kind)]
+            layers += [ResBlock(dims, widths[i + 1], norm_kind=norm_kind) for _ in range(num_res_blocks - 1)]
+        layers += [norm(widths[-1], norm_kind), nn.SiLU(), CONV[dims](widths[-1], out_channels, 3, padding=1)]
         self.net = channels_last(nn.Sequential(*layers), dims)
 
     @property

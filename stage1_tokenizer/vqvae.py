@@ -57,10 +57,10 @@ class VQVAE(Tokenizer):
         self.config = config
         dims, width = self.dims, config.quantizer.dim
         self.encoder = Encoder(dims, config.in_channels, config.channels, config.num_res_blocks,
-                               config.factors, width, config.patch)
+                               config.factors, width, config.patch, config.norm)
         self.quantizer = build_quantizer(config.quantizer)
         self.decoder = Decoder(dims, width, config.channels, config.num_res_blocks, config.factors,
-                               config.in_channels, config.patch)
+                               config.in_channels, config.patch, config.norm)
 
     @property
     def codebook_sizes(self) -> list[int]:

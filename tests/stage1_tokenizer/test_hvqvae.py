@@ -13,11 +13,12 @@ from stage1_tokenizer.hvqvae import HierarchicalVQVAE, HierarchicalVQVAEConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make(modality="image", channels=3, factors=((4, 4), (2, 2)), sizes=(), level_dropout=0.0, patch=None):
+def make(modality="image", channels=3, factors=((4, 4), (2, 2)), sizes=(), level_dropout=0.0, patch=None,
+         norm="group"):
     torch.manual_seed(0)
     cfg = HierarchicalVQVAEConfig(modality=modality, in_channels=channels, channels=(8, 8), hidden=8, num_res_blocks=1,
                                   factors=factors, quantizer=QuantizerConfig(codebook_size=16, dim=8),
-                                  codebook_sizes=sizes, level_dropout=level_dropout, patch=patch)
+                                  codebook_sizes=sizes, level_dropout=level_dropout, patch=patch, norm=norm)
     return HierarchicalVQVAE(cfg).eval()
 
 
@@ -164,7 +165,28 @@ def test_save_load_equality(tmp_path):
     assert model.fingerprint() == loaded.fingerprint()
 
 
+def test_norm_none_drops_every_groupnorm_and_keeps_the_weights_names(tmp_path):
+    """``norm="none"``: no GroupNorm anywhere, the same conv weights under the same names (identities hold the
+    norms' places), and the model saves, loads and trains like one with norms."""
+    grouped, plain = make(norm="group"), make(norm="none")
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in grouped.modules())
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules())
+    norm_names = {n for n, m in grouped.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    kept = {k for k in grouped.state_dict() if k.rsplit(".", 1)[0] not in norm_names}
+    assert set(plain.state_dict()) == kept
+    plain.save_pretrained(tmp_path / "m")
+    loaded = HierarchicalVQVAE.from_pretrained(tmp_path / "m")
+    assert loaded.config.norm == "none"
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(plain.encode_levels(x), loaded.encode_levels(x)))
+    plain.train()(x).loss.backward()
+    assert all(p.grad is not None for n, p in plain.named_parameters() if "quantizers" not in n)
+
+
 def test_bad_configs_and_inputs():
+    with pytest.raises(ValueError, match="norm must be one of group, none"):
+        HierarchicalVQVAEConfig(norm="batch")
     with pytest.raises(ValueError, match="at least 2 levels"):
         HierarchicalVQVAEConfig(factors=((4, 4),))
     with pytest.raises(ValueError, match="one size per level"):

@@ -46,7 +46,8 @@ def variant(name: str, cut: dict) -> dict:
 
 
 def _side(values: dict, run_dir: Path) -> TokgenSide:
-    return TokgenSide(values, values["size"], values["batch_size"], run_dir)
+    """Timed in the precision ``train-tokenizer`` trains the values in (``auto`` resolved on this machine)."""
+    return TokgenSide(values, values["size"], values["batch_size"], run_dir, values.get("mixed_precision") or "no")
 
 
 def cost(values: dict[str, dict]) -> dict[str, dict]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from harness.checkpoints import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from harness.config import config_to_dict, load_config_file, merge
 from harness.data_order import BatchStream
-from harness.devices import keep_large_buffers_on_the_heap
+from harness.devices import keep_large_buffers_on_the_heap, resolve_mixed_precision
 from harness.folders import write_json
 from harness.output import add_output_arguments, log
 
@@ -44,7 +44,8 @@ class TrainingConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     grad_clip: float = 1.0
-    # no | fp16 | bf16; None = Accelerate's choice (`accelerate config`, `accelerate launch --mixed_precision`)
+    # no | fp16 | bf16 | auto (bf16 where the device runs it natively: a CUDA GPU with bf16, a CPU with AMX; else
+    # no); None = Accelerate's choice (`accelerate config`, `accelerate launch --mixed_precision`)
     mixed_precision: str | None = None
     # torch.compile the model with this backend through Accelerate (e.g. "inductor"); None = Accelerate's choice
     dynamo_backend: str | None = None
@@ -81,9 +82,10 @@ def add_training_arguments(p, defaults: dict[str, dict]) -> None:
              "grad_accum": (int, "micro-batches per optimizer step"), "num_workers": (int, "data-loading processes")}
     for field, (kind, text) in flags.items():
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, help=f"{text} (default: the config's; {default(field)})")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
-                   help="autocast precision (default: the config's when it sets one, else Accelerate's: "
-                        "`accelerate config` / `accelerate launch --mixed_precision`)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16", "auto"],
+                   help="autocast precision; auto: bf16 on a CUDA GPU with bf16 or a CPU with AMX, else no (default: "
+                        "the config's when it sets one, else Accelerate's: `accelerate config` / `accelerate launch "
+                        "--mixed_precision`)")
     p.add_argument("--log-with", help="tracker: auto (TensorBoard when installed), none, or an Accelerate tracker "
                                       "name such as wandb (default: auto)")
     p.add_argument("--resume", action="store_true",
@@ -124,6 +126,22 @@ def trackers(log_with: str | None) -> str | list | None:
     return log_with
 
 
+def _reset_accelerate_state() -> None:
+    """Forget the precision and compile backend of an earlier Accelerator in this process; the process group stays."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def _device_accelerate_picks() -> torch.device:
+    """The device an Accelerator gets here, by Accelerate's own rules (`accelerate launch` flags,
+    ACCELERATE_USE_CPU, then CUDA, MPS, the CPU): a throw-away one is built and its state forgotten. A bare
+    ``PartialState()`` would not do: it ignores ACCELERATE_USE_CPU, so two launched CPU processes would each
+    think they were the only one."""
+    device = Accelerator(mixed_precision="no").device
+    _reset_accelerate_state()
+    return device
+
+
 def make_accelerator(run_dir: Path, mixed_precision: str | None, grad_accum: int, log_with: str | None = "auto",
                      dynamo_backend: str | None = None) -> Accelerator:
     """An Accelerator that follows Accelerate's own conventions: the device and, unless given here, the precision
@@ -136,8 +154,9 @@ def make_accelerator(run_dir: Path, mixed_precision: str | None, grad_accum: int
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     # Accelerate keeps one state per process: a second run in the same process (the demo trains a tokenizer, then
     # priors) would silently keep the first run's precision and compile backend. The process group stays.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    _reset_accelerate_state()
+    if mixed_precision == "auto":
+        mixed_precision = resolve_mixed_precision(mixed_precision, _device_accelerate_picks())
     return Accelerator(
         mixed_precision=mixed_precision,
         dynamo_backend=dynamo_backend,

@@ -14,6 +14,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from harness.checkpoints import verify_checkpoint
+from harness.devices import resolve_mixed_precision
 from stage1_tokenizer import evaluate, train
 from stage1_tokenizer.registry import training_data
 from stage1_tokenizer.vqvae import VQVAE
@@ -361,3 +362,12 @@ def test_a_config_file_for_another_modality_does_not_inherit_the_default_presets
     assert "patch" not in train.merge(train.for_file(base, audio), audio)["model"]
     image = {"model": {"channels": [16, 16]}}  # same modality: the file overrides field by field
     assert train.merge(train.for_file(base, image), image)["model"]["patch"] == base["model"]["patch"]
+
+
+def test_auto_precision_trains_in_the_precision_this_machine_runs_natively_and_records_it(tmp_path):
+    """``"mixed_precision": "auto"`` (the image preset's): the run's config.json holds what it resolved to, so a
+    resume on another machine keeps the run's precision."""
+    run_dir = tmp_path / "run"
+    run(run_dir, "--config", str(write_config(tmp_path, mixed_precision="auto", max_steps=2)))
+    stored = json.loads((run_dir / "config.json").read_text())["mixed_precision"]
+    assert stored == resolve_mixed_precision("auto", torch.device("cpu")) and stored in ("bf16", "no")

@@ -1,7 +1,8 @@
 """A shipped tokenizer preset against a cheaper cut of it, at equal wall-clock (issue 19 item 2).
 
-``python -m benchmarks.preset_cuts --preset NAME --cut JSON [--seconds S] [--seeds 0,1] [--quick]
-[--tag T]``; JSON holds the model fields the cut changes, e.g. ``'{"patch": [4]}'``; ``--tag`` names a second
+``python -m benchmarks.preset_cuts --preset NAME [--cut JSON] [--cut-training JSON] [--seconds S] [--seeds 0,1]
+[--quick] [--tag T]``; ``--cut`` holds the model fields the cut changes, e.g. ``'{"patch": [4]}'``,
+``--cut-training`` its training fields, e.g. ``'{"mixed_precision": "auto"}'``; ``--tag`` names a second
 result file of the same preset. ``--preset`` is the one measured first: give the shipped preset and the
 variant to weigh against it (the cut may also be the more expensive side).
 
@@ -38,11 +39,14 @@ METRICS = {"audio": ("snr_db", "si_sdr_db", "stoi", "mel_distance_multiscale"),
            "image": ("psnr_db", "ssim", "lpips"), "video": ("psnr_db", "ssim", "lpips")}
 
 
-def variant(name: str, cut: dict) -> dict:
-    """The preset's values with ``cut`` merged into its model fields (nested ones, e.g. the quantizer's, key by key)."""
+def variant(name: str, cut: dict, training: dict | None = None) -> dict:
+    """The preset's values with ``cut`` merged into its model fields (nested ones, e.g. the quantizer's, key by key)
+    and ``training`` into its training fields."""
     from harness.config import merge, preset
 
-    return merge(preset(name), {"model": cut})
+    if "model" in (training or {}):
+        raise ValueError("the training fields of a cut cannot hold 'model': give model fields as the cut")
+    return merge(preset(name), {**(training or {}), "model": cut})
 
 
 def _side(values: dict, run_dir: Path) -> TokgenSide:
@@ -109,8 +113,9 @@ def evaluate(run: Path, values: dict) -> dict:
     return json.loads(done.stdout)
 
 
-def run(preset_name: str, cut: dict, seeds: list[int], quick: bool, seconds: float | None = None) -> dict:
-    values = {"preset": variant(preset_name, {}), "cut": variant(preset_name, cut)}
+def run(preset_name: str, cut: dict, seeds: list[int], quick: bool, seconds: float | None = None,
+        training: dict | None = None) -> dict:
+    values = {"preset": variant(preset_name, {}), "cut": variant(preset_name, cut, training)}
     costs = cost(values)
     budget = (seconds or values["preset"]["max_steps"] * costs["preset"]["step_seconds"]) * (0.1 if quick else 1.0)
     steps = {k: max(2, int(budget / costs[k]["step_seconds"])) for k in values}
@@ -122,13 +127,15 @@ def run(preset_name: str, cut: dict, seeds: list[int], quick: bool, seconds: flo
             for k, v in values.items():
                 rows.append({"seed": seed, "side": k, "steps": steps[k], "train_seconds": wall[k],
                              "metrics": evaluate(folder / k, v)})
-    return {"preset": preset_name, "cut": cut, "costs": costs, "budget_seconds": budget, "steps": steps, "rows": rows}
+    return {"preset": preset_name, "cut": cut, "cut_training": training or {}, "costs": costs,
+            "budget_seconds": budget, "steps": steps, "rows": rows}
 
 
 def markdown(result: dict) -> str:
     modality = variant(result["preset"], {})["model"]["modality"]
     names = METRICS[modality]
-    label = {"preset": result["preset"], "cut": f"cut {json.dumps(result['cut'])}"}
+    changed = {**result["cut"], **result.get("cut_training", {})}
+    label = {"preset": result["preset"], "cut": f"cut {json.dumps(changed)}"}
     rows = []
     for r in result["rows"]:
         c, m = result["costs"][r["side"]], r["metrics"]
@@ -143,19 +150,26 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.preset_cuts", description=__doc__.split("\n")[0])
     p.add_argument("--preset", required=True)
-    p.add_argument("--cut", required=True, type=json.loads, help="model fields of the cheaper variant, as JSON")
+    p.add_argument("--cut", default={}, type=json.loads, help="model fields of the variant, as JSON")
+    p.add_argument("--cut-training", default={}, type=json.loads,
+                   help="training fields of the variant, as JSON (e.g. '{\"mixed_precision\": \"auto\"}')")
     p.add_argument("--seconds", type=float, help="training time of each side (default: the preset's max_steps)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tag", help="suffix of the result file, so a second cut of a preset keeps the first's file")
     args = p.parse_args(argv)
+    if not args.cut and not args.cut_training:
+        p.error("give --cut, --cut-training or both: what the variant changes")
     start, info = time.time(), machine_info()
-    result = run(args.preset, args.cut, [int(s) for s in args.seeds.split(",")], args.quick, args.seconds)
+    result = run(args.preset, args.cut, [int(s) for s in args.seeds.split(",")], args.quick, args.seconds,
+                 args.cut_training)
     result["markdown"] = markdown(result)
     print(result["markdown"])
     name = ".".join(["preset_cuts", args.preset] + ([args.tag] if args.tag else []) + (["quick"] if args.quick else []))
     command = "python -m benchmarks.preset_cuts " + " ".join(
-        [f"--preset {args.preset}", f"--cut '{json.dumps(args.cut)}'", f"--seeds {args.seeds}"]
+        [f"--preset {args.preset}"] + ([f"--cut '{json.dumps(args.cut)}'"] if args.cut else [])
+        + ([f"--cut-training '{json.dumps(args.cut_training)}'"] if args.cut_training else [])
+        + [f"--seeds {args.seeds}"]
         + ([f"--seconds {args.seconds:g}"] if args.seconds else [])
         + (["--quick"] if args.quick else []) + ([f"--tag {args.tag}"] if args.tag else []))
     print(f"\n({write_result(name, result, info, command, time.time() - start)})")

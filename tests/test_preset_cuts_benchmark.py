@@ -36,3 +36,21 @@ def test_a_quick_run_trains_and_scores_both_sides():
     assert [r["side"] for r in result["rows"]] == ["preset", "cut"]
     assert all(r["metrics"]["psnr_db"] > 5 for r in result["rows"])
     assert "tokenizer-digits" in markdown(result)
+
+
+def test_a_cut_of_training_fields_changes_those_alone_and_is_named_in_the_table():
+    base, cut = preset("tokenizer-digits"), variant("tokenizer-digits", {"norm": "none"}, {"mixed_precision": "auto"})
+    assert "mixed_precision" not in base and "norm" not in base["model"]  # else the cut would be the preset
+    assert cut["mixed_precision"] == "auto" and cut["model"] == {**base["model"], "norm": "none"}
+    assert {k: v for k, v in cut.items() if k not in ("model", "mixed_precision")} == \
+           {k: v for k, v in base.items() if k not in ("model", "mixed_precision")}
+    config_from_dict(TokenizerTrainConfig, training_config(cut, steps=10, seed=0))  # a valid training config
+    with pytest.raises(ValueError, match="model"):
+        variant("tokenizer-digits", {}, {"model": {"norm": "none"}})
+    metrics = {"psnr_db": 20.0, "ssim": 0.5, "lpips": 0.3, "codebook_usage_per_level": [0.5, 0.9]}
+    costs = {"flops_per_value": 1e5, "step_seconds": 0.1}
+    result = {"preset": "tokenizer-photos", "cut": {"norm": "none"}, "cut_training": {"mixed_precision": "auto"},
+              "costs": {"preset": costs, "cut": costs},
+              "rows": [{"seed": 0, "side": s, "steps": 5, "train_seconds": 1.0, "metrics": metrics}
+                       for s in ("preset", "cut")]}
+    assert 'cut {"norm": "none", "mixed_precision": "auto"}' in markdown(result)

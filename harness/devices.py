@@ -1,4 +1,5 @@
-"""Where and in what precision inference runs: ``--device`` and ``--dtype`` for every command that runs a model.
+"""Where and in what precision inference runs: ``--device`` and ``--dtype`` for every command that runs a model;
+and what training precision ``auto`` means on a device (``native_bf16``, ``resolve_mixed_precision``).
 
 ``auto`` picks CUDA, then Apple MPS, then the CPU. A dtype other than fp32 runs the networks under autocast;
 the quantizer's distances, the spectral losses and the compression coder stay in fp32 / float64 whatever it is

@@ -46,6 +46,9 @@ from benchmarks.common import ROOT, count_flops, interleaved, machine_info, mach
     run_worker, table, write_result
 
 SPEED_CASES = [(64, 16), (256, 4)]
+# A GPU needs batches large enough to fill it; each timed call there runs GPU_STEPS steps (launches run ahead)
+GPU_SPEED_CASES = [(64, 256), (256, 32), (256, 128)]  # 256 px, batch 128: the peer's train_vqvae.py on one GPU
+GPU_STEPS = 5
 PEER_SIZED = {  # the peer's size (2.09M parameters against 1.39M), residual blocks at full resolution
     "arch": "hvqvae", "data": "photos", "lr": 0.0005, "warmup_steps": 100, "max_steps": 20000,
     "model": {"modality": "image", "in_channels": 3, "channels": [64, 64], "hidden": 64, "num_res_blocks": 2,
@@ -125,13 +128,13 @@ class TokgenSide:
 class PeerSide:
     """The peer's ``VQVAE`` with its training recipe; takes and gives images in [0, 1] like tokgen."""
 
-    def __init__(self, vqvae_class, bf16: bool = False):
+    def __init__(self, vqvae_class, bf16: bool = False, device: str = "cpu"):
         import torch
 
-        self.model = vqvae_class()
+        self.model = vqvae_class().to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=PEER_LR)
         # bf16: its forward under torch.autocast, which its train_vqvae.py does not do (a row for comparison)
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        self.autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
     def train_step(self, x) -> None:
         import torch.nn.functional as F
@@ -168,44 +171,98 @@ def matched_flops_values() -> dict:
     return merge(preset("tokenizer-image"), {"model": {"num_res_blocks": 2}})
 
 
-def speed_contenders(peer_path: str, size: int, batch: int, tmp: Path, mixed_precision: str = "no") -> dict:
+def speed_contenders(peer_path: str, size: int, batch: int, tmp: Path, mixed_precision: str = "no",
+                     device: str = "cpu") -> dict:
     """The rows of the speed table. The peer as it ships (fp32) comes first: every "vs peer" is against it.
 
     ``mixed_precision="bf16"`` times tokgen as ``--mixed-precision bf16`` trains it, next to the same models
-    in fp32 and the peer in both; the two slow earlier tokgen models are left out of that run."""
+    in fp32 and the peer in both; the two slow earlier tokgen models are left out of that run and of a GPU's.
+    tokgen's sides are on the device Accelerate picks (a GPU where there is one), the peer's on ``device``."""
     vqvae_class = import_peer(peer_path)
-    sides = {"rosinality VQVAE (default)": PeerSide(vqvae_class),
+    sides = {"rosinality VQVAE (default)": PeerSide(vqvae_class, device=device),
              "tokgen tokenizer-image (shipped)": TokgenSide({}, size, batch, tmp / "a"),
              "tokgen matched FLOPs (2 blocks per stage)": TokgenSide(matched_flops_values(), size, batch, tmp / "m")}
     if mixed_precision == "bf16":
-        return {**sides, "rosinality VQVAE, bf16 autocast": PeerSide(vqvae_class, bf16=True),
+        return {**sides, "rosinality VQVAE, bf16 autocast": PeerSide(vqvae_class, bf16=True, device=device),
                 "tokgen tokenizer-image, bf16": TokgenSide({}, size, batch, tmp / "a16", "bf16"),
                 "tokgen matched FLOPs, bf16": TokgenSide(matched_flops_values(), size, batch, tmp / "m16", "bf16")}
+    if device != "cpu":
+        return sides
     return {**sides, "tokgen earlier tokenizer-image": TokgenSide(ONE_LEVEL_CONFIG, size, batch, tmp / "b"),
             "tokgen peer-sized, full-resolution blocks": TokgenSide(PEER_SIZED, size, batch, tmp / "c")}
 
 
-def speed_worker(peer_path: str, size: int, batch: int, repeats: int, mixed_precision: str = "no") -> dict:
+def speed_worker(peer_path: str, size: int, batch: int, repeats: int, mixed_precision: str = "no",
+                 device: str = "cpu") -> dict:
     import torch
 
-    torch.set_num_threads(1)
+    cpu = device == "cpu"
+    if cpu:
+        torch.set_num_threads(1)
     torch.manual_seed(0)
-    x = torch.rand(batch, 3, size, size)
+    x = torch.rand(batch, 3, size, size, device=device)
+    steps = 1 if cpu else GPU_STEPS
     with tempfile.TemporaryDirectory(prefix="tokgen-peer-") as tmp:
-        sides = speed_contenders(peer_path, size, batch, Path(tmp), mixed_precision)
+        sides = speed_contenders(peer_path, size, batch, Path(tmp), mixed_precision, device)
         fns, flops, params = {}, {}, {}
         for name, side in sides.items():
             params[name] = sum(p.numel() for p in side.parameters())
             with torch.no_grad():
                 codes = side.encode(x)
-            fns[f"{name}|train"] = lambda side=side: side.train_step(x)
-            fns[f"{name}|encode"] = lambda side=side: _no_grad(side.encode, x)
-            fns[f"{name}|decode"] = lambda side=side, codes=codes: _no_grad(side.decode, codes)
-            for key in ("train", "encode", "decode"):
-                flops[f"{name}|{key}"] = count_flops(fns[f"{name}|{key}"])
+            calls = {"train": lambda side=side: side.train_step(x),
+                     "encode": lambda side=side: _no_grad(side.encode, x),
+                     "decode": lambda side=side, codes=codes: _no_grad(side.decode, codes)}
+            for key, fn in calls.items():
+                flops[f"{name}|{key}"] = count_flops(fn)
+                fns[f"{name}|{key}"] = _timed(fn, steps, device)
         times = interleaved(fns, repeats=repeats, warmup=1)
-    return {"size": size, "batch": batch, "threads": 1, "mixed_precision": mixed_precision, "parameters": params,
-            "flops": flops, "seconds": times, "peak_gflops": peak_gflops()}
+    return {"size": size, "batch": batch, "threads": 1 if cpu else None, "device": device,
+            "mixed_precision": mixed_precision, "parameters": params, "flops": flops, "seconds": times,
+            "peak_gflops": peak_gflops() if cpu else gpu_peak_gflops(device)}
+
+
+def _timed(fn, steps: int, device: str):
+    """A function that runs ``fn`` ``steps`` times and returns the seconds per call (a GPU synced at both ends)."""
+    import torch
+
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+
+    def run() -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / steps
+    return run
+
+
+def gpu_peak_gflops(device: str) -> dict:
+    """The GPU's fp32 throughput as both tools run it by default: an 8192 matmul (TF32 off, torch's default) and a
+    256-channel 3x3 conv on 64 x 64 maps, batch 64 (cuDNN, TF32 allowed, torch's default for convolutions)."""
+    import torch
+
+    def rate(fn, flops):
+        fn()
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return flops / median(times) / 1e9
+
+    n = 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    x = torch.randn(64, 256, 64, 64, device=device)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device)
+    with torch.no_grad():
+        mm = rate(lambda: a @ b, 2 * n**3)
+        cv = rate(lambda: conv(x), 2 * 64 * 256 * 256 * 9 * 64 * 64)
+    return {"matmul": mm, "conv3x3": cv, "peak": max(mm, cv)}
 
 
 def _no_grad(fn, arg):
@@ -370,7 +427,8 @@ def speed_table(runs: list[dict]) -> str:
     peaks = "; ".join(f"{r['size']} px worker: matmul {r['peak_gflops']['matmul']:.0f}, 3x3 conv "
                       f"{r['peak_gflops']['conv3x3']:.0f}" for r in runs)
     bf16 = any(r.get("mixed_precision") == "bf16" for r in runs)
-    return (table(columns, rows) + f"\n\nOne thread. GFLOP: per step of the batch (torch.utils.flop_counter; a "
+    where = "One thread." if runs[0].get("device", "cpu") == "cpu" else f"On {runs[0]['device']}."
+    return (table(columns, rows) + f"\n\n{where} GFLOP: per step of the batch (torch.utils.flop_counter; a "
             f"multiply-add is 2). Peak, measured in the same workers (fp32 GFLOP/s): {peaks}."
             + (" The bf16 rows are against that fp32 peak too, so they can read over 100%." if bf16 else "")
             + " " + matched_flops_ceiling(runs))
@@ -408,13 +466,13 @@ EXTRA_PARTS = ("precision",)  # not in the default run
 
 
 def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, cases: list[tuple[int, int]],
-            parts: tuple[str, ...] = PARTS, mixed_precision: str = "no") -> dict:
+            parts: tuple[str, ...] = PARTS, mixed_precision: str = "no", device: str = "cpu") -> dict:
     from benchmarks.peer_sampling import sampling_table
 
     result, md = {"title": "Side by side with rosinality/vq-vae-2-pytorch", "train_seconds": seconds}, []
     if "speed" in parts:
         result["speed"] = [run_worker("benchmarks.peer_vqvae", ["speed", peer_path, str(s), str(b), str(repeats),
-                                                                   mixed_precision])
+                                                                   mixed_precision, device])
                            for s, b in cases]
         md.append("### Speed\n\n" + speed_table(result["speed"]))
     if "presets" in parts:
@@ -439,7 +497,7 @@ def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, case
 def worker_main(argv: list[str]) -> None:
     kind, rest = argv[0], argv[1:]
     if kind == "speed":
-        result = speed_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4])
+        result = speed_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4], rest[5])
     else:
         result = quality_worker(rest[0], rest[1], float(rest[2]), int(rest[3]), json.loads(rest[4]), rest[5])
     print(json.dumps(result))
@@ -454,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {', '.join(PARTS)} (the default), or precision: tokgen's preset "
                         "trained in fp32 and in bf16 at the same time, --seconds each")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 s of training, 2 speed rounds at 64 px")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: the speed part on the GPU (batches 256 at 64 px and 32 at 256 px; no thread limit)")
+    p.add_argument("--cases", help="speed: comma-separated SIZExBATCH (default 64x16,256x4 on the CPU; "
+                                    "64x256,256x32,256x128 on a GPU)")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                    help="bf16: tokgen as `--mixed-precision bf16` trains it (speed: beside fp32 and the peer in both; "
                         "quality: against the peer as it ships, fp32)")
@@ -464,10 +526,17 @@ def main(argv: list[str] | None = None) -> int:
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
     if set(parts) - set(PARTS + EXTRA_PARTS):
         p.error(f"--parts: choose from {', '.join(PARTS + EXTRA_PARTS)}")
-    result = run_all(args.peer, seconds, seeds, repeats, SPEED_CASES[:1] if args.quick else SPEED_CASES, parts,
-                     args.mixed_precision)
+    if args.device != "cpu" and parts != ("speed",):
+        p.error("--device cuda times the speed part only: give --parts speed")
+    cases = SPEED_CASES if args.device == "cpu" else GPU_SPEED_CASES
+    if args.cases:
+        cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases.split(",")]
+    result = run_all(args.peer, seconds, seeds, repeats, cases[:1] if args.quick else cases, parts,
+                     args.mixed_precision, args.device)
     name = "peer_vqvae" + ("" if parts == PARTS else "." + "_".join(parts))
     name += "" if args.mixed_precision == "no" else "." + args.mixed_precision
+    name += "" if args.device == "cpu" else "." + args.device
+    name += "" if not args.cases else "." + args.cases.replace(",", "_")
     command = "python -m benchmarks.peer_vqvae " + " ".join(sys.argv[1:] if argv is None else argv)
     path = write_result(name + (".quick" if args.quick else ""), result, info, command,
                         time.perf_counter() - t0)

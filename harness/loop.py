@@ -44,8 +44,8 @@ class TrainingConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     grad_clip: float = 1.0
-    # no | fp16 | bf16 | auto (bf16 where the device runs it natively: a CUDA GPU with bf16, a CPU with AMX; else
-    # no); None = Accelerate's choice (`accelerate config`, `accelerate launch --mixed_precision`)
+    # no | fp16 | bf16 | auto (bf16 where the device runs it natively: a CUDA GPU with bf16, a CPU with AMX or
+    # AVX512-BF16; else no); None = Accelerate's choice (`accelerate config`, `accelerate launch --mixed_precision`)
     mixed_precision: str | None = None
     # torch.compile the model with this backend through Accelerate (e.g. "inductor"); None = Accelerate's choice
     dynamo_backend: str | None = None
@@ -83,7 +83,8 @@ def add_training_arguments(p, defaults: dict[str, dict]) -> None:
     for field, (kind, text) in flags.items():
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, help=f"{text} (default: the config's; {default(field)})")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16", "auto"],
-                   help="autocast precision; auto: bf16 on a CUDA GPU with bf16 or a CPU with AMX, else no (default: "
+                   help="autocast precision; auto: bf16 on a CUDA GPU with bf16 or a CPU with AMX or "
+                        "AVX512-BF16, else no (default: "
                         "the config's when it sets one, else Accelerate's: `accelerate config` / `accelerate launch "
                         "--mixed_precision`)")
     p.add_argument("--log-with", help="tracker: auto (TensorBoard when installed), none, or an Accelerate tracker "

@@ -20,7 +20,10 @@ class SamplingOptions:
     temperature: logits / T; top_k / top_p: keep the k most likely codes / the smallest set reaching
     probability p (None = all); guidance: classifier-free guidance scale for class-conditional priors
     (1 = none; > 1 needs a prior trained with class dropout); use_cache: incremental steps (False =
-    a full forward per position, to check the cache and to benchmark it).
+    a full forward per position, to check the cache and to benchmark it); static_cache: a fixed-shape cache
+    stepped by one CUDA graph per code on a GPU (transformer priors over single codes:
+    ``TransformerPrior.start_static``; other priors, whose caches do not grow, step as they always do); the codes
+    drawn are those of the growing cache, up to rounding.
     """
 
     temperature: float = 1.0
@@ -28,6 +31,7 @@ class SamplingOptions:
     top_p: float | None = None
     guidance: float = 1.0
     use_cache: bool = True
+    static_cache: bool = False
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -36,6 +40,8 @@ class SamplingOptions:
             raise ValueError(f"top_k must be >= 1 (or None for all codes), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1] (or None), got {self.top_p}")
+        if self.static_cache and not self.use_cache:
+            raise ValueError("static_cache is a kind of cache: it needs use_cache=True")
 
     @classmethod
     def of(cls, options: "SamplingOptions | None" = None, **knobs) -> "SamplingOptions":
@@ -94,6 +100,16 @@ def guide(logits: torch.Tensor, guidance: float) -> torch.Tensor:
     return uncond + guidance * (cond - uncond)
 
 
+def _stepper(prior: Prior, rows: int, labels, cond, options: SamplingOptions):
+    """prev codes (rows,) or None -> next logits (rows, V), through the cache the options ask for (None: no cache)."""
+    if not options.use_cache:
+        return None
+    if options.static_cache and hasattr(prior, "start_static") and not prior.config.depth:
+        return prior.start_static(rows, labels, cond).step
+    state = prior.start_state(rows, labels, cond)
+    return lambda prev: prior.step(state, prev)
+
+
 @torch.no_grad()
 def sample(prior: Prior, batch_size: int, class_labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
            options: SamplingOptions | None = None, *, generator: torch.Generator | None = None,
@@ -116,10 +132,10 @@ def sample(prior: Prior, batch_size: int, class_labels: torch.Tensor | None = No
         codes[:, :known] = prefix.to(device)
     labels, cond, copies = _guided_inputs(prior, class_labels, cond, options.guidance)
     rows = batch_size * copies
-    state = prior.start_state(rows, labels, cond) if options.use_cache else None
+    step = _stepper(prior, rows, labels, cond, options)
     for t in range(n):
-        if options.use_cache:
-            logits = prior.step(state, codes[:, t - 1].repeat(copies) if t else None)
+        if step is not None:
+            logits = step(codes[:, t - 1].repeat(copies) if t else None)
         elif t >= known:
             logits = prior(codes.repeat(copies, 1).view(rows, *grid), labels, cond).flatten(1, -2)[:, t]
         if t >= known:

@@ -105,6 +105,16 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
+    def static_step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """One position with a full-length cache: x (B, 1, D); keys, values (B, heads, N, head_dim), written at
+        ``t`` (a (1,) long tensor) in place; mask (1 or heads, 1, N) additive, -inf at the keys not yet drawn."""
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        keys.index_copy_(2, t, k.to(keys.dtype))
+        values.index_copy_(2, t, v.to(values.dtype))
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask.to(q.dtype))
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerPriorConfig):
@@ -118,6 +128,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache: dict | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), cache, bias))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+    def static_step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` for one position against a full-length cache (``Attention.static_step``); eval only."""
+        x = x + self.attn.static_step(self.ln1(x), keys, values, t, mask)
+        return x + self.mlp(self.ln2(x))
 
 
 class DepthTransformer(nn.Module):
@@ -277,6 +293,11 @@ class TransformerPrior(PriorMixin, PretrainedMixin, nn.Module):
             state.depth_caches = caches(cfg.depth_layers, cfg.depth)
         return state
 
+    def start_static(self, batch: int, class_labels=None, cond=None, graph: bool | None = None) -> StaticStep:
+        """A fixed-shape stepper (``StaticStep``: a CUDA graph per code on a GPU); its ``step(prev)`` gives what
+        ``step(state, prev)`` gives."""
+        return StaticStep(self, batch, class_labels, cond, graph)
+
     def _spatial_step(self, state: TransformerState, x: torch.Tensor, t: int) -> torch.Tensor:
         """x (B, D), the input at position t (the start vector or the codes at t - 1 embedded) -> (B, 1, D)."""
         x = (x + state.context[:, t])[:, None]
@@ -314,6 +335,97 @@ class TransformerPrior(PriorMixin, PretrainedMixin, nn.Module):
         u = state.h + self.stack.pos.weight[k] + before
         state.pos += 1
         return self.head(self.stack.step(u, state.depth_caches, k))
+
+
+class StaticStep:
+    """The cached step with every shape fixed, so that a GPU can replay it as one CUDA graph per code.
+
+    ``TransformerPrior.step`` grows each layer's keys and values by a position per call: every call has new shapes
+    and launches its few dozen kernels one by one from Python, so on a GPU a step costs the CPU's launch time, not
+    the GPU's work. Here the caches have the grid's full length, the position is a tensor, the new key and value
+    are written with ``index_copy_`` and attention reads the whole cache under a mask that hides the positions not
+    yet drawn (so a step costs what the last step of the growing cache costs). On CUDA (``graph`` None or True) the
+    step is captured once as a CUDA graph, under the autocast that is active when this is built, and each call
+    replays it. Elsewhere the same fixed-shape step runs eagerly, which is what lets a CPU test check it against
+    ``step``. Single codes only (not code stacks); the prior must be in eval mode.
+    """
+
+    def __init__(self, prior: "TransformerPrior", batch: int, class_labels=None, cond=None,
+                 graph: bool | None = None):
+        if prior.config.depth:
+            raise ValueError("the static cache is for priors over single codes; a code-stack prior (depth > 0) "
+                             "samples with the growing cache")
+        if prior.training:
+            raise ValueError("the static cache is for sampling: call prior.eval() first")
+        cfg, p = prior.config, prior.start
+        device = p.device
+        self.prior, self.num_tokens, self.pos = prior, prior.num_positions, 0
+        self.autocast_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                               else None)
+        state = prior.start_state(batch, class_labels, cond)  # checks the inputs; context and bias as ``step``'s
+        self.context = state.context.contiguous()  # (B, N, D)
+        # additive mask rows: the relative bias with its causal -inf, or -inf at keys after the query
+        self.bias = state.bias if state.bias is not None else torch.zeros(
+            1, self.num_tokens, self.num_tokens, device=device).masked_fill(
+            ~torch.ones(self.num_tokens, self.num_tokens, dtype=torch.bool, device=device).tril(), float("-inf"))
+        shape = (cfg.num_layers, batch, cfg.num_heads, self.num_tokens, cfg.dim // cfg.num_heads)
+        self.keys = torch.zeros(shape, dtype=self.autocast_dtype or p.dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.prev = torch.zeros(batch, dtype=torch.long, device=device)  # the code before position t
+        self.t = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        if (device.type == "cuda") if graph is None else graph:
+            self._capture()
+
+    def _run(self) -> torch.Tensor:
+        """The step at ``self.t`` from ``self.prev`` -> logits (B, V); writes position t of the caches."""
+        prior, t = self.prior, self.t
+        x = torch.where(t == 0, prior.start, prior.tok_emb(self.prev))  # (B, D): the start vector at t = 0
+        x = (x + self.context.index_select(1, t)[:, 0])[:, None]
+        mask = self.bias.index_select(1, t)[None]  # (1, heads or 1, 1, N)
+        for i, block in enumerate(prior.blocks):
+            x = block.static_step(x, self.keys[i], self.values[i], t, mask)
+        return prior.head(prior.ln_f(x))[:, 0]
+
+    def _autocast(self):
+        # a graph may not keep autocast's cast cache (it would hold tensors freed after the capture)
+        device = self.keys.device.type
+        if self.autocast_dtype is None:
+            return torch.autocast(device, enabled=False)
+        return torch.autocast(device, dtype=self.autocast_dtype, cache_enabled=False)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        """Warm up on a side stream (as torch.cuda.graph asks), then capture ``_run`` into ``self.graph``."""
+        side = torch.cuda.Stream(self.keys.device)
+        side.wait_stream(torch.cuda.current_stream(self.keys.device))
+        with torch.cuda.stream(side), self._autocast():
+            for _ in range(3):
+                self._run()
+        torch.cuda.current_stream(self.keys.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with self._autocast(), torch.cuda.graph(self.graph):
+            self.logits = self._run()
+        self.keys.zero_()
+        self.values.zero_()
+
+    @torch.no_grad()
+    def step(self, prev: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, V) for the next code, as ``TransformerPrior.step``; ``prev`` (B,) is the code before (None
+        at 0)."""
+        if self.pos >= self.num_tokens:
+            raise IndexError(f"all {self.num_tokens} codes are done")
+        if self.pos and prev is None:
+            raise ValueError(f"prev (the code before code {self.pos}) is required after code 0")
+        self.t.fill_(self.pos)
+        if prev is not None:
+            self.prev.copy_(prev)
+        self.pos += 1
+        if self.graph is None:
+            with self._autocast():
+                return self._run()
+        self.graph.replay()
+        return self.logits.clone()  # the graph's output buffer is overwritten by the next replay
 
 
 def _relative_index(grid_shape: tuple[int, ...]) -> torch.Tensor:

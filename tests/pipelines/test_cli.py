@@ -143,6 +143,10 @@ def test_sample(pipe_dir, tmp_path, capsys):
     assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 1, "--out", no_cache, "--no-cache") == 0
     assert np.array_equal(level0(no_cache / "codes.npz"), codes)
     assert json.loads((no_cache / "sampling.json").read_text())["cache"] is False
+    static = tmp_path / "static"
+    assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 1, "--out", static, "--static-cache") == 0
+    assert np.array_equal(level0(static / "codes.npz"), codes)
+    assert json.loads((static / "sampling.json").read_text())["static_cache"] is True
     other = tmp_path / "other"
     assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 2, "--out", other, "--codes-only") == 0
     assert not np.array_equal(level0(other / "codes.npz"), codes)

@@ -237,7 +237,8 @@ def test_fvd_through_the_stand_in_i3d(i3d_file, jit_loads):
     # StyleGAN-V's call: 3 channels of uint8 levels as floats, the detector rescales and resizes
     levels = (clips * 255).round().expand(-1, 3, -1, -1, -1)
     direct = i3d.net(levels, rescale=True, resize=True, return_features=True).double()
-    assert torch.allclose(features, direct)
+    # batches of 5 and of 12 can take different fp32 kernels (they do on an AMD EPYC): equal up to fp32 rounding
+    assert torch.allclose(features, direct, rtol=1e-5, atol=1e-4)
     same = frechet_distance(features, features)
     brighter = frechet_distance(features, fidelity.i3d_features(i3d, (clips + 0.2).clamp(0, 1)))
     shifted = frechet_distance(features, fidelity.i3d_features(i3d, clips.roll(8, dims=-1)))

@@ -108,6 +108,83 @@ def test_cached_steps_unconditional():
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5, rtol=0)
 
 
+# ---- the static (fixed-shape) cache ------------------------------------------------------------
+def static_logits(prior, codes, labels, cond, graph=None):
+    stepper = prior.start_static(codes.shape[0], labels, cond, graph=graph)
+    flat = codes.flatten(1).to(prior.start.device)
+    return torch.stack([stepper.step(flat[:, t - 1] if t else None) for t in range(prior.num_tokens)], 1), stepper
+
+
+@pytest.mark.parametrize("relative_bias", [False, True])
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_static_steps_match_forward(grid, relative_bias):
+    """The fixed-shape step (full-length cache, position as a tensor, masked keys) gives the full forward's logits."""
+    prior = make_prior(grid, relative_bias=relative_bias)
+    codes, labels, cond = inputs(prior, batch=3)
+    with torch.no_grad():
+        full = prior(codes, labels, cond).flatten(1, -2)
+        steps, stepper = static_logits(prior, codes, labels, cond)
+        assert stepper.graph is None  # a CPU runs it eagerly
+        assert torch.allclose(steps, full, atol=1e-5, rtol=0)
+        with pytest.raises(IndexError):
+            stepper.step(codes.flatten(1)[:, -1])
+
+
+def test_static_cache_samples_the_same_codes():
+    prior = make_prior((4, 5))
+    _, labels, cond = inputs(prior, batch=3)
+    a = sample(prior, 3, labels, cond, generator=gen(4), top_p=0.95)
+    b = sample(prior, 3, labels, cond, generator=gen(4), top_p=0.95, static_cache=True)
+    prefix = a.flatten(1)[:, :7]
+    c = sample(prior, 3, labels, cond, generator=gen(5), prefix=prefix)
+    d = sample(prior, 3, labels, cond, generator=gen(5), prefix=prefix, static_cache=True)
+    assert torch.equal(a, b) and torch.equal(c, d)
+    assert torch.equal(d.flatten(1)[:, :7], prefix)
+
+
+def test_static_cache_errors():
+    prior = make_prior((4, 5))
+    _, labels, cond = inputs(prior)
+    with pytest.raises(ValueError, match="use_cache"):
+        sample(prior, 2, labels, cond, use_cache=False, static_cache=True)
+    with pytest.raises(ValueError, match="eval"):
+        prior.train().start_static(2, labels, cond)
+    prior.eval()
+    with pytest.raises(ValueError, match="labels|class"):
+        prior.start_static(2, None, cond)  # a class-conditional prior needs its labels, as start_state does
+    stepper = prior.start_static(2, labels, cond)
+    stepper.step(None)
+    with pytest.raises(ValueError, match="prev"):
+        stepper.step(None)
+    stacks = TransformerPrior(TransformerPriorConfig(grid_shape=(2, 2), vocab_size=V, depth=2, dim=16, num_layers=1,
+                                                     num_heads=2)).eval()
+    with pytest.raises(ValueError, match="stack"):
+        stacks.start_static(2)
+    # in the sampler a code-stack prior keeps its growing cache
+    assert sample(stacks, 2, generator=gen(0), static_cache=True).shape == (2, 2, 2, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_cache_cuda_graph_matches_eager(dtype):
+    """On a GPU the step is one CUDA graph replay: the same logits as the eager fixed-shape step and the full
+    forward, in fp32 and under bf16 autocast; the sampler draws the same codes through it."""
+    prior = make_prior((4, 5), relative_bias=True).cuda()
+    codes, labels, cond = (t.cuda() for t in inputs(prior, batch=3))
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        full = prior(codes, labels, cond).flatten(1, -2).float()
+        eager, _ = static_logits(prior, codes, labels, cond, graph=False)
+        graphed, stepper = static_logits(prior, codes, labels, cond)
+        assert stepper.graph is not None
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # relative to the logits' norm
+        assert float((graphed.float() - eager.float()).norm() / eager.float().norm()) < tol
+        assert float((graphed.float() - full).norm() / full.norm()) < tol
+    if dtype == torch.float32:
+        a = sample(prior, 3, labels, cond, generator=gen(3))
+        b = sample(prior, 3, labels, cond, generator=gen(3), static_cache=True)
+        assert torch.equal(a, b)
+
+
 def test_attention_chunked_cache_matches_full():
     """The cache path also takes chunks of several positions (with a causal mask)."""
     torch.manual_seed(0)

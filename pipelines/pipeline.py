@@ -252,7 +252,8 @@ class TokgenPipeline:
                  generator: torch.Generator | None = None, output_type: str = "decoded", progress=None,
                  **knobs) -> PipelineOutput:
         """Sample ``batch_size`` inputs (of ``class_labels`` for a class-conditional pipeline); ``options`` or its
-        fields as keywords (``temperature``, ``top_k``, ``top_p``, ``guidance``, ``use_cache``)."""
+        fields as keywords (``temperature``, ``top_k``, ``top_p``, ``guidance``, ``use_cache``,
+        ``static_cache``)."""
         if output_type not in ("decoded", "codes"):
             raise ValueError(f"output_type must be 'decoded' or 'codes', got {output_type!r}")
         codes = self.sample_codes(batch_size, class_labels, options, generator=generator, progress=progress, **knobs)

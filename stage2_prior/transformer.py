@@ -363,7 +363,7 @@ class StaticStep:
         self.autocast_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                                else None)
         state = prior.start_state(batch, class_labels, cond)  # checks the inputs; context and bias as ``step``'s
-        self.context = state.context.contiguous()  # (B, N, D)
+        self.context = state.context  # (B, N, D), maybe a broadcast view: index_select reads it as it is
         # additive mask rows: the relative bias with its causal -inf, or -inf at keys after the query
         self.bias = state.bias if state.bias is not None else torch.zeros(
             1, self.num_tokens, self.num_tokens, device=device).masked_fill(

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import peer_vqvae
 from benchmarks.peer_vqvae import PEER_TRAIN_FLOPS_PER_64PX_IMAGE, TokgenSide, matched_flops_values, quality_table, \
     train_together
 
@@ -47,3 +49,9 @@ def test_the_precision_part_trains_tokgen_in_fp32_and_bf16_side_by_side():
         assert r["side"] == "tokgen" and r["steps"] >= 1 and r["seed"] == 0
         assert math.isfinite(r["psnr"]) and 0 <= r["lpips"] and len(r["codes_used_top_first"]) == 2
     assert "tokgen tokenizer-image, bf16" in quality_table([[fp32, bf16]])
+
+
+def test_the_gpu_speed_part_refuses_the_other_parts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        peer_vqvae.main(["--peer", str(tmp_path), "--device", "cuda", "--parts", "speed,quality"])
+    assert err.value.code == 2 and "--parts speed" in capsys.readouterr().err

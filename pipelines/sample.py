@@ -41,9 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(priors trained with class_dropout; default: 1)")
     p.add_argument("--batch-size", type=int, default=64, help="samples drawn together (default: 64)")
     p.add_argument("--no-cache", action="store_true", help="full recompute per token (to verify/benchmark the cache)")
-    p.add_argument("--static-cache", action="store_true",
+    p.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="transformer priors: a fixed-shape KV cache, replayed as one CUDA graph per token on a GPU "
-                        "(several times the tokens/s there; BENCHMARKS.md §14); other priors are unchanged")
+                        "(several times the tokens/s there; BENCHMARKS.md §14; the same codes); default: on a CUDA "
+                        "device only; other priors are unchanged")
     p.add_argument("--codes-only", action="store_true", help="write codes, do not decode")
     p.add_argument("--size", type=int, help="images: sample at this side length (convolutional priors)")
     p.add_argument("--length", type=int,
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     write_outputs(pipe, args.out, codes, labels, samples)
     tokens = sum(c.numel() for c in codes)
     report = {"num": args.num, "seconds": seconds, "tokens_per_s": tokens / seconds, "cache": not args.no_cache,
-              "static_cache": args.static_cache}
+              "static_cache": "auto" if args.static_cache is None else args.static_cache}
     (args.out / "sampling.json").write_text(json.dumps(report, indent=2) + "\n")
     emit(args, f"{args.num} samples in {seconds:.1f} s ({report['tokens_per_s']:.0f} tokens/s) written to "
                f"{args.out}", report)

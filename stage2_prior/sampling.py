@@ -22,8 +22,9 @@ class SamplingOptions:
     (1 = none; > 1 needs a prior trained with class dropout); use_cache: incremental steps (False =
     a full forward per position, to check the cache and to benchmark it); static_cache: a fixed-shape cache
     stepped by one CUDA graph per code on a GPU (transformer priors over single codes:
-    ``TransformerPrior.start_static``; other priors, whose caches do not grow, step as they always do); the codes
-    drawn are those of the growing cache, up to rounding.
+    ``TransformerPrior.start_static``; other priors, whose caches do not grow, step as they always do); None (the
+    default) uses it on a CUDA device only (elsewhere it only costs time); the codes drawn are those of the growing
+    cache, up to rounding.
     """
 
     temperature: float = 1.0
@@ -31,7 +32,7 @@ class SamplingOptions:
     top_p: float | None = None
     guidance: float = 1.0
     use_cache: bool = True
-    static_cache: bool = False
+    static_cache: bool | None = None
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -104,7 +105,10 @@ def _stepper(prior: Prior, rows: int, labels, cond, options: SamplingOptions):
     """prev codes (rows,) or None -> next logits (rows, V), through the cache the options ask for (None: no cache)."""
     if not options.use_cache:
         return None
-    if options.static_cache and hasattr(prior, "start_static") and not prior.config.depth:
+    static = options.static_cache
+    if static is None:
+        static = next(prior.parameters()).device.type == "cuda"
+    if static and hasattr(prior, "start_static") and not prior.config.depth:
         return prior.start_static(rows, labels, cond).step
     state = prior.start_state(rows, labels, cond)
     return lambda prev: prior.step(state, prev)

@@ -147,6 +147,7 @@ def test_sample(pipe_dir, tmp_path, capsys):
     assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 1, "--out", static, "--static-cache") == 0
     assert np.array_equal(level0(static / "codes.npz"), codes)
     assert json.loads((static / "sampling.json").read_text())["static_cache"] is True
+    assert json.loads((again / "sampling.json").read_text())["static_cache"] == "auto"
     other = tmp_path / "other"
     assert tokgen("sample", pipe_dir, "--num", 6, "--seed", 2, "--out", other, "--codes-only") == 0
     assert not np.array_equal(level0(other / "codes.npz"), codes)

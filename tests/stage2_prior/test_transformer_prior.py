@@ -142,6 +142,18 @@ def test_static_cache_samples_the_same_codes():
     assert torch.equal(d.flatten(1)[:, :7], prefix)
 
 
+def test_static_cache_is_used_on_cuda_only_unless_asked(monkeypatch):
+    prior = make_prior((4, 5))
+    _, labels, cond = inputs(prior)
+    built = []
+    start_static = prior.start_static
+    monkeypatch.setattr(prior, "start_static", lambda *a, **k: built.append(1) or start_static(*a, **k))
+    default = sample(prior, 2, labels, cond, generator=gen(1))
+    assert built == []  # the default on a CPU: the growing cache
+    asked = sample(prior, 2, labels, cond, generator=gen(1), static_cache=True)
+    assert built == [1] and torch.equal(default, asked)
+
+
 def test_static_cache_errors():
     prior = make_prior((4, 5))
     _, labels, cond = inputs(prior)

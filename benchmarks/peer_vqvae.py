@@ -1,7 +1,7 @@
 """tokgen's image tokenizer side by side with rosinality/vq-vae-2-pytorch (the VQ-VAE-2 most people run).
 
 ``python -m benchmarks.peer_vqvae --peer PATH [--seconds 300] [--seeds 0,1] [--parts speed,quality,sampling]
-[--quick] [--mixed-precision bf16]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch
+[--quick] [--mixed-precision bf16] [--device cuda --parts speed] [--cases 256x128]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch
 (its ``vqvae.py`` and ``pixelsnail.py`` are imported from there; nothing is vendored).
 
 Four parts; every tokgen figure of the first three comes from the shipped ``harness/presets/tokenizer-image.json``
@@ -14,7 +14,9 @@ Four parts; every tokgen figure of the first three comes from the shipped ``harn
   this machine's measured one-thread fp32 peak (``peak_gflops``). Rows: the peer's default ``VQVAE``, tokgen's preset,
   tokgen's earlier preset (the one the shipped preset replaced) and a tokgen hierarchical model of the peer's
   size with residual blocks at full resolution (what issue 19 measured first).
-  A row at the peer's FLOPs: the shipped preset with two residual blocks per stage. ``--mixed-precision bf16``
+  A row at the peer's FLOPs: the shipped preset with two residual blocks per stage. ``--device cuda`` times the same
+  rows on a GPU at batches that fill it (``GPU_SPEED_CASES``; ``--cases`` picks others), the GPU's peak measured
+  beside them. ``--mixed-precision bf16``
   adds tokgen as ``--mixed-precision bf16`` trains it and the peer under bf16 autocast (its own training script has
   no mixed precision), every "vs peer" still against the peer as it ships; ``quality`` then trains tokgen in bf16.
 * presets: the train-step FLOPs per input (and per input value) of every shipped tokenizer preset, against the
@@ -513,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                         "trained in fp32 and in bf16 at the same time, --seconds each")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 s of training, 2 speed rounds at 64 px")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: the speed part on the GPU (batches 256 at 64 px and 32 at 256 px; no thread limit)")
+                   help="cuda: the speed part on the GPU (batch 256 at 64 px, 32 and 128 at 256 px; 5 steps per timed "
+                        "call; no thread limit)")
     p.add_argument("--cases", help="speed: comma-separated SIZExBATCH (default 64x16,256x4 on the CPU; "
                                     "64x256,256x32,256x128 on a GPU)")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",

@@ -7,7 +7,7 @@ codes): the §14 one (dim 256, 6 layers, 8 heads, 512 codes, 5M parameters) and,
 size (dim 768, 12 layers, 12 heads, 1,024 codes, 87M parameters), in bf16. For each batch and precision (fp32;
 bf16 under autocast, as ``--dtype bf16`` runs it) the ways of stepping run interleaved, medians of ``--repeats``:
 
-- ``growing``: ``TransformerPrior.step``, the cache one position longer each call (what ``sample`` used so far);
+- ``growing``: ``TransformerPrior.step``, the cache one position longer each call (what ``sample`` uses off a GPU);
 - ``static, eager``: ``StaticStep`` run op by op (the fixed-shape step without a graph);
 - ``static, graph``: ``StaticStep`` captured once as a CUDA graph and replayed per code (GPU only).
 

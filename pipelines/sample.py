@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="full recompute per token (to verify/benchmark the cache)")
     p.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="transformer priors: a fixed-shape KV cache, replayed as one CUDA graph per token on a GPU "
-                        "(several times the tokens/s there; BENCHMARKS.md §14; the same codes); default: on a CUDA "
+                        "(several times the tokens/s there; BENCHMARKS.md §14; the growing cache's codes); default: on a CUDA "
                         "device only; other priors are unchanged")
     p.add_argument("--codes-only", action="store_true", help="write codes, do not decode")
     p.add_argument("--size", type=int, help="images: sample at this side length (convolutional priors)")

@@ -98,12 +98,16 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def _median_gflops(fn, flops: float, repeats: int = 7) -> float:
+def median_gflops(fn, flops: float, repeats: int = 7, sync: Callable[[], None] = lambda: None) -> float:
+    """GFLOP/s of ``fn`` (``flops`` a call), the median of ``repeats`` after one warm-up; ``sync`` waits for a
+    device (e.g. ``torch.cuda.synchronize``) before each clock read."""
     fn()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return flops / median(times) / 1e9
 
@@ -118,8 +122,8 @@ def peak_gflops() -> dict:
     a, b = torch.randn(n, n), torch.randn(n, n)
     x, conv = torch.randn(8, 256, 32, 32), torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
     with torch.no_grad():
-        mm = _median_gflops(lambda: a @ b, 2 * n**3)
-        cv = _median_gflops(lambda: conv(x), 2 * 8 * 256 * 256 * 9 * 32 * 32)
+        mm = median_gflops(lambda: a @ b, 2 * n**3)
+        cv = median_gflops(lambda: conv(x), 2 * 8 * 256 * 256 * 9 * 32 * 32)
     return {"matmul": mm, "conv3x3": cv, "peak": max(mm, cv)}
 
 

@@ -44,8 +44,8 @@ import time
 from pathlib import Path
 
 from benchmarks.tokenizer_step import ONE_LEVEL_CONFIG
-from benchmarks.common import ROOT, count_flops, interleaved, machine_info, machine_line, median, peak_gflops, \
-    run_worker, table, write_result
+from benchmarks.common import ROOT, count_flops, interleaved, machine_info, machine_line, median, median_gflops, \
+    peak_gflops, run_worker, table, write_result
 
 SPEED_CASES = [(64, 16), (256, 4)]
 # A GPU needs batches large enough to fill it; each timed call there runs GPU_STEPS steps (launches run ahead)
@@ -247,15 +247,7 @@ def gpu_peak_gflops(device: str) -> dict:
     import torch
 
     def rate(fn, flops):
-        fn()
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return flops / median(times) / 1e9
+        return median_gflops(fn, flops, repeats=5, sync=lambda: torch.cuda.synchronize(device))
 
     n = 8192
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)

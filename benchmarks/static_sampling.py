@@ -25,6 +25,7 @@ import time
 import torch
 
 from benchmarks.common import interleaved, machine_info, machine_line, median, table, write_result
+from benchmarks.conv_sampling import bandwidth, sync
 from harness.devices import autocast, resolve_device
 
 GRID = (32, 32)
@@ -37,11 +38,6 @@ def make_prior(values: dict, device: torch.device):
 
     torch.manual_seed(0)
     return TransformerPrior(TransformerPriorConfig(grid_shape=GRID, **values)).to(device).eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_seconds(prior, batch: int, how: str, dtype: torch.dtype) -> float:
@@ -73,20 +69,6 @@ def sample_seconds(prior, batch: int, how: str, dtype: torch.dtype) -> float:
         sample(prior, batch, generator=torch.Generator().manual_seed(0), static_cache=how != "growing")
         sync(device)
     return time.perf_counter() - t0
-
-
-def bandwidth(device: torch.device) -> float:
-    """Bytes/s of a large device copy (read + write counted), the median of 5."""
-    x = torch.empty(256 * 2**20 // 4, device=device)  # 256 MiB
-    y = torch.empty_like(x)
-    times = []
-    for _ in range(6):
-        sync(device)
-        t0 = time.perf_counter()
-        y.copy_(x)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * x.numel() * 4 / median(times[1:])
 
 
 def floor_seconds(prior, batch: int, dtype: torch.dtype, bytes_per_s: float) -> float:

@@ -1,7 +1,7 @@
 """tokgen's image tokenizer side by side with rosinality/vq-vae-2-pytorch (the VQ-VAE-2 most people run).
 
 ``python -m benchmarks.peer_vqvae --peer PATH [--seconds 300] [--seeds 0,1] [--parts speed,quality,sampling]
-[--quick] [--mixed-precision bf16] [--device cuda --parts speed] [--cases 256x128]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch
+[--quick] [--mixed-precision bf16] [--device cuda --parts speed] [--cases 256x128] [--dynamo-backend inductor [--dynamo-mode reduce-overhead]]``: PATH is a checkout of https://github.com/rosinality/vq-vae-2-pytorch
 (its ``vqvae.py`` and ``pixelsnail.py`` are imported from there; nothing is vendored).
 
 Four parts; every tokgen figure of the first three comes from the shipped ``harness/presets/tokenizer-image.json``
@@ -19,6 +19,10 @@ Four parts; every tokgen figure of the first three comes from the shipped ``harn
   beside them. ``--mixed-precision bf16``
   adds tokgen as ``--mixed-precision bf16`` trains it and the peer under bf16 autocast (its own training script has
   no mixed precision), every "vs peer" still against the peer as it ships; ``quality`` then trains tokgen in bf16.
+  ``--dynamo-backend inductor`` adds the train step of each tokgen row in the run's precision (bf16 with
+  ``--mixed-precision bf16``) compiled as the trainer's ``"dynamo_backend"``
+  compiles it (Accelerate's ``torch.compile`` of the model; ``--dynamo-mode reduce-overhead``, the trainer's
+  ``"dynamo_mode"``, adds CUDA graphs); its encode and decode stay eager, so those cells are left empty.
 * presets: the train-step FLOPs per input (and per input value) of every shipped tokenizer preset, against the
   peer's per value of a 64x64x3 image.
 * quality at equal wall-clock: the peer and tokgen train at the same time, one process and one thread each
@@ -95,13 +99,15 @@ def tokgen_config(values: dict, size: int, batch: int):
 class TokgenSide:
     """A tokgen tokenizer as its trainer builds and steps it."""
 
-    def __init__(self, values: dict, size: int, batch: int, run_dir: Path, mixed_precision: str = "no"):
+    def __init__(self, values: dict, size: int, batch: int, run_dir: Path, mixed_precision: str = "no",
+                 dynamo_backend: str | None = None, dynamo_mode: str | None = None):
         from harness import loop
         from stage1_tokenizer.train import build
 
         self.cfg = tokgen_config(values, size, batch)
         # "bf16": the trainer's --mixed-precision bf16 (Accelerate's autocast; code choice stays fp32)
-        self.accelerator = loop.make_accelerator(run_dir, mixed_precision, 1, log_with="none")
+        self.accelerator = loop.make_accelerator(run_dir, mixed_precision, 1, log_with="none",
+                                                 dynamo_backend=dynamo_backend, dynamo_mode=dynamo_mode)
         self.state = build(self.cfg, self.accelerator)
         self.model = self.accelerator.unwrap_model(self.state.model)
         self.guard = loop.BadStepGuard(self.cfg.max_bad_steps)
@@ -174,28 +180,44 @@ def matched_flops_values() -> dict:
 
 
 def speed_contenders(peer_path: str, size: int, batch: int, tmp: Path, mixed_precision: str = "no",
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", dynamo_backend: str | None = None, dynamo_mode: str | None = None) -> dict:
     """The rows of the speed table. The peer as it ships (fp32) comes first: every "vs peer" is against it.
 
     ``mixed_precision="bf16"`` times tokgen as ``--mixed-precision bf16`` trains it, next to the same models
     in fp32 and the peer in both; the two slow earlier tokgen models are left out of that run and of a GPU's.
+    ``dynamo_backend`` adds a compiled twin of each tokgen row in ``mixed_precision`` (``compiled_name``).
     tokgen's sides are on the device Accelerate picks (a GPU where there is one), the peer's on ``device``."""
     vqvae_class = import_peer(peer_path)
-    sides = {"rosinality VQVAE (default)": PeerSide(vqvae_class, device=device),
-             "tokgen tokenizer-image (shipped)": TokgenSide({}, size, batch, tmp / "a"),
-             "tokgen matched FLOPs (2 blocks per stage)": TokgenSide(matched_flops_values(), size, batch, tmp / "m")}
+    tokgen = {"tokgen tokenizer-image (shipped)": ({}, "no"),
+              "tokgen matched FLOPs (2 blocks per stage)": (matched_flops_values(), "no")}
     if mixed_precision == "bf16":
-        return {**sides, "rosinality VQVAE, bf16 autocast": PeerSide(vqvae_class, bf16=True, device=device),
-                "tokgen tokenizer-image, bf16": TokgenSide({}, size, batch, tmp / "a16", "bf16"),
-                "tokgen matched FLOPs, bf16": TokgenSide(matched_flops_values(), size, batch, tmp / "m16", "bf16")}
-    if device != "cpu":
+        tokgen.update({"tokgen tokenizer-image, bf16": ({}, "bf16"),
+                       "tokgen matched FLOPs, bf16": (matched_flops_values(), "bf16")})
+    sides = {"rosinality VQVAE (default)": PeerSide(vqvae_class, device=device)}
+    for i, (name, (values, precision)) in enumerate(tokgen.items()):
+        if i == 2:  # the bf16 rows, after the peer under bf16 autocast
+            sides["rosinality VQVAE, bf16 autocast"] = PeerSide(vqvae_class, bf16=True, device=device)
+        sides[name] = TokgenSide(values, size, batch, tmp / f"t{i}", precision)
+    compiled = {n: v for n, v in tokgen.items() if v[1] == mixed_precision} if dynamo_backend else {}
+    for i, (name, (values, precision)) in enumerate(compiled.items()):
+        sides[compiled_name(name, dynamo_backend)] = TokgenSide(values, size, batch, tmp / f"c{i}", precision,
+                                                                dynamo_backend, dynamo_mode)
+    if device != "cpu" or mixed_precision == "bf16" or dynamo_backend:
         return sides
     return {**sides, "tokgen earlier tokenizer-image": TokgenSide(ONE_LEVEL_CONFIG, size, batch, tmp / "b"),
             "tokgen peer-sized, full-resolution blocks": TokgenSide(PEER_SIZED, size, batch, tmp / "c")}
 
 
+def compiled_name(name: str, backend: str) -> str:
+    """The row of ``name``'s train step compiled with ``backend`` (its FLOPs are its eager twin's)."""
+    return f"{name}, compiled ({backend})"
+
+
+COMPILE_WARMUP_STEPS = 3  # compiling, and the one recompile when the annealed level-dropout rate first changes
+
+
 def speed_worker(peer_path: str, size: int, batch: int, repeats: int, mixed_precision: str = "no",
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", dynamo_backend: str | None = None, dynamo_mode: str | None = None) -> dict:
     import torch
 
     cpu = device == "cpu"
@@ -205,10 +227,17 @@ def speed_worker(peer_path: str, size: int, batch: int, repeats: int, mixed_prec
     x = torch.rand(batch, 3, size, size, device=device)
     steps = 1 if cpu else GPU_STEPS
     with tempfile.TemporaryDirectory(prefix="tokgen-peer-") as tmp:
-        sides = speed_contenders(peer_path, size, batch, Path(tmp), mixed_precision, device)
-        fns, flops, params = {}, {}, {}
+        sides = speed_contenders(peer_path, size, batch, Path(tmp), mixed_precision, device, dynamo_backend,
+                                 dynamo_mode)
+        fns, flops, params, compile_seconds = {}, {}, {}, {}
         for name, side in sides.items():
             params[name] = sum(p.numel() for p in side.parameters())
+            twin = next((n for n in sides if dynamo_backend and compiled_name(n, dynamo_backend) == name), None)
+            if twin is not None:  # compiled: the train step only, its FLOPs its eager twin's
+                compile_seconds[name] = _timed(lambda side=side: side.train_step(x), COMPILE_WARMUP_STEPS, device)()
+                flops[f"{name}|train"] = flops[f"{twin}|train"]
+                fns[f"{name}|train"] = _timed(lambda side=side: side.train_step(x), steps, device)
+                continue
             with torch.no_grad():
                 codes = side.encode(x)
             calls = {"train": lambda side=side: side.train_step(x),
@@ -219,8 +248,11 @@ def speed_worker(peer_path: str, size: int, batch: int, repeats: int, mixed_prec
                 fns[f"{name}|{key}"] = _timed(fn, steps, device)
         times = interleaved(fns, repeats=repeats, warmup=1)
     return {"size": size, "batch": batch, "threads": 1 if cpu else None, "device": device,
-            "mixed_precision": mixed_precision, "parameters": params, "flops": flops, "seconds": times,
-            "peak_gflops": peak_gflops() if cpu else gpu_peak_gflops(device)}
+            "mixed_precision": mixed_precision, "dynamo_backend": dynamo_backend,
+            "dynamo_mode": (dynamo_mode or os.environ.get("ACCELERATE_DYNAMO_MODE", "default")) if dynamo_backend
+            else None,
+            "compile_seconds_per_warmup_step": compile_seconds, "parameters": params, "flops": flops,
+            "seconds": times, "peak_gflops": peak_gflops() if cpu else gpu_peak_gflops(device)}
 
 
 def _timed(fn, steps: int, device: str):
@@ -410,6 +442,9 @@ def speed_table(runs: list[dict]) -> str:
         for name, params in r["parameters"].items():
             row = [f"{r['size']} px, batch {r['batch']}", name, f"{params / 1e6:.2f}M"]
             for key in ("train", "encode", "decode"):
+                if f"{name}|{key}" not in r["seconds"]:  # a compiled row times the train step only
+                    row += ["-", "-", "-"]
+                    continue
                 s, ps = median(r["seconds"][f"{name}|{key}"]), median(r["seconds"][f"{peer}|{key}"])
                 gf = r["flops"][f"{name}|{key}"] / 1e9
                 row += [f"{r['batch'] / s:.2f}", f"{ps / s:.2f}x", f"{gf:.1f} ({gf * 1e9 / r['flops'][f'{peer}|{key}']:.2f}x)"]
@@ -422,6 +457,9 @@ def speed_table(runs: list[dict]) -> str:
                       f"{r['peak_gflops']['conv3x3']:.0f}" for r in runs)
     bf16 = any(r.get("mixed_precision") == "bf16" for r in runs)
     where = "One thread." if runs[0].get("device", "cpu") == "cpu" else f"On {runs[0]['device']}."
+    if runs[0].get("dynamo_backend"):
+        where += (f" Compiled rows: {runs[0]['dynamo_backend']}, mode {runs[0]['dynamo_mode']}, "
+                  f"{COMPILE_WARMUP_STEPS} warm-up steps before timing.")
     return (table(columns, rows) + f"\n\n{where} GFLOP: per step of the batch (torch.utils.flop_counter; a "
             f"multiply-add is 2). Peak, measured in the same workers (fp32 GFLOP/s): {peaks}."
             + (" The bf16 rows are against that fp32 peak too, so they can read over 100%." if bf16 else "")
@@ -460,13 +498,15 @@ EXTRA_PARTS = ("precision",)  # not in the default run
 
 
 def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, cases: list[tuple[int, int]],
-            parts: tuple[str, ...] = PARTS, mixed_precision: str = "no", device: str = "cpu") -> dict:
+            parts: tuple[str, ...] = PARTS, mixed_precision: str = "no", device: str = "cpu",
+            dynamo_backend: str | None = None, dynamo_mode: str | None = None) -> dict:
     from benchmarks.peer_sampling import sampling_table
 
     result, md = {"title": "Side by side with rosinality/vq-vae-2-pytorch", "train_seconds": seconds}, []
     if "speed" in parts:
         result["speed"] = [run_worker("benchmarks.peer_vqvae", ["speed", peer_path, str(s), str(b), str(repeats),
-                                                                   mixed_precision, device])
+                                                                   mixed_precision, device, dynamo_backend or "",
+                                                                   dynamo_mode or ""])
                            for s, b in cases]
         md.append("### Speed\n\n" + speed_table(result["speed"]))
     if "presets" in parts:
@@ -491,7 +531,8 @@ def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, case
 def worker_main(argv: list[str]) -> None:
     kind, rest = argv[0], argv[1:]
     if kind == "speed":
-        result = speed_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4], rest[5])
+        result = speed_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4], rest[5], rest[6] or None,
+                              rest[7] or None)
     else:
         result = quality_worker(rest[0], rest[1], float(rest[2]), int(rest[3]), json.loads(rest[4]), rest[5])
     print(json.dumps(result))
@@ -514,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                    help="bf16: tokgen as `--mixed-precision bf16` trains it (speed: beside fp32 and the peer in both; "
                         "quality: against the peer as it ships, fp32)")
+    p.add_argument("--dynamo-backend", help="speed: add the train step of each tokgen row in --mixed-precision "
+                                            "compiled with this torch.compile backend (e.g. inductor), as the "
+                                            "trainer's dynamo_backend compiles it")
+    p.add_argument("--dynamo-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="with --dynamo-backend: torch.compile's mode, as the trainer's dynamo_mode (reduce-overhead: "
+                        "CUDA graphs)")
     args = p.parse_args(argv)
     seconds, repeats = (20.0, 2) if args.quick else (args.seconds, 5)
     seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.quick else None]
@@ -521,16 +568,20 @@ def main(argv: list[str] | None = None) -> int:
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
     if set(parts) - set(PARTS + EXTRA_PARTS):
         p.error(f"--parts: choose from {', '.join(PARTS + EXTRA_PARTS)}")
-    if args.device != "cpu" and parts != ("speed",):
-        p.error("--device cuda times the speed part only: give --parts speed")
+    if args.dynamo_mode and not args.dynamo_backend:
+        p.error("--dynamo-mode goes with --dynamo-backend")
+    if (args.device != "cpu" or args.dynamo_backend) and parts != ("speed",):
+        p.error("--device cuda and --dynamo-backend time the speed part only: give --parts speed")
     cases = SPEED_CASES if args.device == "cpu" else GPU_SPEED_CASES
     if args.cases:
         cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases.split(",")]
     result = run_all(args.peer, seconds, seeds, repeats, cases[:1] if args.quick else cases, parts,
-                     args.mixed_precision, args.device)
+                     args.mixed_precision, args.device, args.dynamo_backend, args.dynamo_mode)
     name = "peer_vqvae" + ("" if parts == PARTS else "." + "_".join(parts))
     name += "" if args.mixed_precision == "no" else "." + args.mixed_precision
     name += "" if args.device == "cpu" else "." + args.device
+    name += "" if not args.dynamo_backend else "." + args.dynamo_backend
+    name += "" if not args.dynamo_mode else "." + args.dynamo_mode
     name += "" if not args.cases else "." + args.cases.replace(",", "_")
     command = "python -m benchmarks.peer_vqvae " + " ".join(sys.argv[1:] if argv is None else argv)
     path = write_result(name + (".quick" if args.quick else ""), result, info, command,

@@ -46,6 +46,12 @@ def all_reduce_with_grad(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when every rank's tensor is finite (the same answer on every rank)."""
+    """True when every rank's tensor is finite (the same answer on every rank). Reads the device: a GPU's queue
+    empties first; ``finite_on_all_ranks`` keeps the answer on the device."""
+    return bool(finite_on_all_ranks(t))
+
+
+def finite_on_all_ranks(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool on ``t``'s device: every rank's tensor is finite (the same on every rank), without a host read."""
     finite = torch.isfinite(t).all().float()
-    return bool(all_reduce(finite, dist.ReduceOp.MIN if distributed() else None) >= 1)
+    return all_reduce(finite, dist.ReduceOp.MIN if distributed() else None) >= 1

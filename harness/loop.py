@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, TorchDynamoPlugin
 from tqdm.auto import tqdm
 
 from harness.checkpoints import latest_valid_checkpoint, load_checkpoint, save_checkpoint
@@ -27,6 +27,10 @@ from harness.data_order import BatchStream
 from harness.devices import keep_large_buffers_on_the_heap, resolve_mixed_precision
 from harness.folders import write_json
 from harness.output import add_output_arguments, log
+
+
+# torch.compile's modes (None: Accelerate's choice)
+DYNAMO_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -49,6 +53,10 @@ class TrainingConfig:
     mixed_precision: str | None = None
     # torch.compile the model with this backend through Accelerate (e.g. "inductor"); None = Accelerate's choice
     dynamo_backend: str | None = None
+    # torch.compile's mode with dynamo_backend: default | reduce-overhead (CUDA graphs: the fastest on a GPU at
+    # small batches, where launching kernels sets the pace) | max-autotune | max-autotune-no-cudagraphs;
+    # None = Accelerate's choice (`accelerate config`, ACCELERATE_DYNAMO_MODE; else default)
+    dynamo_mode: str | None = None
     # Accelerate tracker(s): "auto" = TensorBoard when installed, "none", or any tracker name ("wandb", "all", ...)
     log_with: str = "auto"
     checkpoint_every: int = 500
@@ -144,9 +152,13 @@ def _device_accelerate_picks() -> torch.device:
 
 
 def make_accelerator(run_dir: Path, mixed_precision: str | None, grad_accum: int, log_with: str | None = "auto",
-                     dynamo_backend: str | None = None) -> Accelerator:
+                     dynamo_backend: str | None = None, dynamo_mode: str | None = None) -> Accelerator:
     """An Accelerator that follows Accelerate's own conventions: the device and, unless given here, the precision
-    and compile backend come from `accelerate config` / `accelerate launch` (CUDA, then MPS, then the CPU)."""
+    and compile backend and mode come from `accelerate config` / `accelerate launch` (CUDA, then MPS, then the
+    CPU)."""
+    if dynamo_mode not in DYNAMO_MODES:
+        raise ValueError(f"dynamo_mode must be one of {', '.join(m for m in DYNAMO_MODES if m)} (or unset), "
+                         f"got {dynamo_mode!r}")
     # torch deprecates broadcast_buffers for forward_sync_buffers, which still syncs at init and is
     # not in older torch; the behaviour we need (no per-forward broadcast) is the same.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
@@ -160,7 +172,8 @@ def make_accelerator(run_dir: Path, mixed_precision: str | None, grad_accum: int
         mixed_precision = resolve_mixed_precision(mixed_precision, _device_accelerate_picks())
     return Accelerator(
         mixed_precision=mixed_precision,
-        dynamo_backend=dynamo_backend,
+        # unset fields of the plugin read Accelerate's environment (`accelerate launch --dynamo_*`), as it would
+        dynamo_plugin=TorchDynamoPlugin(backend=dynamo_backend, mode=dynamo_mode),
         gradient_accumulation_steps=grad_accum,
         log_with=trackers(log_with),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
@@ -176,7 +189,8 @@ def open_run(run_dir: Path, cfg: TrainingConfig, tracker: str) -> tuple[Accelera
     included), start the trackers with it as hyper-parameters. Returns the Accelerator and that config."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum, cfg.log_with, cfg.dynamo_backend)
+    accelerator = make_accelerator(run_dir, cfg.mixed_precision, cfg.grad_accum, cfg.log_with, cfg.dynamo_backend,
+                                   cfg.dynamo_mode)
     if accelerator.device.type == "cpu":
         keep_large_buffers_on_the_heap()
     cfg = replace(cfg, mixed_precision=accelerator.mixed_precision)

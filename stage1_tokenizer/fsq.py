@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage1_tokenizer.quantizer import (CodeUsage, Quantizer, QuantizerConfig, QuantizerOutput, check_codes,
-                                        parameters_checksum, perplexity)
+                                        code_counts, parameters_checksum, perplexity)
 
 # The bound stays this fraction inside the outermost levels, so tanh never has to reach +-1 to hit them.
 BOUND_EPS = 1e-3
@@ -67,7 +67,7 @@ class FiniteScalarQuantizer(Quantizer):
 
     def _digits(self, rounded: torch.Tensor) -> torch.Tensor:
         """(N, d) rounded bound values -> (N, d) long digits in [0, L_i). Non-finite features give valid digits
-        (the step that saw them is skipped by the trainer; an out-of-range index would crash bincount first)."""
+        (the step that saw them is skipped by the trainer; an out-of-range index would crash the code count first)."""
         digits = torch.nan_to_num(rounded + self.half_width)
         return torch.minimum(digits.clamp(min=0), self.level_counts - 1).long()
 
@@ -111,7 +111,7 @@ class FiniteScalarQuantizer(Quantizer):
             bounded = self.bound(h)
             rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through rounding
             codes = self._codes(self._digits(rounded.detach()))
-            counts = torch.bincount(codes, minlength=self.codebook_size)
+            counts = code_counts(codes, self.codebook_size)
             if self.training:
                 self.usage.update(counts, h.detach())
             q = self._project_out(rounded / self.half_width)

@@ -29,7 +29,7 @@ from torch import nn
 
 from harness.distributed import all_reduce_with_grad
 from stage1_tokenizer.quantizer import (CodeUsage, Quantizer, QuantizerConfig, QuantizerOutput, check_codes,
-                                        parameters_checksum, perplexity)
+                                        code_counts, parameters_checksum, perplexity)
 
 
 @dataclass
@@ -108,7 +108,7 @@ class LookupFreeQuantizer(Quantizer):
             h = self._features(z)
             q = torch.where(h > 0, 1.0, -1.0)
             codes = self._codes(h.detach())
-            counts = torch.bincount(codes, minlength=self.codebook_size)
+            counts = code_counts(codes, self.codebook_size)
             if self.training:
                 self.usage.update(counts, h.detach())
             commitment_loss = self.config.commitment_weight * F.mse_loss(h, q)

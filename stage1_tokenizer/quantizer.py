@@ -11,6 +11,10 @@ gradient codebook loss. Dead codes are restarted from recent encoder outputs. Di
 statistics always run in fp32, even under autocast: bf16/fp16 distances pick wrong codes and fp16 EMA
 sums overflow, which silently ruins codebooks.
 
+A training forward never reads the device once the codebook is initialised: the finiteness check, the dead-code
+restarts and the code counts are fixed-shape tensor work (masks and ``torch.where``), so a GPU's queue never empties
+mid-step and the step can be compiled whole.
+
 In multi-process training every rank must keep the identical codebook: the EMA statistics are
 all-reduced, and restarts and k-means init are computed on rank 0 and broadcast.
 """
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from harness.distributed import all_finite, all_reduce, broadcast, distributed, rank
+from harness.distributed import all_finite, all_reduce, broadcast, distributed, finite_on_all_ranks, rank
 
 
 QUANTIZER_KINDS = ("vq", "rvq", "fsq", "lfq")
@@ -204,6 +208,7 @@ class VectorQuantizer(Quantizer):
         self.register_buffer("cluster_size", torch.ones(k))
         self.register_buffer("embed_sum", embed.clone())
         self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
+        self._initialized_seen = not config.kmeans_init  # the host's copy of `initialized` once it is True
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
 
@@ -243,10 +248,10 @@ class VectorQuantizer(Quantizer):
             raise ValueError(f"expected features (B, D, *spatial), got shape {tuple(z.shape)}")
         with torch.autocast(z.device.type, enabled=False):
             flat = self._features(z)
-            if self.training and not bool(self.initialized) and self._all_finite(flat.detach()):
+            if self.training and self._awaits_kmeans() and self._all_finite(flat.detach()):
                 self._kmeans_init(flat.detach())  # a non-finite batch is skipped (and counted) below
             codes = self.nearest(flat.detach())
-            counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            counts = code_counts(codes, self.codebook_size)
             # Quantize with the codebook the codes were searched in, before this step's EMA update and
             # restarts (a code restarted now would otherwise hand these positions another one's features).
             q = F.embedding(codes, self.embed.float())
@@ -267,25 +272,37 @@ class VectorQuantizer(Quantizer):
             aux_loss=flat.new_zeros(()),
         )
 
+    def _awaits_kmeans(self) -> bool:
+        """True until the codebook is k-means initialised. Reads the device flag only until it is set: a read per
+        step would stall a GPU's queue."""
+        if not self._initialized_seen:
+            self._initialized_seen = bool(self.initialized)
+        return not self._initialized_seen
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized_seen = False  # the loaded flag may say otherwise: read it at the next training forward
+
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
-        """EMA statistics (summed over ranks), EMA codebook and dead-code restarts."""
-        if not self._all_finite(flat):
-            self.skipped_updates += 1  # a NaN/inf feature would poison the codebook for good
-            return
+        """EMA statistics (summed over ranks), EMA codebook and dead-code restarts; all of it kept as it was, and
+        counted in ``skipped_updates``, when any rank's features are not finite (a NaN/inf would poison the
+        codebook for good). Selected with ``torch.where``, not a branch, so nothing here reads the device."""
+        finite = finite_on_all_ranks(flat)
+        self.skipped_updates += (~finite).long()
         counts = all_reduce(counts.clone())
         sums = all_reduce(torch.zeros_like(self.embed_sum).index_add_(0, codes, flat))
         decay = self.config.decay
-        self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
-        self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+        update_if(finite, self.cluster_size, self.cluster_size * decay + counts * (1 - decay))
+        update_if(finite, self.embed_sum, self.embed_sum * decay + sums * (1 - decay))
         if self.config.ema:
             n = self.cluster_size.sum()
             k, eps = self.codebook_size, self.config.eps
             smoothed = (self.cluster_size + eps) / (n + k * eps) * n
             embed = self.embed_sum / smoothed[:, None]
-            self.embed.copy_(F.normalize(embed, dim=1) if self.config.cosine else embed)
+            update_if(finite, self.embed, F.normalize(embed, dim=1) if self.config.cosine else embed)
         if self.config.restart_threshold > 0:
-            self._restart_dead(flat)
+            self._restart_dead(flat, finite)
 
     @staticmethod
     def _all_finite(flat: torch.Tensor) -> bool:
@@ -293,25 +310,26 @@ class VectorQuantizer(Quantizer):
         return all_finite(flat)
 
     @torch.no_grad()
-    def _restart_dead(self, flat: torch.Tensor) -> None:
-        dead = self.cluster_size < self.config.restart_threshold  # identical on every rank
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return
-        new = torch.empty(num_dead, flat.shape[1], device=flat.device)
+    def _restart_dead(self, flat: torch.Tensor, finite: torch.Tensor) -> None:
+        """Codes whose EMA cluster size fell under the threshold take a random feature row of rank 0's batch.
+
+        Fixed shapes: every code gets a candidate row and ``torch.where`` keeps the live codes, so the number of
+        dead codes is never read on the host."""
+        dead = (self.cluster_size < self.config.restart_threshold) & finite  # identical on every rank
+        new = torch.empty_like(self.embed_sum)
         if rank() == 0:
-            idx = torch.randint(flat.shape[0], (num_dead,), device=flat.device)
-            new = flat[idx]
-            if num_dead > flat.shape[0]:  # repeated picks would collide: jitter them apart
-                new = new + 1e-3 * flat.std() * torch.randn_like(new)
+            new = flat[torch.randint(flat.shape[0], (self.codebook_size,), device=flat.device)]
+            # more dead codes than rows: repeated picks would collide, so jitter them apart
+            crowded = dead.sum() > flat.shape[0]
+            new = new + torch.where(crowded, 1e-3 * flat.std(), 0.0) * torch.randn_like(new)
         new = broadcast(new.contiguous())
         if self.config.cosine:
             new = F.normalize(new, dim=1)
         size = max(self.config.restart_threshold, 1.0)
-        self.embed.data[dead] = new.to(self.embed.dtype)
-        self.embed_sum[dead] = new * size
-        self.cluster_size[dead] = size
-        self.restarts += num_dead
+        self.embed.data.copy_(torch.where(dead[:, None], new.to(self.embed.dtype), self.embed))
+        self.embed_sum.copy_(torch.where(dead[:, None], new * size, self.embed_sum))
+        self.cluster_size.copy_(torch.where(dead, size, self.cluster_size))
+        self.restarts += dead.sum()
 
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
@@ -328,6 +346,7 @@ class VectorQuantizer(Quantizer):
         self.cluster_size.copy_(sizes)
         self.embed_sum.copy_(centers * sizes[:, None])
         self.initialized.fill_(True)
+        self._initialized_seen = True
 
     def checksum(self) -> torch.Tensor:
         """A cheap fingerprint of the codebook state (float64 scalar) to compare across ranks."""
@@ -370,6 +389,19 @@ def _kmeans_pp_seeds(x: torch.Tensor, k: int) -> torch.Tensor:
     return centers
 
 
+def update_if(condition: torch.Tensor, buffer: torch.Tensor, new: torch.Tensor) -> None:
+    """``buffer`` takes ``new`` where the 0-dim bool ``condition`` holds, else keeps its value: a branch on a device
+    flag without reading it."""
+    buffer.copy_(torch.where(condition, new, buffer))
+
+
+def code_counts(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """(N,) long codes in [0, codebook_size) -> (codebook_size,) fp32 histogram. ``torch.bincount`` would read the
+    largest code back to the host on a GPU; a scatter into a fixed-size histogram does not."""
+    counts = torch.zeros(codebook_size, device=codes.device)
+    return counts.index_add_(0, codes.reshape(-1), torch.ones(codes.numel(), device=codes.device))
+
+
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of a code histogram: the effective number of codes in use."""
     p = counts / counts.sum().clamp(min=1)
@@ -408,12 +440,12 @@ class CodeUsage(nn.Module):
     @torch.no_grad()
     def update(self, batch_counts: torch.Tensor, features: torch.Tensor) -> None:
         """Fold in this rank's histogram (K,) of the batch, summed over ranks; ``features`` (any shape) are what the
-        codes came from: a non-finite batch on any rank is skipped (and counted) on every rank."""
-        if not all_finite(features):
-            self.skipped_updates += 1
-            return
+        codes came from: a non-finite batch on any rank is skipped (and counted) on every rank, without a host
+        read (``torch.where``, not a branch)."""
+        finite = finite_on_all_ranks(features)
+        self.skipped_updates += (~finite).long()
         counts = all_reduce(batch_counts.float().clone())
-        self.counts.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        update_if(finite, self.counts, self.counts * self.decay + counts * (1 - self.decay))
 
     def active_fraction(self) -> float:
         """Fraction of the codes whose EMA count is at least 1e-3 (the VQ's criterion without restarts)."""

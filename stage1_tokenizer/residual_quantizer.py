@@ -11,7 +11,9 @@ stages, k uniform in 1..num_stages, so the first stages learn to stand alone. k 
 same on every rank: the stages skipped run no forward, so their EMA all-reduces would otherwise not match up. It
 comes from a generator seeded by a saved seed (drawn at construction, which a seeded training script does
 identically on every rank) and a saved draw counter, so every rank draws the same k with no communication, and a
-resumed run continues the same sequence.
+resumed run continues the same sequence. Both live in buffers (saved with the model) and in host copies (read from
+the buffers once, after construction or a load), so a draw never reads a GPU. Under torch.compile the draw runs
+outside the graph, and the graph specialises on k (one graph per stage count).
 
 Gradients: each stage's output is straight-through on its own input and the next residual is not detached (as in
 DAC), so without projections d z_q / d z is the identity, and with them every stage's projections learn.
@@ -22,6 +24,7 @@ ours reuses VectorQuantizer unchanged, so every stage keeps its behaviour, state
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,6 +54,7 @@ class ResidualVectorQuantizer(Quantizer):
         self.stages = nn.ModuleList(VectorQuantizer(stage) for _ in range(config.num_stages))
         self.register_buffer("dropout_seed", torch.randint(2 ** 62, ()))
         self.register_buffer("dropout_draws", torch.zeros((), dtype=torch.long))
+        self._host_dropout_state: list[int] | None = None  # [seed, draws] as the buffers hold them
 
     @property
     def num_stages(self) -> int:
@@ -114,13 +118,22 @@ class ResidualVectorQuantizer(Quantizer):
         skipped = [p.sum() for stage in self.stages[k:] for p in stage.parameters()]
         return 0.0 * sum(skipped) if skipped else 0.0
 
+    @torch.compiler.disable  # a host-side draw: inside a graph its ever-growing counter would recompile it each step
     def draw_num_stages(self) -> int:
         """Quantizer dropout's k for the next training batch, the same on every rank (see the module docstring)."""
-        g = torch.Generator().manual_seed((int(self.dropout_seed) * 1_000_003 + int(self.dropout_draws)) % 2 ** 63)
+        if self._host_dropout_state is None:
+            self._host_dropout_state = [int(self.dropout_seed), int(self.dropout_draws)]
+        seed, draws = self._host_dropout_state
+        rng = random.Random((seed * 1_000_003 + draws) % 2 ** 63)
+        self._host_dropout_state[1] += 1
         self.dropout_draws += 1
-        if float(torch.rand((), generator=g)) >= self.config.quantizer_dropout:
+        if rng.random() >= self.config.quantizer_dropout:
             return self.num_stages
-        return int(torch.randint(1, self.num_stages + 1, (), generator=g))
+        return rng.randint(1, self.num_stages)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_dropout_state = None  # read the loaded seed and counter at the next draw
 
     def active_fraction(self) -> float:
         """The least-used stage's fraction of recently used codes."""

@@ -6,6 +6,7 @@ Tests are grouped by package (``tests/<package>/``); test modules take ``tiny`` 
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from pipelines.pipeline import TokgenPipeline  # noqa: E402
@@ -177,3 +179,36 @@ def launch_two_processes(test_file: str, worker: str, args: tuple = (), timeout:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+class HostReads(TorchFunctionMode):
+    """Records every call that would read a tensor back to the host on a GPU (and so empty its queue): ``item``,
+    ``bool``/``int``/``float`` of a tensor, ``tolist``, ``nonzero``, ``bincount`` (its size), ``unique``,
+    ``masked_select``, and indexing with a boolean mask. ``reads`` lists them as (call, "file:line" in tokgen).
+    On the CPU nothing syncs, so this is how a CPU-only test sees what would stall a GPU."""
+
+    CALLS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "nonzero", "bincount", "unique",
+             "masked_select"}
+    INDEXING = {"__getitem__", "__setitem__", "index_put", "index_put_"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.CALLS or (name in self.INDEXING and self._boolean_index(args)):
+            self.reads.append((name, self._caller()))
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _boolean_index(args) -> bool:
+        index = args[1] if len(args) > 1 else None
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts)
+
+    @staticmethod
+    def _caller() -> str:
+        root = str(Path(__file__).resolve().parents[1])
+        frames = [f for f in traceback.extract_stack()[:-3] if f.filename.startswith(root)]
+        return f"{Path(frames[-1].filename).relative_to(root)}:{frames[-1].lineno}" if frames else "?"

@@ -55,3 +55,49 @@ def test_the_gpu_speed_part_refuses_the_other_parts(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         peer_vqvae.main(["--peer", str(tmp_path), "--device", "cuda", "--parts", "speed,quality"])
     assert err.value.code == 2 and "--parts speed" in capsys.readouterr().err
+
+
+FAKE_PEER = '''
+import torch
+from torch import nn
+
+
+class VQVAE(nn.Module):
+    """Stands in for the peer's model: the calls the benchmark makes, one conv each way."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.up = nn.Conv2d(3, 4, 4, stride=4), nn.ConvTranspose2d(4, 3, 4, stride=4)
+
+    def forward(self, x):
+        return self.up(self.down(x)), torch.zeros(())
+
+    def encode(self, x):
+        z = self.down(x)
+        return None, None, None, z.argmax(1), z.argmin(1)
+
+    def decode_code(self, top, bottom):
+        return self.up(torch.stack([top, bottom] * 2, 1).float())
+'''
+
+
+def test_the_speed_part_adds_compiled_train_steps(tmp_path, monkeypatch):
+    """``--dynamo-backend``: each tokgen row gets a compiled twin whose train step is timed (with its twin's FLOPs)
+    after the warm-up steps that compile it; its encode and decode cells stay empty in the table."""
+    (tmp_path / "vqvae.py").write_text(FAKE_PEER)
+    (tmp_path / "pixelsnail.py").write_text("")
+    monkeypatch.setattr(peer_vqvae, "peak_gflops", lambda: {"matmul": 1.0, "conv3x3": 1.0, "peak": 1.0})
+    run = peer_vqvae.speed_worker(str(tmp_path), 32, 2, 1, dynamo_backend="aot_eager")
+    shipped, compiled = "tokgen tokenizer-image (shipped)", "tokgen tokenizer-image (shipped), compiled (aot_eager)"
+    assert run["flops"][f"{compiled}|train"] == run["flops"][f"{shipped}|train"] > 0
+    assert f"{compiled}|encode" not in run["seconds"] and len(run["seconds"][f"{compiled}|train"]) == 1
+    assert run["compile_seconds_per_warmup_step"][compiled] > 0 and run["dynamo_backend"] == "aot_eager"
+    row = next(line for line in peer_vqvae.speed_table([run]).splitlines() if compiled in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6:12] == ["-"] * 6 and cells[4].endswith("x")
+
+
+def test_dynamo_mode_needs_a_backend(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        peer_vqvae.main(["--peer", str(tmp_path), "--parts", "speed", "--dynamo-mode", "reduce-overhead"])
+    assert err.value.code == 2 and "--dynamo-mode goes with --dynamo-backend" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from stage1_tokenizer import (FiniteScalarQuantizer, HierarchicalVQVAE, Hierarch
 from stage1_tokenizer.quantizer import QuantizerConfig
 from stage1_tokenizer.train import active_codes
 
-from conftest import launch_two_processes
+from conftest import HostReads, launch_two_processes
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -338,3 +338,46 @@ def _ddp_worker():
 
 def test_every_kind_trains_under_ddp_with_identical_state():
     launch_two_processes(__file__, "_ddp_worker")
+
+
+# ---- nothing read back to the host in training ---------------------------------------------------------
+@pytest.mark.parametrize("kind", list(EXAMPLES))
+def test_a_training_step_never_reads_the_device(kind):
+    """The forward and backward of a training step of every kind (EMA updates, dead-code restarts, usage counts,
+    the finiteness check, rvq's stage dropout) stay on the device: a host read empties a GPU's queue mid-step."""
+    model = make_hvqvae(kind).train()
+    x = torch.rand(4, 1, 16, 16)
+    model(x).loss.backward()  # k-means init (not in these configs) may read the device until it has run
+    quantizers = [m for m in model.modules() if isinstance(m, VectorQuantizer)]
+    restarts = sum(int(q.restarts) for q in quantizers)
+    with HostReads() as host:
+        model(x).loss.backward()
+    assert host.reads == []
+    if kind == "vq":  # the premise: this step restarted dead codes (32 codes, 16 and 64 features a level)
+        assert sum(int(q.restarts) for q in quantizers) > restarts
+
+
+def test_a_non_finite_batch_is_skipped_without_reading_the_device():
+    model = make_hvqvae("vq").train()
+    x = torch.rand(4, 1, 16, 16)
+    model(x)
+    x[0, 0, 3, 3] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "quantizer" in k and "skipped" not in k}
+    with HostReads() as host:
+        model(x)
+    assert host.reads == []
+    assert [int(q.skipped_updates) for q in model.quantizers] == [1, 1]
+    for name, value in before.items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("kind", list(EXAMPLES))
+def test_a_training_forward_compiles_to_one_graph(kind):
+    """torch.compile (the trainer's dynamo_backend) sees the whole training forward as one graph, quantizer
+    state updates included: no graph breaks, so CUDA graphs (dynamo_mode reduce-overhead) can replay all of it.
+    (rvq's stage dropout draws its stage count on the host, outside the graph: that is its one break.)"""
+    torch._dynamo.reset()
+    quantizer = {**EXAMPLES[kind], "quantizer_dropout": 0.0} if kind == "rvq" else EXAMPLES[kind]
+    explanation = torch._dynamo.explain(make_hvqvae(kind, quantizer=quantizer).train())(torch.rand(4, 1, 16, 16))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1

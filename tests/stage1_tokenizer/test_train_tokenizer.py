@@ -13,11 +13,15 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
+from harness import loop
 from harness.checkpoints import verify_checkpoint
+from harness.config import config_from_dict
 from harness.devices import resolve_mixed_precision
 from stage1_tokenizer import evaluate, train
 from stage1_tokenizer.registry import training_data
 from stage1_tokenizer.vqvae import VQVAE
+
+from conftest import HostReads
 
 TINY = {
     "model": {"modality": "image", "in_channels": 1, "channels": [8, 8], "num_res_blocks": 1, "factors": [4, 4],
@@ -341,6 +345,34 @@ def test_a_compiled_model_trains_the_same_and_resumes(tmp_path, crash_after_chec
     disarm()
     resumed = run(tmp_path / "crashed", "--resume")
     assert_same_weights(weights(resumed / "model.safetensors"), weights(compiled / "model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["vqvae", "hvqvae"])
+def test_a_train_step_reads_the_device_once(tmp_path, arch):
+    """Forward, loss, backward, clipping and the optimizer step of a tokenizer read nothing back to the host but
+    the bad-step guard's one flag (is this step's loss finite on every rank?): on a GPU the queue then empties once
+    a step, and a compiled step has nothing in it that breaks its graph."""
+    values = json.loads(json.dumps(TINY))
+    if arch == "hvqvae":
+        values.update(arch="hvqvae", level_dropout_steps=10)
+        values["model"].update(hidden=8, factors=[[2, 2], [2, 2]], level_dropout=0.5)
+    cfg = config_from_dict(train.TokenizerTrainConfig, values)
+    accelerator = loop.make_accelerator(tmp_path, "no", 1, log_with="none")
+    state, guard = train.build(cfg, accelerator), loop.BadStepGuard(cfg.max_bad_steps)
+    batch = {"x": torch.rand(8, 1, 16, 16)}
+    assert train.train_step(state, batch, accelerator, guard) is not None
+    with HostReads() as host:
+        assert train.train_step(state, batch, accelerator, guard) is not None
+    assert [(call, where.split(":")[0]) for call, where in host.reads] == [("item", "harness/loop.py")], host.reads
+
+
+def test_dynamo_mode_reaches_torch_compile_and_a_bad_one_is_refused(tmp_path):
+    accelerator = loop.make_accelerator(tmp_path, "no", 1, log_with="none", dynamo_backend="inductor",
+                                        dynamo_mode="reduce-overhead")
+    assert accelerator.state.dynamo_plugin.to_kwargs()["mode"] == "reduce-overhead"
+    loop.make_accelerator(tmp_path, "no", 1, log_with="none")  # leave no compile backend to the next test
+    with pytest.raises(ValueError, match="dynamo_mode must be one of default, reduce-overhead"):
+        run(tmp_path / "run", "--config", str(write_config(tmp_path, dynamo_mode="fast")))
 
 
 @pytest.mark.slow

@@ -184,7 +184,8 @@ def speed_contenders(peer_path: str, size: int, batch: int, tmp: Path, mixed_pre
     """The rows of the speed table. The peer as it ships (fp32) comes first: every "vs peer" is against it.
 
     ``mixed_precision="bf16"`` times tokgen as ``--mixed-precision bf16`` trains it, next to the same models
-    in fp32 and the peer in both; the two slow earlier tokgen models are left out of that run and of a GPU's.
+    in fp32 and the peer in both; the two slow earlier tokgen models are left out of that run, a GPU's and a
+    compiled one.
     ``dynamo_backend`` adds a compiled twin of each tokgen row in ``mixed_precision`` (``compiled_name``).
     tokgen's sides are on the device Accelerate picks (a GPU where there is one), the peer's on ``device``."""
     vqvae_class = import_peer(peer_path)

@@ -13,7 +13,7 @@ comes from a generator seeded by a saved seed (drawn at construction, which a se
 identically on every rank) and a saved draw counter, so every rank draws the same k with no communication, and a
 resumed run continues the same sequence. Both live in buffers (saved with the model) and in host copies (read from
 the buffers once, after construction or a load), so a draw never reads a GPU. Under torch.compile the draw runs
-outside the graph, and the graph specialises on k (one graph per stage count).
+outside the graph (a graph break in each training forward), and what follows is compiled once per stage count k.
 
 Gradients: each stage's output is straight-through on its own input and the next residual is not detached (as in
 DAC), so without projections d z_q / d z is the identity, and with them every stage's projections learn.

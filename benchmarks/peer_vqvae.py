@@ -231,9 +231,10 @@ def speed_worker(peer_path: str, size: int, batch: int, repeats: int, mixed_prec
         sides = speed_contenders(peer_path, size, batch, Path(tmp), mixed_precision, device, dynamo_backend,
                                  dynamo_mode)
         fns, flops, params, compile_seconds = {}, {}, {}, {}
+        eager_twin = {compiled_name(n, dynamo_backend): n for n in sides} if dynamo_backend else {}
         for name, side in sides.items():
             params[name] = sum(p.numel() for p in side.parameters())
-            twin = next((n for n in sides if dynamo_backend and compiled_name(n, dynamo_backend) == name), None)
+            twin = eager_twin.get(name)
             if twin is not None:  # compiled: the train step only, its FLOPs its eager twin's
                 compile_seconds[name] = _timed(lambda side=side: side.train_step(x), COMPILE_WARMUP_STEPS, device)()
                 flops[f"{name}|train"] = flops[f"{twin}|train"]

@@ -1,9 +1,10 @@
 """Are a demo's samples as recognizable as its tokenizer allows? The judge on real, reconstructed and sampled items.
 
-Method: ``pipelines.judge`` trains its classifier on the real training items of the demo's dataset (the
-tokenizer's resolved training config, at the demo's export size), with the demo's seed. It then labels
-every held-out real item, the tokenizer's reconstruction of each of them, and the demo's samples
-(``samples.npy`` with ``labels.npy``). Reconstruction accuracy is the most the samples can be expected to reach.
+Method: ``pipelines.judge`` trains its classifiers on the real training items of the demo's dataset (the
+tokenizer's resolved training config, at the demo's export size), seeded by ``--seed`` (0: the demo's judge). It then
+labels every held-out real item, the tokenizer's reconstruction of each of them, and the demo's samples as written
+(``samples.npy`` with ``labels.npy``; the spoken-digits demo writes 100 of the 400 it judges). Reconstruction accuracy
+is the most the samples can be expected to reach.
 A last column checks the judge itself: the real items with white noise at ``NOISE_SNR_DB`` (relative to
 each item's RMS; clearly audible or visible, but leaving the class obvious to a person) should be labelled
 about as well as the clean ones.

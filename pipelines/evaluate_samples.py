@@ -41,7 +41,7 @@ from data.pictures import save_comparison
 from harness.devices import add_device_arguments
 from harness.output import Stages, add_output_arguments, emit, log
 from pipelines.evaluate import data_options, dataset_options
-from pipelines.judge import judge
+from pipelines.judge import NUM_JUDGES, judge
 from pipelines.pipeline import TokgenPipeline
 from pipelines.sample import generate, write_outputs
 from stage1_tokenizer.fidelity import (FVD_MIN_FRAMES, FVD_WEIGHTS_ENV, I3DFeatures, VGGFeatures, audio_features,
@@ -84,6 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--closest", type=int, default=16, help="pairs shown in closest_pairs.png (default: 16)")
     p.add_argument("--judge-steps", type=int, default=600, help="training steps of the judge (default: 600, "
                                                                 "as the demo's)")
+    p.add_argument("--judges", type=int, default=NUM_JUDGES,
+                   help=f"classifiers the judge averages (default: {NUM_JUDGES}, as the demo's: one alone moves "
+                        "by several points with its seed)")
+    p.add_argument("--judge-seed", type=int, default=0,
+                   help="seeds the judge's classifiers, apart from the draws: the same judge for every --seed "
+                        "(default: 0, as the demo's)")
     p.add_argument("--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION,
                    help="share of a folder's files (a shard set's samples) held out, by a stable hash of the path "
                         f"(default: {DEFAULT_EVAL_FRACTION})")
@@ -106,7 +112,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         if value is not None and value < 2:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 2 (a Frechet distance needs two items a set), "
                              f"got {value}")
-    for name in ("batch_size", "pairs", "closest", "judge_steps"):
+    for name in ("batch_size", "pairs", "closest", "judge_steps", "judges"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
@@ -354,7 +360,7 @@ def diversity(samples: torch.Tensor, held_out: torch.Tensor, feats: tuple[torch.
 
 
 def judge_samples(pipe: TokgenPipeline, train_set, train: RealItems, held_out: RealItems, samples: torch.Tensor,
-                  labels: torch.Tensor, steps: int, seed: int) -> dict:
+                  labels: torch.Tensor, steps: int, seed: int, num_judges: int) -> dict:
     """The judge of ``pipelines.judge`` (trained on the training split, as the demo trains it; a stream's
     ``train`` items when it has no length) on the held-out items and the samples (N, C, *S) asked for labels (N,)."""
     if int(held_out.labels.min()) < 0:
@@ -365,11 +371,11 @@ def judge_samples(pipe: TokgenPipeline, train_set, train: RealItems, held_out: R
                          f"[0, {pipe.num_classes})")
     source = train.as_samples() if isinstance(train_set, IterableDataset) else train_set
     result = judge(source, held_out.as_samples(), samples.float(), labels, pipe.modality, pipe.num_classes,
-                   sample_rate=pipe.tokenizer.sample_rate, steps=steps, seed=seed).to_dict()
+                   sample_rate=pipe.tokenizer.sample_rate, steps=steps, seed=seed, num_judges=num_judges).to_dict()
     names = pipe.class_names or [str(c) for c in range(pipe.num_classes)]
     per_class = result.pop("per_class_sample_accuracy")
     result["per_class_sample_accuracy"] = {n: (None if a != a else a) for n, a in zip(names, per_class)}  # NaN: none
-    return {**result, "steps": steps}
+    return {**result, "steps": steps, "seed": seed}
 
 
 def write_pictures(pipe: TokgenPipeline, out: Path, samples: torch.Tensor, codes: list[torch.Tensor],
@@ -415,7 +421,7 @@ def evaluate_samples(pipe: TokgenPipeline, args: argparse.Namespace, fvd_weights
                "distance_to_real": distance}
     if labels is not None:
         metrics["judge"] = stages.run("judge", judge_samples, pipe, train_set, train, held_out, samples, labels,
-                                      args.judge_steps, args.seed)
+                                      args.judge_steps, args.judge_seed, args.judges)
     metrics["diversity"] = stages.run("diversity", diversity, samples, held_out.x, (feats[0], feats[1]), codes,
                                       pipe.modality, args.pairs, args.seed, pipe.device)
     metrics["memorization"] = {**mem.to_dict(len(train.x), args.closest), "num_train_cap": args.num_train}

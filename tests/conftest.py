@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from pipelines.cli import main as tokgen_main  # noqa: E402
 from pipelines.pipeline import TokgenPipeline  # noqa: E402
 from stage1_tokenizer import (HierarchicalVQVAE, HierarchicalVQVAEConfig, QuantizerConfig, VQVAE,  # noqa: E402
                               VQVAEConfig)
@@ -85,6 +86,18 @@ class Tiny:
                                                        num_heads=num_heads, **config)).eval()
 
     @staticmethod
+    def prior_inputs(prior, batch: int = 2, seed: int = 1):
+        """Random (codes (B, *grid), class labels (B,) or None, upper-level codes (B, *cond_grid) or None) for
+        ``prior``'s config, from their own generator."""
+        g = torch.Generator().manual_seed(seed)
+        cfg = prior.config
+        codes = torch.randint(0, cfg.vocab_size, (batch, *cfg.grid_shape), generator=g)
+        labels = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
+        cond = (torch.randint(0, cfg.cond_vocab_size, (batch, *cfg.cond_grid_shape), generator=g)
+                if cfg.cond_vocab_size else None)
+        return codes, labels, cond
+
+    @staticmethod
     def scale_up(model, scale: float = 0.3):
         """Adds N(0, scale^2) noise to every weight (torch's RNG): larger weights than an init's, so that every
         input visibly moves the outputs. Returns the model, in eval mode."""
@@ -140,6 +153,19 @@ def fresh_accelerate():
     reset for tests that run several trainings."""
     yield reset_accelerate
     reset_accelerate()
+
+
+def tokgen(*args) -> int:
+    """``tokgen ARGS`` in-process (each argument ``str``-ed, so paths and numbers pass as they are); its exit code."""
+    return tokgen_main([str(a) for a in args])
+
+
+@pytest.fixture
+def quiet_cli(monkeypatch, one_thread, fresh_accelerate):
+    """Tests of the ``tokgen`` commands: no progress bars, no debug tracebacks, one thread, Accelerate reset after."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("TQDM_MININTERVAL", "20")  # cli.main would set it for the rest of the session
+    monkeypatch.delenv("TOKGEN_DEBUG", raising=False)
 
 
 class CheckpointCrash(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +13,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipelines.cli import main
+from pipelines.demo import DEMOS
 from pipelines.pipeline import TokgenPipeline
 from stage1_tokenizer.perceptual import find_backbone
 from stage2_prior.transformer import TransformerPrior
 
+from conftest import tokgen
+
+pytestmark = pytest.mark.usefixtures("quiet_cli")
+
 INPUT = (1, 16, 16)
 TINY_PRIOR = {"arch": "transformer", "model": {"dim": 16, "num_layers": 1, "num_heads": 2}, "batch_size": 8,
               "max_steps": 6, "checkpoint_every": 3, "eval_every": 3, "warmup_steps": 1}
-
-
-@pytest.fixture(autouse=True)
-def _quiet_and_fresh(monkeypatch, one_thread, fresh_accelerate):
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.setenv("TQDM_MININTERVAL", "20")  # cli.main would set it for the rest of the session
-    monkeypatch.delenv("TOKGEN_DEBUG", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +33,6 @@ def pipe_dir(tmp_path_factory, tiny) -> Path:
     path = tmp_path_factory.mktemp("pipe") / "pipe"
     TokgenPipeline(tiny.vqvae(), [prior], INPUT, class_names=["a", "b", "c"]).save_pretrained(path)
     return path
-
-
-def tokgen(*args) -> int:
-    return main([str(a) for a in args])
 
 
 def level0(path) -> np.ndarray:
@@ -416,19 +410,26 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="spoken-digits needs espeak-ng (make install)")
-def test_spoken_digits_demo_samples_the_first_stages_of_words_cut_as_held_out(tmp_path, capsys):
+def test_spoken_digits_demo_samples_the_first_stages_of_words_cut_as_held_out(tmp_path, capsys, monkeypatch):
     """The spoken-digits demo: a residual tokenizer of 4 stages, tokens of the first 2 exported from the window
-    around each word, a prior and a pipeline at that depth, kbps and STOI reported, the judge on reconstructions."""
+    around each word, a prior and a pipeline at that depth, kbps and STOI reported, the judge on reconstructions;
+    every sample judged and measured, the first of each class written as files."""
+    monkeypatch.setitem(DEMOS, "spoken-digits", replace(DEMOS["spoken-digits"], written_per_class=1))
     out = tmp_path / "demo"
     assert tokgen("demo", "--dataset", "spoken-digits", "--out", out, "--tokenizer-steps", 2, "--prior-steps", 2,
-                  "--samples-per-class", 1) == 0
+                  "--samples-per-class", 2) == 0
     assert "over the first 2 of 4 stages (8.0 kbps)" in capsys.readouterr().out
     manifest = json.loads((out / "tokens" / "manifest.json").read_text())
     assert manifest["levels"][0]["depth"] == 2 and manifest["input_shape"] == [1, 8192]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tokenizer"]["bitrate_kbps"] == 16.0 and 0 <= metrics["tokenizer"]["stoi"] <= 1
     assert metrics["prior"]["stages"] == 2 and metrics["prior"]["bitrate_kbps"] == 8.0
-    assert 0 <= metrics["sampling"]["judge"]["reconstruction_accuracy"] <= 1
+    s = metrics["sampling"]
+    assert 0 <= s["judge"]["reconstruction_accuracy"] <= 1 and s["guidance"] == 1.5
+    assert s["num_samples"] == s["judge"]["num_samples"] == s["distance_to_real"]["num_samples"] == 20
+    assert s["num_written"] == 10 and len(list(out.glob("sample_*.wav"))) == 10
+    assert np.load(out / "samples.npy").shape == (10, 1, 8192)
+    assert np.load(out / "labels.npy").tolist() == list(range(10))
     with np.load(out / "codes.npz") as codes:
         assert codes["level_0"].shape == (10, 256, 2)
     assert TokgenPipeline.from_pretrained(out / "pipeline").code_depth == 2

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import build_dataset
-from pipelines.judge import DYNAMIC_RANGE_DB, features, judge
+from pipelines.judge import DYNAMIC_RANGE_DB, NUM_JUDGES, features, judge, train_judge
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,17 +22,29 @@ def test_judge_tells_right_labels_from_wrong_ones():
     bad = judge(train, held_out, x, wrong, "image", 10, steps=200)
     assert good.real_accuracy > 0.85 and good.sample_accuracy > 0.85
     assert bad.sample_accuracy < 0.1 and bad.real_accuracy == good.real_accuracy  # deterministic per seed
-    assert len(good.per_class_sample_accuracy) == 10 and good.num_samples == 100
+    assert len(good.per_class_sample_accuracy) == 10 and good.num_samples == 100 and good.num_judges == NUM_JUDGES
     assert "reconstruction_accuracy" not in good.to_dict()  # no tokenizer given
+
+
+def test_the_judge_averages_the_log_probabilities_of_classifiers_seeded_in_turn():
+    """An ensemble of two, seeded 3: the mean of the judges of one classifier seeded 3 and 4 (which differ)."""
+    train = build_dataset("digits", split="train", size=8, channels=1)
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    alone = [train_judge(train, "image", 10, steps=20, seed=seed, num_judges=1).log_probs(x) for seed in (3, 4)]
+    pair = train_judge(train, "image", 10, steps=20, seed=3, num_judges=2)
+    assert len(pair.models) == 2 and not torch.allclose(alone[0], alone[1], atol=1e-3)
+    assert torch.allclose(pair.log_probs(x), (alone[0] + alone[1]) / 2, atol=1e-5)
+    assert torch.equal(pair.log_probs(x), train_judge(train, "image", 10, steps=20, seed=3, num_judges=2).log_probs(x))
 
 
 def test_judge_scores_a_tokenizers_reconstructions_of_the_held_out_items():
     train = build_dataset("digits", split="train", size=8, channels=1)
     held_out = build_dataset("digits", split="eval", size=8, channels=1)
     x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
-    exact = judge(train, held_out, x, y, "image", 10, steps=200, reconstruct=lambda b: b, reconstruct_batch=7)
+    exact = judge(train, held_out, x, y, "image", 10, steps=200, reconstruct=lambda b: b, reconstruct_batch=7,
+                  num_judges=1)
     assert exact.reconstruction_accuracy == exact.real_accuracy  # a perfect tokenizer keeps every verdict
-    blank = judge(train, held_out, x, y, "image", 10, steps=200, reconstruct=torch.zeros_like)
+    blank = judge(train, held_out, x, y, "image", 10, steps=200, reconstruct=torch.zeros_like, num_judges=1)
     assert blank.reconstruction_accuracy < 0.2 and blank.to_dict()["reconstruction_accuracy"] < 0.2
 
 
@@ -59,9 +71,9 @@ def test_video_judge_labels_clips_by_their_frames():
                              length=100, max_digits=1)
     x = torch.stack([held_out[i]["x"] for i in range(100)])
     right = torch.tensor([held_out[i]["label"] for i in range(100)])
-    found = judge(train, held_out, x, right, "video", 10, steps=300)
+    found = judge(train, held_out, x, right, "video", 10, steps=300, num_judges=1)
     assert found.real_accuracy == found.sample_accuracy > 0.6  # chance is 0.1
-    shuffled = judge(train, held_out, x[:, :, torch.randperm(4)], right, "video", 10, steps=300)
+    shuffled = judge(train, held_out, x[:, :, torch.randperm(4)], right, "video", 10, steps=300, num_judges=1)
     assert shuffled.sample_accuracy == found.sample_accuracy  # frames are views: their order does not matter
 
 

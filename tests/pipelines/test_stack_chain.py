@@ -12,7 +12,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipelines.cli import main
+from conftest import tokgen
+
+pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 STAGES, K = 2, 16
 QUANTIZER = {"kind": "rvq", "num_stages": STAGES, "codebook_size": K, "dim": 8}
@@ -22,17 +24,6 @@ PRIORS = {
     "pixelcnn": {"channels": 8, "head_channels": 8, "num_layers": 2, "kernel_size": 3},
     "wavenet": {"channels": 8, "skip_channels": 8, "head_channels": 8, "layers_per_cycle": 2, "num_cycles": 1},
 }
-
-
-def tokgen(*args) -> int:
-    return main([str(a) for a in args])
-
-
-@pytest.fixture(autouse=True)
-def _quiet_and_fresh(monkeypatch, one_thread, fresh_accelerate):
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.setenv("TQDM_MININTERVAL", "20")
-    monkeypatch.delenv("TOKGEN_DEBUG", raising=False)
 
 
 def write_json(path: Path, value: dict) -> Path:

@@ -12,20 +12,12 @@ import pytest
 from PIL import Image
 
 from data import build_image_dataset
-from pipelines.cli import main
+
+from conftest import tokgen
+
+pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 SIZES = [(64, 64), (80, 96), (72, 64), (96, 128), (64, 90), (100, 70), (64, 64)]
-
-
-def tokgen(*args) -> int:
-    return main([str(a) for a in args])
-
-
-@pytest.fixture(autouse=True)
-def _quiet_and_fresh(monkeypatch, one_thread, fresh_accelerate):
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.setenv("TQDM_MININTERVAL", "20")
-    monkeypatch.delenv("TOKGEN_DEBUG", raising=False)
 
 
 def photo_folder(root: Path) -> Path:

@@ -13,6 +13,8 @@ from stage2_prior.sampling import sample
 from stage2_prior.train import PriorTrainConfig, model_config
 from stage2_prior.wavenet import WaveNetPriorConfig, WaveNetPrior
 
+from conftest import Tiny
+
 V = 11  # vocabulary
 CLASSES = 3
 COND_V = 5
@@ -49,14 +51,7 @@ def make_wavenet(length=24, conditional=True, seed=0, **kw) -> WaveNetPrior:
     return _perturb(WaveNetPrior(cfg), seed)
 
 
-def inputs(prior, batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    cfg = prior.config
-    codes = torch.randint(0, cfg.vocab_size, (batch, *cfg.grid_shape), generator=g)
-    labels = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
-    cond = (torch.randint(0, cfg.cond_vocab_size, (batch, *cfg.cond_grid_shape), generator=g)
-            if cfg.cond_vocab_size else None)
-    return codes, labels, cond
+inputs = Tiny.prior_inputs
 
 
 PRIORS = {

@@ -12,6 +12,8 @@ from stage2_prior.registry import load_prior
 from stage2_prior.sampling import filter_logits, sample
 from stage2_prior.transformer import Attention, TransformerPrior, TransformerPriorConfig
 
+from conftest import Tiny
+
 V = 11  # vocabulary
 CLASSES = 3
 COND_V = 5
@@ -38,14 +40,7 @@ def make_prior(grid=(4, 5), num_classes=CLASSES, cond=True, seed=0, **kw) -> Tra
     return prior
 
 
-def inputs(prior, batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    cfg = prior.config
-    codes = torch.randint(0, cfg.vocab_size, (batch, *cfg.grid_shape), generator=g)
-    labels = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
-    cond = (torch.randint(0, cfg.cond_vocab_size, (batch, *cfg.cond_grid_shape), generator=g)
-            if cfg.cond_vocab_size else None)
-    return codes, labels, cond
+inputs = Tiny.prior_inputs
 
 
 # ---- causality ---------------------------------------------------------------------------------

@@ -137,6 +137,8 @@ def train_judge(train_set, modality: str, num_classes: int, sample_rate: int = D
                 batch_size: int = 32, seed: int = 0, max_items: int = 2000, num_judges: int = NUM_JUDGES) -> Judge:
     """Train ``num_judges`` classifiers (seeds ``seed``, ``seed + 1``, ...) on the views of ``train_set``'s real
     labelled items, ``batch_size`` random views per step. Deterministic for a seed."""
+    if num_judges < 1:
+        raise ValueError(f"the judge needs at least one classifier, got num_judges={num_judges}")
     with torch.random.fork_rng():
         # training datasets crop at random from the global RNG: seed it so the judge does not depend on
         # what ran before it (the demo and benchmarks.judge then train the same classifiers)

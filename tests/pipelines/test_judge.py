@@ -77,7 +77,9 @@ def test_video_judge_labels_clips_by_their_frames():
     assert shuffled.sample_accuracy == found.sample_accuracy  # frames are views: their order does not matter
 
 
-def test_judge_needs_labels():
+def test_judge_needs_labels_and_a_classifier():
     unlabelled = [{"x": torch.rand(1, 8, 8), "label": -1, "key": "a", "skipped": False}]
     with pytest.raises(ValueError, match="labelled"):
         judge(unlabelled, unlabelled, torch.rand(1, 1, 8, 8), torch.zeros(1, dtype=torch.long), "image", 10, steps=1)
+    with pytest.raises(ValueError, match="at least one classifier"):
+        train_judge(build_dataset("digits", split="train", size=8, channels=1), "image", 10, steps=1, num_judges=0)

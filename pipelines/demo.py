@@ -40,7 +40,8 @@ class DemoSpec:
     priors: tuple[str, ...]  # preset name of each level's prior config, top first
     samples_per_class: int = 10  # class-conditional datasets: a row per class
     # class-conditional datasets: the first samples of each class written as files and pictures (None: all of them);
-    # the judge and the sample measures take every sample (400 judge to +-2 points, 100 to +-4)
+    # the judge and the sample measures take every sample (the draw moves a share of 400 by about +-2 points, of 100
+    # by +-4)
     written_per_class: int | None = None
     num_samples: int = 8  # unconditional datasets
     export_size: int | None = None  # input size for the token export; None = the training size
@@ -68,8 +69,8 @@ DEMOS = {
     # The tokenizer (4 residual stages, 16 kbit/s) trains on random 0.26 s windows (half the cost per step); tokens
     # are exported for the 0.51 s window that holds most of each spoken digit (as the held-out clips are cut), and
     # the prior learns and samples the first 2 stages of them (8 kbit/s): BENCHMARKS.md §16.
-    # Guidance 1.5 rather than 2: over ten demo pipelines its 400 samples sit 23% closer to the real clips and are
-    # judged right as often or more (BENCHMARKS.md §16g, §16h).
+    # Guidance 1.5 rather than 2: the same draws of five demo pipelines sit 15-27% closer to the real clips and are
+    # judged right more often (BENCHMARKS.md §16g, §16h).
     "spoken-digits": DemoSpec("tokenizer-spoken-digits", ("prior-spoken-digits",), samples_per_class=40,
                               written_per_class=10, export_size=8192, guidance=1.5,
                               export_options={"window": "loudest"}, export_stages=2),
@@ -150,18 +151,18 @@ class DemoSamples:
     settings: dict
 
 
-def _written(labels: torch.Tensor, per_class: int, written_per_class: int | None) -> torch.Tensor:
-    """Indices of the first ``written_per_class`` samples of each class (all when None), of ``labels`` (N,) laid out
-    as ``per_class`` samples of each class in turn."""
+def _written(num: int, per_class: int, written_per_class: int | None) -> torch.Tensor:
+    """Indices of the first ``written_per_class`` samples of each class (all when None), of ``num`` samples laid out
+    as ``per_class`` of each class in turn."""
     keep = per_class if written_per_class is None else min(per_class, written_per_class)
-    return torch.nonzero(torch.arange(len(labels)) % per_class < keep).flatten()
+    return torch.nonzero(torch.arange(num) % per_class < keep).flatten()
 
 
 def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages) -> DemoSamples:
     if pipe.num_classes:
         per_class = args.samples_per_class or spec.samples_per_class
         labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
-        num, written = len(labels), _written(labels, per_class, spec.written_per_class)
+        num, written = len(labels), _written(len(labels), per_class, spec.written_per_class)
         nrow = len(written) // pipe.num_classes
     else:
         num = args.num or spec.num_samples

@@ -40,7 +40,7 @@ def pipes(tmp_path_factory, tiny) -> dict:
 def test_cli_writes_metrics_and_pictures(pipes, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate-samples", str(pipes["cond"]), "--data", "digits", "--num", "10", "--out", str(out),
-                 "--seed", "3", "--temperature", "0.9", "--json", *FAST]) == 0
+                 "--seed", "3", "--temperature", "0.9", "--judges", "2", "--judge-seed", "7", "--json", *FAST]) == 0
     printed = json.loads(capsys.readouterr().out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert printed == metrics
@@ -50,6 +50,7 @@ def test_cli_writes_metrics_and_pictures(pipes, tmp_path, capsys):
     assert d["fd_vgg16"] > 0 and d["fd_vgg16_train_vs_held_out"] >= 0 and d["num_held_out"] == 10
     j = metrics["judge"]
     assert 0 <= j["sample_accuracy"] <= 1 and 0 <= j["real_accuracy"] <= 1 and j["num_samples"] == 10
+    assert (j["num_judges"], j["seed"], j["steps"]) == (2, 7, 5)  # the judge's seed is its own, not the draws'
     assert list(j["per_class_sample_accuracy"]) == [str(c) for c in range(10)]  # one sample per class
     v = metrics["diversity"]
     assert v["lpips_samples"] > 0 and v["feature_distance_samples"] > 0 and v["num_pairs"] == 20
@@ -113,6 +114,7 @@ def test_audio_diversity_uses_features_only():
 @pytest.mark.parametrize("extra, message", [
     (["--num", "0"], "--num must be >= 2"),
     (["--num-train", "1"], "--num-train must be >= 2"),
+    (["--judges", "0"], "--judges must be >= 1"),
     (["--data", "spoken-digits"], "spoken-digits is audio data, but this pipeline makes image"),
     (["--guidance", "2"], "for class-conditional pipelines"),
 ])

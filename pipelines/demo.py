@@ -158,6 +158,12 @@ def _written(num: int, per_class: int, written_per_class: int | None) -> torch.T
     return torch.nonzero(torch.arange(num) % per_class < keep).flatten()
 
 
+def _written_note(written: torch.Tensor, num: int) -> dict:
+    """When only some draws are written: which ones (``sample_000`` is draw ``written[0]``...); the judge's per-class
+    figures and the memorization's sample numbers count every draw."""
+    return {} if len(written) == num else {"written_draws": written.tolist()}
+
+
 def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages) -> DemoSamples:
     if pipe.num_classes:
         per_class = args.samples_per_class or spec.samples_per_class
@@ -204,8 +210,9 @@ def run(args: argparse.Namespace) -> dict:
         "modality": pipe.modality,
         "tokenizer": _tokenizer_summary(tok_metrics),
         "prior": {**_prior_summary(prior_runs), **_prior_stages(pipe, tok_metrics)},
-        "sampling": {"num_samples": samples.shape[0], "num_written": len(shown), "seconds": drawn.seconds,
-                     **drawn.settings, "tokens_per_s": samples.shape[0] * pipe.num_tokens / drawn.seconds,
+        "sampling": {"num_samples": samples.shape[0], "num_written": len(shown), **_written_note(shown, len(samples)),
+                     "seconds": drawn.seconds, **drawn.settings,
+                     "tokens_per_s": samples.shape[0] * pipe.num_tokens / drawn.seconds,
                      **({"judge": judged} if judged else {}), **measured},
         "timing": {**stages.times, "total_s": round(time.perf_counter() - started, 2)},
     }

@@ -395,6 +395,7 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
                          ("prior", "bits_per_dim"), ("sampling", "tokens_per_s"), ("timing", "total_s")]:
         assert isinstance(metrics[section][key], (int, float)), (section, key)
     assert metrics["sampling"]["guidance"] == 2.0 and metrics["sampling"]["temperature"] == 1.0
+    assert metrics["sampling"]["num_written"] == 10 and "written_draws" not in metrics["sampling"]  # all of them
     s = metrics["sampling"]  # with the backbones: what `tokgen evaluate-samples` reports, on the demo's samples
     if measured:
         assert metrics["tokenizer"]["fd_vgg16"] > 0 and metrics["tokenizer"]["lpips"] > 0
@@ -428,6 +429,7 @@ def test_spoken_digits_demo_samples_the_first_stages_of_words_cut_as_held_out(tm
     assert 0 <= s["judge"]["reconstruction_accuracy"] <= 1 and s["guidance"] == 1.5
     assert s["num_samples"] == s["judge"]["num_samples"] == s["distance_to_real"]["num_samples"] == 20
     assert s["num_written"] == 10 and len(list(out.glob("sample_*.wav"))) == 10
+    assert s["written_draws"] == list(range(0, 20, 2))  # the first of each digit's two draws
     assert np.load(out / "samples.npy").shape == (10, 1, 8192)
     assert np.load(out / "labels.npy").tolist() == list(range(10))
     with np.load(out / "codes.npz") as codes:

@@ -75,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "(default: 0)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="divides the logits: < 1 sharper, > 1 more varied (default: 1)")
+    p.add_argument("--top-k", type=int, help="draw among the k most likely codes only, as tokgen sample "
+                                             "(default: all)")
+    p.add_argument("--top-p", type=float, help="draw among the smallest set of codes reaching probability p, as "
+                                               "tokgen sample (default: all)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale: 1 = none (default: 1; the demos sample with theirs, "
                         "see their metrics.json)")
@@ -115,6 +119,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("batch_size", "pairs", "closest", "judge_steps", "judges"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    sampling_options(args)  # a bad temperature, top-k or top-p: before the real items are read
+
+
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """The draws' options from the command line (checked by ``SamplingOptions``)."""
+    return SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           guidance=args.guidance)
 
 
 def check_source(data: str, modality: str) -> None:
@@ -403,7 +414,7 @@ def evaluate_samples(pipe: TokgenPipeline, args: argparse.Namespace, fvd_weights
     stages, started = Stages("evaluate-samples: {}"), time.perf_counter()
     held_out, train, train_set = stages.run("read real items", load_real, pipe, args)
     labels = sample_labels(pipe, args.num)
-    options = SamplingOptions(temperature=args.temperature, guidance=args.guidance)
+    options = sampling_options(args)
     samples, codes, seconds = stages.run("sample", generate, pipe, args.num, labels, args.seed, args.batch_size,
                                          options, quiet=args.quiet)
     space = stages.run("load features", FeatureSpace.for_pipeline, pipe)
@@ -415,7 +426,8 @@ def evaluate_samples(pipe: TokgenPipeline, args: argparse.Namespace, fvd_weights
         i3d = stages.run("load I3D", I3DFeatures, fvd_weights).to(pipe.device)
         distance.update(stages.run("FVD", fvd_to_real, i3d, samples, held_out.x, train.x))
     metrics = {"sampling": {"num_samples": args.num, "seed": args.seed, "temperature": args.temperature,
-                            "guidance": args.guidance, "batch_size": args.batch_size, "seconds": round(seconds, 2),
+                            "top_k": args.top_k, "top_p": args.top_p, "guidance": args.guidance,
+                            "batch_size": args.batch_size, "seconds": round(seconds, 2),
                             **({"per_class": torch.bincount(labels, minlength=pipe.num_classes).tolist()}
                                if labels is not None else {})},
                "distance_to_real": distance}

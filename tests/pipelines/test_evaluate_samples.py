@@ -10,7 +10,7 @@ from pipelines import evaluate_samples as ES
 from pipelines.cli import main
 from stage1_tokenizer.perceptual import find_backbone
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("quiet_cli")
 needs_vgg = pytest.mark.skipif(find_backbone("vgg") is None or find_backbone("alex") is None,
                                reason="the shared VGG16/AlexNet backbones are not here")
 
@@ -22,8 +22,6 @@ FAST = ["--num-train", "20", "--num-real", "10", "--pairs", "20", "--judge-steps
 def _small_features(monkeypatch):
     """VGG16 at 32x32 instead of 128x128: 16x cheaper, the same code path."""
     monkeypatch.setattr("stage1_tokenizer.fidelity.FEATURE_SIZE", 32)
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.delenv("TOKGEN_DEBUG", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +74,17 @@ def test_unconditional_pipeline_has_no_judge(pipes, tmp_path, capsys):
     assert "4 samples: fd_vgg16" in line and "possible copies" in line
 
 
+@needs_vgg
+def test_top_k_reaches_the_sampler(pipes, tmp_path):
+    """``--top-k 1`` draws the most likely code every time: four unconditional samples are one sample."""
+    out = tmp_path / "eval"
+    assert main(["evaluate-samples", str(pipes["uncond"]), "--data", "digits", "--num", "4", "--out", str(out),
+                 "--top-k", "1", *FAST]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["sampling"]["top_k"], metrics["sampling"]["top_p"]) == (1, None)
+    assert metrics["diversity"]["distinct_codes_all_levels"] == 0.25
+
+
 def test_memorization_flags_a_copy_of_a_training_item():
     g = torch.Generator().manual_seed(0)
     train, held_out = torch.randn(200, 64, generator=g), torch.randn(100, 64, generator=g)
@@ -115,6 +124,7 @@ def test_audio_diversity_uses_features_only():
     (["--num", "0"], "--num must be >= 2"),
     (["--num-train", "1"], "--num-train must be >= 2"),
     (["--judges", "0"], "--judges must be >= 1"),
+    (["--top-p", "0"], "top_p must lie in (0, 1]"),
     (["--data", "spoken-digits"], "spoken-digits is audio data, but this pipeline makes image"),
     (["--guidance", "2"], "for class-conditional pipelines"),
 ])

@@ -165,6 +165,24 @@ def _written_note(written: torch.Tensor, num: int) -> dict:
     return {} if len(written) == num else {"written_draws": written.tolist()}
 
 
+def check_arguments(args: argparse.Namespace, spec: DemoSpec) -> None:
+    """One clear line for counts and sampling options no demo can run with, before any training (a bad
+    ``--temperature`` would otherwise fail only at the sampling stage, minutes later)."""
+    for name in ("tokenizer_steps", "prior_steps", "samples_per_class", "num"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    sampling_options(args, spec)
+
+
+def sampling_options(args: argparse.Namespace, spec: DemoSpec) -> SamplingOptions:
+    """The dataset's sampling options with ``--temperature`` / ``--guidance`` over them (checked by
+    ``SamplingOptions``)."""
+    temperature = spec.temperature if args.temperature is None else args.temperature
+    guidance = spec.guidance if args.guidance is None else args.guidance
+    return SamplingOptions(temperature=temperature, guidance=guidance)
+
+
 def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages) -> DemoSamples:
     if pipe.num_classes:
         per_class = args.samples_per_class or spec.samples_per_class
@@ -174,17 +192,16 @@ def _sample_stage(args, spec: DemoSpec, pipe, stages: Stages) -> DemoSamples:
     else:
         num = args.num or spec.num_samples
         labels, written, nrow = None, torch.arange(num), min(8, num)
-    temperature = args.temperature or spec.temperature
-    guidance = spec.guidance if args.guidance is None else args.guidance
-    options = SamplingOptions(temperature=temperature, guidance=guidance)
+    options = sampling_options(args, spec)
     samples, codes, seconds = stages.run("sample", generate, pipe, num, labels, args.seed, 100, options,
                                          quiet=args.quiet)
     return DemoSamples(samples, codes, labels, written, nrow, seconds,
-                       {"temperature": temperature, "guidance": guidance})
+                       {"temperature": options.temperature, "guidance": options.guidance})
 
 
 def run(args: argparse.Namespace) -> dict:
     spec = DEMOS[args.dataset]
+    check_arguments(args, spec)
     out, stages, started = args.out, Stages(), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     cfg, model_dir, tokenizer, tok_metrics = _tokenizer_stage(args, spec, stages)

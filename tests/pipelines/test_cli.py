@@ -378,6 +378,19 @@ def test_train_prior_errors(tokens_dir, tmp_path, capsys, train_prior):
 
 
 # ---- tokgen demo ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "0"], "temperature must be > 0"),  # not silently the dataset's own temperature
+    (["--samples-per-class", "0"], "--samples-per-class must be >= 1"),
+    (["--prior-steps", "0"], "--prior-steps must be >= 1"),
+])
+def test_demo_bad_input_is_one_clear_line_before_any_training(tmp_path, capsys, extra, message):
+    out = tmp_path / "demo"
+    assert tokgen("demo", "--out", out, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing ran
+
+
 def test_demo_smoke(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("stage1_tokenizer.fidelity.FEATURE_SIZE", 32)  # VGG16 features 16x cheaper, same code path
     out = tmp_path / "demo"

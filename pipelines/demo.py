@@ -71,7 +71,7 @@ DEMOS = {
     # the prior learns and samples the first 2 stages of them (8 kbit/s): BENCHMARKS.md §16.
     # Guidance 1.5 rather than 2: the same draws of five demo pipelines sit 15-27% closer to the real clips and are
     # judged right more often (BENCHMARKS.md §16g, §16h). Temperature 0.9 rather than 1: 2,000 draws of each of
-    # five demo pipelines sit 21-25% closer and are judged right more often at all five (§16i).
+    # five demo pipelines sit 22-25% closer and are judged right more often at all five (§16i).
     "spoken-digits": DemoSpec("tokenizer-spoken-digits", ("prior-spoken-digits",), samples_per_class=40,
                               written_per_class=10, export_size=8192, guidance=1.5, temperature=0.9,
                               export_options={"window": "loudest"}, export_stages=2),

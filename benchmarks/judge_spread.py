@@ -1,7 +1,8 @@
 """How much does the sample judge move with its own seed? One pipeline's samples held fixed, many judges.
 
 Method: a demo's pipeline draws ``--per-class`` samples of each class (seeded ``--seed``, guidance ``--guidance``,
-batches of 100, as ``tokgen demo`` draws them). ``--classifiers`` classifiers of ``pipelines.judge`` (seeds 0, 1, ...,
+temperature ``--temperature``, batches of 100, as ``tokgen demo`` draws them; §16h's figures were drawn at
+temperature 1, the spoken-digits demo's until §16i). ``--classifiers`` classifiers of ``pipelines.judge`` (seeds 0, 1, ...,
 ``--steps`` steps each) are trained on the real training items of the demo's dataset, cut as the items its prior
 learned. Each labels the samples and the held-out real items. An ensemble of k averages the log-probabilities of k of
 them, as the judge does (``pipelines.judge.NUM_JUDGES``); the spread of k-ensembles is taken over ``--subsets``
@@ -53,12 +54,12 @@ def classifier_log_probs(judge: Judge, x: torch.Tensor) -> torch.Tensor:
 
 
 def run(pipeline: Path, dataset: str, guidance: float, seed: int, per_class: int, classifiers: int, steps: int,
-        subsets: int, ks: list[int]) -> dict:
+        subsets: int, ks: list[int], temperature: float = 1.0) -> dict:
     spec = DEMOS[dataset]
     cfg = items_config(config_from_dict(TokenizerTrainConfig, preset(spec.tokenizer)), spec)
     pipe = TokgenPipeline.from_pretrained(pipeline)
     labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
-    samples, _, _ = generate(pipe, len(labels), labels, seed, 100, SamplingOptions(guidance=guidance), quiet=True)
+    samples, _, _ = generate(pipe, len(labels), labels, seed, 100, SamplingOptions(temperature=temperature, guidance=guidance), quiet=True)
     m = cfg.model_config
     judge = train_judge(build_dataset(cfg, "train"), m.modality, pipe.num_classes, m.sample_rate or 16000, steps,
                         num_judges=classifiers)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("pipeline", type=Path, help="a demo's pipeline folder")
     p.add_argument("--dataset", default="spoken-digits", choices=sorted(DEMOS), help="the demo it came from")
     p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--temperature", type=float, default=1.0, help="(the spoken-digits demo now draws at 0.9)")
     p.add_argument("--seed", type=int, default=1, help="seeds the draws")
     p.add_argument("--per-class", type=int, default=40)
     p.add_argument("--classifiers", type=int, default=15)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     result = run(args.pipeline, args.dataset, args.guidance, args.seed, args.per_class, args.classifiers, args.steps,
-                 args.subsets, [int(k) for k in args.k.split(",")])
+                 args.subsets, [int(k) for k in args.k.split(",")], args.temperature)
     columns = ["k classifiers", "samples: mean", "sd", "min", "max", "real: mean", "sd"]
     print(table(columns,
                 [[e["k"], e["samples_mean"], e["samples_sd"], e["samples_min"], e["samples_max"], e["real_mean"],

@@ -246,7 +246,9 @@ def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: boo
     state.model.train()
     loop.train_loop(accelerator, run_dir, cfg, state.train_set, collate, hooks, resume=resume, quiet=quiet,
                     desc=f"train-prior (level {cfg.level})")
-    model = accelerator.unwrap_model(state.model)
+    # Training is over: score the held-out split as the saved fp32 weights do (evaluate-prior, compress), without
+    # the autocast Accelerate wraps around forward in a bf16 run (that is what keep_fp32_wrapper=False removes).
+    model = accelerator.unwrap_model(state.model, keep_fp32_wrapper=False)
     held_out = evaluate(model, state.eval_set, state.dims_per_sample, accelerator) if state.eval_set else None
     weights = loop.full_state_dict(accelerator, state.model)
     if accelerator.is_main_process:

@@ -59,7 +59,8 @@ def run(pipeline: Path, dataset: str, guidance: float, seed: int, per_class: int
     cfg = items_config(config_from_dict(TokenizerTrainConfig, preset(spec.tokenizer)), spec)
     pipe = TokgenPipeline.from_pretrained(pipeline)
     labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
-    samples, _, _ = generate(pipe, len(labels), labels, seed, 100, SamplingOptions(temperature=temperature, guidance=guidance), quiet=True)
+    options = SamplingOptions(temperature=temperature, guidance=guidance)
+    samples, _, _ = generate(pipe, len(labels), labels, seed, 100, options, quiet=True)
     m = cfg.model_config
     judge = train_judge(build_dataset(cfg, "train"), m.modality, pipe.num_classes, m.sample_rate or 16000, steps,
                         num_judges=classifiers)

@@ -214,6 +214,19 @@ def close_run(accelerator) -> None:
     accelerator.end_training()
 
 
+def prepare(accelerator, *objects):
+    """``accelerator.prepare(*objects)``, less the autocast Accelerate wraps around each model's ``forward`` in a
+    mixed-precision run. The train steps autocast explicitly (``accelerator.autocast()``); everything else that
+    calls a model (the held-out evaluations during and after training) then runs in fp32, as the saved weights
+    do in ``evaluate-prior`` and ``compress``, so a bf16 run logs the held-out bits those commands report.
+    The wrapper sits on the inner module under DDP/FSDP/compile; unwrapping without it edits that module."""
+    prepared = accelerator.prepare(*objects)
+    for obj in prepared if isinstance(prepared, tuple) else (prepared,):
+        if isinstance(obj, torch.nn.Module):
+            accelerator.unwrap_model(obj, keep_fp32_wrapper=False)
+    return prepared
+
+
 def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights under the model's own names; call on every process (FSDP gathers the shards).
 

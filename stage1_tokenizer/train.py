@@ -201,7 +201,7 @@ def build(cfg: TokenizerTrainConfig, accelerator) -> TrainState:
     dataset = build_dataset(cfg, "train", accelerator.process_index, accelerator.num_processes)
     preview = collate_samples(list(itertools.islice(iterate_items(build_dataset(cfg, "eval")), 16)))["x"]
     mel = MultiScaleMelLoss(model.sample_rate).to(accelerator.device) if cfg.mel_weight > 0 else None
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = loop.prepare(accelerator, model, optimizer, scheduler)
     state = TrainState(cfg, model, optimizer, scheduler, perceptual, mel, dataset, preview)
     if cfg.adversarial.enabled:
         state.adversary, state.disc_optimizer = _build_adversary(cfg, accelerator)
@@ -223,7 +223,7 @@ def _build_adversary(cfg: TokenizerTrainConfig, accelerator) -> tuple[torch.nn.M
     m, adv = cfg.model_config, cfg.adversarial
     adversary = build_adversary(adv, m.modality, m.in_channels, cfg.seed)
     optimizer = torch.optim.Adam(adversary.parameters(), lr=adv.lr or cfg.lr, betas=adv.betas)
-    return accelerator.prepare(adversary, optimizer)
+    return loop.prepare(accelerator, adversary, optimizer)
 
 
 # ---- train ------------------------------------------------------------------------------------

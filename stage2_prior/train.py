@@ -154,7 +154,7 @@ def build(cfg: PriorTrainConfig, accelerator) -> PriorState:
     if train_set is None:
         raise ValueError(f"{cfg.tokens} has no 'train' split")
     eval_set = token_stream(cfg, "eval", accelerator, shuffle=0)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = loop.prepare(accelerator, model, optimizer, scheduler)
     return PriorState(cfg, model, optimizer, scheduler, train_set, eval_set, math.prod(manifest["input_shape"]))
 
 
@@ -246,9 +246,7 @@ def train(cfg: PriorTrainConfig, run_dir: Path, resume: bool = False, quiet: boo
     state.model.train()
     loop.train_loop(accelerator, run_dir, cfg, state.train_set, collate, hooks, resume=resume, quiet=quiet,
                     desc=f"train-prior (level {cfg.level})")
-    # Training is over: score the held-out split as the saved fp32 weights do (evaluate-prior, compress), without
-    # the autocast Accelerate wraps around forward in a bf16 run (that is what keep_fp32_wrapper=False removes).
-    model = accelerator.unwrap_model(state.model, keep_fp32_wrapper=False)
+    model = accelerator.unwrap_model(state.model)
     held_out = evaluate(model, state.eval_set, state.dims_per_sample, accelerator) if state.eval_set else None
     weights = loop.full_state_dict(accelerator, state.model)
     if accelerator.is_main_process:

@@ -57,3 +57,21 @@ def test_auto_resolves_without_breaking_two_launched_cpu_processes(tmp_path):
     seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [s["processes"] for s in seen] == [2, 2] and [s["main"] for s in seen] == [True, False]
     assert {s["precision"] for s in seen} == {resolve_mixed_precision("auto", CPU)}
+
+
+def test_prepare_leaves_forward_in_fp32_and_the_autocast_to_the_train_step(tmp_path):
+    """``loop.prepare`` drops the autocast Accelerate wraps around forward in a bf16 run: called outside
+    ``accelerator.autocast()`` (held-out evaluations) the prepared model computes exactly what the plain fp32 model
+    does; inside it (the train steps) it still runs in bf16."""
+    from harness.loop import prepare
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    x = torch.randn(4, 16)
+    expected = plain(x)
+    accelerator = make_accelerator(tmp_path, "bf16", 1, log_with="none")
+    model = prepare(accelerator, plain)
+    assert torch.equal(model(x), expected)
+    with accelerator.autocast():
+        assert model(x).dtype == torch.bfloat16
+    accelerator.end_training()

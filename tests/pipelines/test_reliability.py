@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -262,11 +263,11 @@ def test_two_process_prior_equals_one_process_at_the_same_global_batch(tmp_path,
         assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key
 
 
-def test_prior_in_auto_precision_records_it_and_saves_fp32_weights(tmp_path, tiny):
+def test_prior_in_auto_precision_records_it_and_saves_fp32_weights(tmp_path, tiny, caplog):
     """``"mixed_precision": "auto"`` (the moving-digits prior preset's): bf16 autocast where the CPU runs it natively.
     The run's config.json records what auto resolved to (a resume keeps it); bf16 really trains under autocast (its
     weights differ from fp32's), the saved weights stay fp32, and the loaded prior scores the held-out codes as the
-    run reported."""
+    run reported, both at the end and in the last step's held-out log line (no autocast left around forward)."""
     from dataclasses import replace
 
     from data.tokens import TokenDataset
@@ -278,7 +279,10 @@ def test_prior_in_auto_precision_records_it_and_saves_fp32_weights(tmp_path, tin
     weights = {}
     for precision in ("no", "bf16", "auto"):  # bf16 asked explicitly runs autocast (emulated where not native)
         run = tmp_path / precision
-        model_dir = train(replace(_prior_cfg(tokens, 8), mixed_precision=precision), run, quiet=True)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tokgen"):
+            model_dir = train(replace(_prior_cfg(tokens, 8), mixed_precision=precision, eval_every=6), run, quiet=True)
+        logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 6: held-out")]
         stored = json.loads((run / "config.json").read_text())["mixed_precision"]
         assert stored == resolve_mixed_precision(precision, torch.device("cpu"))
         weights[precision] = _final_weights(run)
@@ -286,6 +290,7 @@ def test_prior_in_auto_precision_records_it_and_saves_fp32_weights(tmp_path, tin
         reported = json.loads((run / "prior.json").read_text())["eval"]["bits_per_token"]
         held_out = evaluate(load_prior(model_dir), TokenDataset(tokens, "eval", [0]), dims_per_sample=1)
         assert held_out["bits_per_token"] == pytest.approx(reported, rel=1e-5) and 0 < reported < 5
+        assert logged and f"{held_out['bits_per_token']:.4f} bits/token" in logged[0]
     assert any(not torch.equal(weights["no"][k], weights["bf16"][k]) for k in weights["no"])
     resolved = weights["bf16" if resolve_mixed_precision("auto", torch.device("cpu")) == "bf16" else "no"]
     assert all(torch.equal(weights["auto"][k], resolved[k]) for k in resolved)

@@ -34,7 +34,10 @@ Four parts; every tokgen figure of the first three comes from the shipped ``harn
   tokgen's cached priors of about its size (``benchmarks/peer_sampling.py``).
 
 Not in the default run, ``--parts precision``: tokgen's preset trained in fp32 and in bf16 at the same time, as the
-quality part trains it (same seed and crops), and scored the same way.
+quality part trains it (same seed and crops), and scored the same way. ``--parts ceiling`` (one thread, fp32): what
+1.5x the peer's train-step images/s at the peer's FLOPs asks, 1.5x its achieved GFLOP/s, against the fastest single
+3x3 conv layer, forward and backward, at widths 64-512 on the maps a 4x4-patch net runs at (size / 4 and size / 8,
+NCHW and channels-last): no net made of such convs can run its whole step faster than its fastest layer does alone.
 """
 from __future__ import annotations
 
@@ -300,6 +303,56 @@ def _no_grad(fn, arg):
         fn(arg)
 
 
+# ---- the fp32 ceiling at the peer's FLOPs ----------------------------------------------------------
+CEILING_WIDTHS = (64, 128, 256, 512)
+
+
+def conv_layer_rates(size: int, batch: int, repeats: int, widths=CEILING_WIDTHS) -> list[dict]:
+    """GFLOP/s of one 3x3 conv layer (C -> C, bias), forward and backward (input and weight gradients), on the maps a
+    4x4-patch net runs at: (batch, C, size / 4 or size / 8, same), in both memory layouts."""
+    import torch
+
+    rows = []
+    for width in widths:
+        for side in (size // 4, size // 8):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                conv = torch.nn.Conv2d(width, width, 3, padding=1).to(memory_format=layout)
+                x = torch.randn(batch, width, side, side).contiguous(memory_format=layout).requires_grad_()
+
+                def step(conv=conv, x=x):
+                    conv(x).sum().backward()
+                rate = median_gflops(step, count_flops(step), repeats=repeats)
+                rows.append({"width": width, "map": side, "channels_last": layout == torch.channels_last,
+                             "gflops": rate})
+    return rows
+
+
+def ceiling_worker(peer_path: str, size: int, batch: int, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    peer, x = PeerSide(import_peer(peer_path)), torch.rand(batch, 3, size, size)
+    peer_rate = median_gflops(lambda: peer.train_step(x), count_flops(lambda: peer.train_step(x)), repeats=repeats)
+    return {"size": size, "batch": batch, "peer_train_gflops": peer_rate,
+            "convs": conv_layer_rates(size, batch, repeats, CEILING_WIDTHS), "peak_gflops": peak_gflops()}
+
+
+def ceiling_table(runs: list[dict], factor: float = 1.5) -> str:
+    rows = []
+    for r in runs:
+        best = max(r["convs"], key=lambda c: c["gflops"])
+        need = factor * r["peer_train_gflops"]
+        layout = "channels-last" if best["channels_last"] else "NCHW"
+        rows.append([f"{r['size']} px, batch {r['batch']}", f"{r['peer_train_gflops']:.0f}", f"{need:.0f}",
+                     f"{best['gflops']:.0f} (C {best['width']}, {best['map']}x{best['map']}, {layout})",
+                     f"{best['gflops'] / need:.2f}", f"{r['peak_gflops']['peak']:.0f}"])
+    return (table(["input", "peer's train step GFLOP/s", f"{factor}x that", "fastest conv layer, fwd + bwd GFLOP/s",
+                   "fastest layer / needed", "peak (fwd)"], rows)
+            + "\n\nOne thread, fp32. A whole step at the peer's FLOPs runs no faster than its fastest layer: below "
+              "1.00 in the fifth column, no net of these layers reaches the goal on this CPU in fp32.")
+
+
 # ---- quality at equal wall-clock ---------------------------------------------------------------
 def held_out_photos():
     """The held-out whole photos in [0, 1], each cropped to a multiple of 8 (both nets are convolutional)."""
@@ -496,7 +549,7 @@ def quality_table(pairs: list[list[dict]]) -> str:
 
 
 PARTS = ("speed", "presets", "quality", "sampling")
-EXTRA_PARTS = ("precision",)  # not in the default run
+EXTRA_PARTS = ("precision", "ceiling")  # not in the default run
 
 
 def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, cases: list[tuple[int, int]],
@@ -522,6 +575,10 @@ def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, case
         result["precision"] = [train_together([("tokgen", "no"), ("tokgen", "bf16")], peer_path, seconds, seed, {})
                                for seed in seeds]
         md.append("### tokgen in fp32 and in bf16 at equal wall-clock\n\n" + quality_table(result["precision"]))
+    if "ceiling" in parts:
+        result["ceiling"] = [run_worker("benchmarks.peer_vqvae", ["ceiling", peer_path, str(s), str(b), str(repeats)])
+                             for s, b in cases]
+        md.append("### What 1.5x the peer at its FLOPs asks in fp32\n\n" + ceiling_table(result["ceiling"]))
     if "sampling" in parts:
         result["sampling"] = run_worker("benchmarks.peer_sampling", [peer_path, "8", str(max(2, repeats // 2))],
                                         timeout=7200)
@@ -532,7 +589,9 @@ def run_all(peer_path: str, seconds: float, seeds: list[int], repeats: int, case
 
 def worker_main(argv: list[str]) -> None:
     kind, rest = argv[0], argv[1:]
-    if kind == "speed":
+    if kind == "ceiling":
+        result = ceiling_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+    elif kind == "speed":
         result = speed_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4], rest[5], rest[6] or None,
                               rest[7] or None)
     else:
@@ -547,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one side-by-side pair each")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated subset of {', '.join(PARTS)} (the default), or precision: tokgen's preset "
-                        "trained in fp32 and in bf16 at the same time, --seconds each")
+                        "trained in fp32 and in bf16 at the same time, --seconds each; or ceiling: 1.5x the peer's "
+                        "fp32 GFLOP/s against the fastest single conv layer")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 s of training, 2 speed rounds at 64 px")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: the speed part on the GPU (batch 256 at 64 px, 32 and 128 at 256 px; 5 steps per timed "

@@ -53,6 +53,26 @@ from stage2_prior.stacks import StageEmbedding, code_embedding
 
 
 BIAS_SCALE = 10.0  # relative attention bias = BIAS_SCALE * its parameter (see attention_bias)
+QUERY_BLOCK = 64  # query rows per block of biased_causal_attention
+
+
+def biased_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q, k, v (B, heads, N, head_dim); bias (heads, N, N) additive, -inf above the diagonal -> (B, heads, N,
+    head_dim), in fp32 whatever the autocast, as SDPA's math path computes it.
+
+    Why not SDPA: on a CPU it has no fused kernel for a mask that needs a gradient, and its math path builds the
+    whole (N, N) score matrix, half of it masked, and passes over it several times. Here each block of
+    ``QUERY_BLOCK`` query rows scores only the keys up to its last row, which skips most of the masked half
+    (5/8 of the work at N = 256): the moving-digits prior's train step takes about a fifth less time (§18)."""
+    dtype, n = q.dtype, q.shape[2]
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, bias = q.float() * q.shape[-1] ** -0.5, k.float(), v.float(), bias.float()
+        blocks = []
+        for start in range(0, n, QUERY_BLOCK):
+            end = min(start + QUERY_BLOCK, n)
+            scores = q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2) + bias[:, start:end, :end]
+            blocks.append(scores.softmax(-1) @ v[:, :, :end])
+        return torch.cat(blocks, dim=2).to(dtype)
 
 
 @dataclass
@@ -92,7 +112,9 @@ class Attention(nn.Module):
             # No attention dropout: on CPU it forces SDPA's slow math path (3x slower here).
             if bias is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
+            elif x.device.type == "cpu":
+                out = biased_causal_attention(q, k, v, bias[:, :n, :n])
+            else:  # a GPU's fused kernels take the mask and its gradient
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, :n, :n].to(q.dtype))
         else:
             pos = cache["pos"]

@@ -101,3 +101,19 @@ def test_dynamo_mode_needs_a_backend(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         peer_vqvae.main(["--peer", str(tmp_path), "--parts", "speed", "--dynamo-mode", "reduce-overhead"])
     assert err.value.code == 2 and "--dynamo-mode goes with --dynamo-backend" in capsys.readouterr().err
+
+
+def test_the_ceiling_part_sets_the_fastest_conv_layer_against_one_and_a_half_peers(tmp_path, monkeypatch):
+    (tmp_path / "vqvae.py").write_text(FAKE_PEER)
+    (tmp_path / "pixelsnail.py").write_text("")
+    monkeypatch.setattr(peer_vqvae, "peak_gflops", lambda: {"matmul": 1.0, "conv3x3": 1.0, "peak": 1.0})
+    monkeypatch.setattr(peer_vqvae, "CEILING_WIDTHS", (8, 16))
+    run = peer_vqvae.ceiling_worker(str(tmp_path), 32, 2, 1)
+    assert {(c["width"], c["map"], c["channels_last"]) for c in run["convs"]} == {
+        (w, m, cl) for w in (8, 16) for m in (8, 4) for cl in (False, True)}
+    assert run["peer_train_gflops"] > 0 and all(c["gflops"] > 0 for c in run["convs"])
+    best = max(c["gflops"] for c in run["convs"])
+    row = next(line for line in peer_vqvae.ceiling_table([run]).splitlines() if line.startswith("| 32 px"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3].startswith(f"{best:.0f} (C ") and float(cells[4]) == pytest.approx(
+        best / (1.5 * run["peer_train_gflops"]), abs=0.006)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from stage2_prior.registry import load_prior
 from stage2_prior.sampling import filter_logits, sample
-from stage2_prior.transformer import Attention, TransformerPrior, TransformerPriorConfig
+from stage2_prior import transformer
+from stage2_prior.transformer import Attention, TransformerPrior, TransformerPriorConfig, biased_causal_attention
 
 from conftest import Tiny
 
@@ -101,6 +102,49 @@ def test_cached_steps_unconditional():
         state = prior.start_state(2)
         steps = [prior.step(state, codes.flatten(1)[:, t - 1] if t else None) for t in range(20)]
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5, rtol=0)
+
+
+# ---- attention with a relative bias, in query blocks ----------------------------------------------
+def _biased_inputs(n: int, dtype=torch.float32):
+    """q, k, v (2, 3, n, 8) and a (3, n, n) bias table, all needing gradients; ``masked`` makes the causal bias."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    table = torch.randn(3, n, n, requires_grad=True)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    return q, k, v, table, lambda: table.masked_fill(~causal, float("-inf"))
+
+
+@pytest.mark.parametrize("n", [5, 64, 150])  # one block, exactly one, three with a short last one
+def test_biased_attention_in_blocks_equals_sdpa_with_its_gradients(n):
+    q, k, v, table, masked = _biased_inputs(n)
+    outs, grads = [], []
+    for attend in (biased_causal_attention, F.scaled_dot_product_attention):
+        out = attend(q, k, v, masked())
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)  # every output gets its own gradient
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * weights).sum(), (q, k, v, table)))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=0)
+    for mine, sdpa in zip(*grads):
+        assert torch.allclose(mine, sdpa, atol=1e-5, rtol=0)
+
+
+def test_biased_attention_runs_in_fp32_under_bf16_autocast():
+    """As SDPA's math path does by default: the bf16 inputs are upcast, the scores and softmax are fp32, the
+    output comes back in the inputs' dtype."""
+    q, k, v, _, masked = _biased_inputs(100, torch.bfloat16)
+    bias = masked()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = biased_causal_attention(q, k, v, bias)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=1e-2, rtol=0)
+
+
+def test_query_blocks_keep_the_prior_causal_and_its_cache_exact(monkeypatch):
+    monkeypatch.setattr(transformer, "QUERY_BLOCK", 5)  # 24 positions: blocks of 5 and a short last one
+    grid = (2, 3, 4)
+    test_causality(grid, relative_bias=True)
+    test_cached_steps_match_forward(grid, relative_bias=True)
 
 
 # ---- the static (fixed-shape) cache ------------------------------------------------------------

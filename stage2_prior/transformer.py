@@ -63,7 +63,8 @@ def biased_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     Why not SDPA: on a CPU it has no fused kernel for a mask that needs a gradient, and its math path builds the
     whole (N, N) score matrix, half of it masked, and passes over it several times. Here each block of
     ``QUERY_BLOCK`` query rows scores only the keys up to its last row, which skips most of the masked half
-    (5/8 of the work at N = 256): the moving-digits prior's train step takes about a fifth less time (§18)."""
+    (5/8 of the work at N = 256): the moving-digits prior's train step runs 1.2x (fp32) to 1.3x (bf16) as fast
+    (BENCHMARKS.md §18)."""
     dtype, n = q.dtype, q.shape[2]
     with torch.autocast(q.device.type, enabled=False):
         q, k, v, bias = q.float() * q.shape[-1] ** -0.5, k.float(), v.float(), bias.float()

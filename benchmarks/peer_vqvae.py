@@ -307,7 +307,7 @@ def _no_grad(fn, arg):
 CEILING_WIDTHS = (64, 128, 256, 512)
 
 
-def conv_layer_rates(size: int, batch: int, repeats: int, widths=CEILING_WIDTHS) -> list[dict]:
+def conv_layer_rates(size: int, batch: int, repeats: int, widths: tuple[int, ...]) -> list[dict]:
     """GFLOP/s of one 3x3 conv layer (C -> C, bias), forward and backward (input and weight gradients), on the maps a
     4x4-patch net runs at: (batch, C, size / 4 or size / 8, same), in both memory layouts."""
     import torch
